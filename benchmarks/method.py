@@ -1,0 +1,121 @@
+"""Method benchmark on the tiny model (CPU): batched sampling, in-place forgetting, fine-tune step time.
+
+Prints ``name=value`` lines, each ratio measured side by side in this one run:
+
+    batched_vs_per_image_speedup       16 keyframes (2 seeds x 8 gamma) batched, against one at a time with a
+                                       deep copy of the UNet per image, as the reference implementation edits
+    forget_inplace_vs_deepcopy_speedup switching strategy in place, against deep-copying the UNet and blending
+    finetune_seconds_per_step          one joint fine-tune step at batch 10
+
+Run: ``python benchmarks/method.py [--steps 50] [--repeat 3]``. Targets: >= 4, >= 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from fastimagic.editor import Editor
+from fastimagic.finetune import FinetuneConfig, finetune
+from fastimagic.forgetting import forgotten_names
+from fastimagic.images import load_reference
+from fastimagic.models import load_base_model
+from fastimagic.sampler import sample
+
+PROMPT = "a photo of a bird flying over the sea"
+GAMMAS = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+SEEDS = [0, 1]
+
+
+def _photo():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import reference_photo_bytes
+
+    return load_reference(reference_photo_bytes(), "photo")
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def per_image_reference_style(model, tuning, steps: int, strategy: str) -> None:
+    """One keyframe at a time, each with its own deep copy of the fine-tuned UNet and the strategy applied to it."""
+    with Editor(model, tuning) as ed:
+        learned_unet = model.unet
+        originals = ed.forgetting._originals
+        target = model.encode_prompts([PROMPT])
+        for seed in SEEDS:
+            for g in GAMMAS:
+                unet = copy.deepcopy(learned_unet)
+                with torch.no_grad():
+                    params = dict(unet.named_parameters())
+                    for n in forgotten_names(strategy, originals):
+                        params[n].copy_(originals[n])
+                emb = ed._source + g * (target - ed._source)
+                model.unet = unet
+                try:
+                    sample(model, emb, [seed], width=tuning.width, height=tuning.height, steps=steps, max_batch=1)
+                finally:
+                    model.unet = learned_unet
+
+
+def batched(model, tuning, steps: int, strategy: str) -> None:
+    with Editor(model, tuning) as ed:
+        ed.render(PROMPT, seeds=SEEDS, edits=[{"mode": "subtract", "gamma": g} for g in GAMMAS], steps=steps,
+                  forget=strategy, max_batch=16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps per keyframe")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N timings")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_base_model("tiny", device="cpu")
+    photo = _photo()
+
+    t = time.perf_counter()
+    tuning = finetune(model, photo, "a photo of a bird", FinetuneConfig(steps=10, min_steps=10), width=64, height=64)
+    per_step = (time.perf_counter() - t) / len(tuning.losses)
+
+    strategy = "encoderattn"
+    t_batched = _best(lambda: batched(model, tuning, args.steps, strategy), args.repeat)
+    t_single = _best(lambda: per_image_reference_style(model, tuning, args.steps, strategy), args.repeat)
+
+    with Editor(model, tuning) as ed:
+        def inplace():
+            ed.forget("encoderattn")
+            ed.forget("decoderattn")
+
+        def deepcopy_switch():
+            for s in ("encoderattn", "decoderattn"):
+                unet = copy.deepcopy(model.unet)
+                params = dict(unet.named_parameters())
+                with torch.no_grad():
+                    for n in forgotten_names(s, ed.forgetting._originals):
+                        params[n].copy_(ed.forgetting._originals[n])
+
+        t_inplace = _best(inplace, args.repeat * 5) / 2
+        t_copy = _best(deepcopy_switch, args.repeat * 5) / 2
+
+    print(f"keyframes={len(SEEDS) * len(GAMMAS)} steps={args.steps} device=cpu model=tiny")
+    print(f"batched_seconds={t_batched:.3f} per_image_deepcopy_seconds={t_single:.3f}")
+    print(f"batched_vs_per_image_speedup={t_single / t_batched:.2f}")
+    print(f"forget_inplace_seconds={t_inplace:.5f} forget_deepcopy_seconds={t_copy:.5f}")
+    print(f"forget_inplace_vs_deepcopy_speedup={t_copy / t_inplace:.1f}")
+    print(f"finetune_seconds_per_step={per_step:.3f}")
+
+
+if __name__ == "__main__":
+    main()

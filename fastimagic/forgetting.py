@@ -1,0 +1,167 @@
+"""Forgetting strategies (paper §3.4, appendix 6.3): put some learned UNet weights back to the originals.
+
+The UNet is disentangled: the encoder (``down_blocks``) holds layout, pose and structure; the decoder
+(``up_blocks``) holds appearance and texture. When a fine-tuned model overfits (it reconstructs the reference but
+ignores the prompt), blending part of it back to the base weights restores editability:
+
+    w = sigma * w_learned + (1 - sigma) * w_orig        (sigma = 0 forgets completely)
+
+Each strategy is a rule over UNet parameter names. "attn" means the ``attn1`` / ``attn2`` modules (self- and
+cross-attention), "kv" means ``attn2.to_k`` / ``attn2.to_v``; "encoder1" is ``down_blocks.1`` and "decoder2"
+``up_blocks.2``. A rule names the tensors that are *forgotten*; everything else keeps its learned value.
+
+Switching strategy between scenes must stay cheap, so :class:`Forgetting` edits only the affected tensors in
+place and keeps the learned values of exactly those tensors to undo bit for bit. The UNet is never copied.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fastimagic.errors import InputError
+
+_ATTN = re.compile(r"\.attn[12]\.")
+_KV = re.compile(r"\.attn2\.to_[kv]\.")
+
+
+def _in(block: str) -> Callable[[str], bool]:
+    return lambda name: name.startswith(block + ".")
+
+
+_encoder = _in("down_blocks")
+_decoder = _in("up_blocks")
+
+# name -> (rule over a parameter name that says "forget this tensor", one-line description)
+STRATEGIES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "none": (lambda name: False, "keep every learned weight"),
+    "encoder": (_encoder, "forget the whole encoder (down_blocks)"),
+    "decoder": (_decoder, "forget the whole decoder (up_blocks)"),
+    "encoderattn": (
+        lambda n: _encoder(n) and not _ATTN.search(n),
+        "forget the encoder except its self/cross-attention (attn1, attn2)",
+    ),
+    "decoderattn": (
+        lambda n: _decoder(n) and not _ATTN.search(n),
+        "forget the decoder except its self/cross-attention (attn1, attn2)",
+    ),
+    "encoderkv": (
+        lambda n: _encoder(n) and not _KV.search(n),
+        "forget the encoder except cross-attention keys/values (attn2.to_k, attn2.to_v)",
+    ),
+    "decoderkv": (
+        lambda n: _decoder(n) and not _KV.search(n),
+        "forget the decoder except cross-attention keys/values (attn2.to_k, attn2.to_v)",
+    ),
+    "encoderattn+encoder1": (
+        lambda n: _encoder(n) and not (_ATTN.search(n) or n.startswith("down_blocks.1.")),
+        "forget the encoder except its attention and the whole down_blocks.1",
+    ),
+    "decoderattn+decoder2": (
+        lambda n: _decoder(n) and not (_ATTN.search(n) or n.startswith("up_blocks.2.")),
+        "forget the decoder except its attention and the whole up_blocks.2",
+    ),
+}
+
+# The reference implementation's names.
+ALIASES: dict[str, str] = {"donotforget": "none", "noencoder": "encoder", "nodecoder": "decoder"}
+
+
+def canonical(strategy: str) -> str:
+    """Return the canonical strategy name for ``strategy`` (aliases resolved) or raise :class:`InputError`."""
+    name = ALIASES.get(strategy, strategy)
+    if name not in STRATEGIES:
+        import difflib
+
+        close = difflib.get_close_matches(strategy, [*STRATEGIES, *ALIASES], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(
+            f"unknown forgetting strategy '{strategy}'{hint}; valid: {', '.join(STRATEGIES)}"
+            f" (aliases: {', '.join(ALIASES)})"
+        )
+    return name
+
+
+def forgotten_names(strategy: str, names: Iterable[str]) -> list[str]:
+    """The subset of parameter ``names`` that ``strategy`` puts back to the original weights."""
+    rule = STRATEGIES[canonical(strategy)][0]
+    return [n for n in names if rule(n)]
+
+
+@dataclass(frozen=True)
+class StrategyReport:
+    """What a strategy touches among the trained tensors: names and total parameter count."""
+
+    strategy: str
+    description: str
+    tensors: tuple[str, ...]
+    parameters: int
+
+
+def describe(strategy: str, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> StrategyReport:
+    """List what ``strategy`` would forget among trained tensors given as ``{name: shape}``."""
+    name = canonical(strategy)
+    touched = forgotten_names(name, shapes)
+    return StrategyReport(
+        strategy=name,
+        description=STRATEGIES[name][1],
+        tensors=tuple(touched),
+        parameters=sum(math.prod(shapes[n]) for n in touched),
+    )
+
+
+class Forgetting:
+    """Apply forgetting strategies to a fine-tuned UNet in place, and undo them exactly.
+
+    ``originals`` holds the base weights of the trained tensors only (name -> tensor, any device/dtype). Only
+    those names can ever be forgotten: every other UNet tensor already equals its original.
+
+    >>> f = Forgetting(unet, tuning.original_weights)     # doctest: +SKIP
+    >>> f.apply("encoderattn")                             # doctest: +SKIP
+    >>> f.apply("decoderattn", sigma=0.2)                  # undoes the previous one first
+    >>> f.restore()                                        # back to the learned weights, bit for bit
+    """
+
+    def __init__(self, unet: torch.nn.Module, originals: Mapping[str, torch.Tensor]):
+        params = dict(unet.named_parameters())
+        missing = [n for n in originals if n not in params]
+        if missing:
+            raise InputError(f"original weights name tensors the UNet lacks, e.g. '{missing[0]}'")
+        self._params = {n: params[n] for n in originals}
+        self._originals = dict(originals)
+        self._saved: dict[str, torch.Tensor] = {}  # learned values of the tensors currently forgotten
+        self.strategy = "none"
+        self.sigma = 0.0
+
+    @torch.no_grad()
+    def apply(self, strategy: str, sigma: float = 0.0) -> StrategyReport:
+        """Switch to ``strategy`` with blend ``sigma`` (0 = original weights, 1 = learned). Returns what it touched."""
+        name = canonical(strategy)
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and 0.0 <= sigma <= 1.0):
+            raise InputError(f"sigma must be a number in [0, 1], got {sigma!r}")
+        report = describe(name, {n: p.shape for n, p in self._params.items()})
+        if (name, float(sigma)) == (self.strategy, self.sigma):
+            return report
+        self.restore()
+        for n in report.tensors:
+            p = self._params[n]
+            self._saved[n] = p.detach().clone()
+            orig = self._originals[n].to(device=p.device, dtype=p.dtype)
+            if sigma == 0.0:
+                p.copy_(orig)
+            else:
+                p.copy_(sigma * p + (1.0 - sigma) * orig)
+        self.strategy, self.sigma = name, float(sigma)
+        return report
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the learned weights of every forgotten tensor, bit for bit."""
+        for n, learned in self._saved.items():
+            self._params[n].copy_(learned)
+        self._saved.clear()
+        self.strategy, self.sigma = "none", 0.0

@@ -1,0 +1,309 @@
+"""Base models: load a Stable Diffusion 1.x model (UNet, VAE, CLIP text encoder + tokenizer, DDIM scheduler).
+
+Where a model can come from, as a user writes it in ``model:``:
+
+* ``tiny``: the built-in seeded random model (:mod:`fastimagic.tiny`), for tests and the demo.
+* a Hugging Face repo id, e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``CompVis/stable-diffusion-v1-4``:
+  loaded with ``from_pretrained``; the local HF cache is used and ``HF_HUB_OFFLINE=1`` is honoured.
+* a local diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``).
+* a single-file ``.safetensors`` checkpoint in the original SD layout (community fine-tunes such as Realistic
+  Vision). diffusers' single-file loader needs the model's configs and tokenizer: ``config`` names a local
+  diffusers folder or a repo id already in the HF cache (default: SD 1.5's repo id), so it works offline.
+
+Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) can run arbitrary code when loaded, so they are refused
+unless ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastimagic.errors import InputError
+
+DEFAULT_SINGLE_FILE_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def make_scheduler():
+    """The DDIM scheduler of SD 1.x: scaled-linear betas 0.00085-0.012, no sample clipping."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def pick_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """Choose where to run and in which compute dtype: CUDA with bf16 (fp16 on older cards), MPS fp16, else CPU fp32.
+
+    ``device`` / ``dtype`` override the choice (e.g. ``"cuda:1"``, ``"float16"``).
+    """
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if isinstance(dtype, str):
+        try:
+            dtype = getattr(torch, dtype)
+        except AttributeError:
+            raise InputError(f"unknown dtype '{dtype}'; allowed: float32, float16, bfloat16") from None
+    if dtype is None:
+        if dev.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif dev.type == "mps":
+            dtype = torch.float16
+        else:
+            dtype = torch.float32
+    return dev, dtype
+
+
+@dataclass
+class BaseModel:
+    """The frozen components of an SD 1.x model, on one device.
+
+    The UNet keeps float32 master weights (fine-tuning updates them; compute runs under autocast in ``dtype``);
+    the VAE and text encoder are stored in ``dtype``. ``identity`` names the weights for tuning content keys.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    identity: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    def autocast(self):
+        """The autocast context for UNet compute (a no-op on CPU float32)."""
+        enabled = self.dtype != torch.float32 and self.device.type in ("cuda", "cpu")
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings ``[len(prompts), 77, C]`` (float32) for ``prompts``, padded to the max length."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    def truncated_part(self, prompt: str) -> str | None:
+        """The words of ``prompt`` the text encoder cannot see (beyond 77 tokens), or None if it all fits."""
+        ids = self.tokenizer(prompt, truncation=False).input_ids
+        limit = self.tokenizer.model_max_length
+        if len(ids) <= limit:
+            return None
+        kept = self.tokenizer.decode(ids[1 : limit - 1])
+        # Tokenizers lower-case and normalise spaces: cut the original prompt at the same number of words.
+        words = prompt.split()
+        return " ".join(words[len(kept.split()) :]) or prompt[-20:]
+
+
+def fingerprint(path: Path) -> str:
+    """A fast identity for a large weights file: size plus SHA-256 of its first, middle and last 4 MiB.
+
+    Hashing a 4 GB checkpoint completely takes tens of seconds per run; sampling three windows still changes for
+    any re-saved or fine-tuned weights (their headers and leading tensors differ) and takes milliseconds.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    window = 4 << 20
+    with path.open("rb") as f:
+        for offset in sorted({0, max(0, size // 2 - window // 2), max(0, size - window)}):
+            f.seek(offset)
+            h.update(f.read(window))
+    return h.hexdigest()[:16]
+
+
+def _folder_identity(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"):
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes() if p.suffix in (".json", ".txt") else fingerprint(p).encode())
+    return f"folder:{folder.name}:{h.hexdigest()[:16]}"
+
+
+def _hub_identity(repo_id: str) -> str:
+    # The commit the cache resolves to pins the weights; without a cache entry, the name alone.
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["model_index.json"]))
+        return f"hf:{repo_id}@{snap.name}"
+    except Exception:
+        return f"hf:{repo_id}"
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or (
+        os.sep in spec and spec.count("/") != 1
+    )
+
+
+def load_base_model(
+    spec: str,
+    *,
+    config: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> BaseModel:
+    """Load a Stable Diffusion 1.x base model from ``spec`` (``tiny``, repo id, diffusers folder or single file).
+
+    ``config``: for single-file checkpoints, the diffusers folder or cached repo id that supplies configs and the
+    tokenizer (default :data:`DEFAULT_SINGLE_FILE_CONFIG`). ``device``/``dtype``: see :func:`pick_device`.
+    Raises :class:`InputError` for a missing path, a refused pickle file or a checkpoint of another architecture.
+    """
+    dev, compute_dtype = pick_device(device, dtype)
+    if spec == "tiny":
+        from fastimagic import tiny
+
+        parts = tiny.build_components()
+        identity = tiny.TINY_IDENTITY
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise InputError(
+                f"{spec}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded;"
+                " convert it to .safetensors or allow it explicitly (allow_pickle: true)"
+            )
+        if path.is_file():
+            parts = _load_single_file(path, config or DEFAULT_SINGLE_FILE_CONFIG)
+            identity = f"file:{path.name}:{fingerprint(path)}"
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+                raise InputError(f"{spec}: not a diffusers model folder (no model_index.json or unet/)")
+            parts = _load_pretrained(str(path), local_only=True)
+            identity = _folder_identity(path)
+        elif _looks_like_path(spec):
+            raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
+        else:
+            parts = _load_pretrained(spec, local_only=False)
+            identity = _hub_identity(spec)
+    return _assemble(parts, identity, dev, compute_dtype)
+
+
+def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    for m, want in ((unet, torch.float32), (vae, dtype), (text_encoder, dtype)):
+        if next(m.parameters()).dtype != want:  # casting a model to the dtype it has makes diffusers warn
+            m.to(dtype=want)
+        m.to(device)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    return BaseModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"],
+        scheduler=make_scheduler(),
+        identity=identity,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _load_pretrained(source: str, *, local_only: bool) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # huggingface_hub itself honours HF_HUB_OFFLINE and the local cache (HF_HOME / HF_HUB_CACHE).
+    kw = {"local_files_only": True} if local_only else {}
+    try:
+        return {
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
+            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+        }
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"{source}: cannot load the model ({first}); give a diffusers folder, a .safetensors file, or a repo id"
+            " present in the HF cache (HF_HUB_OFFLINE=1 forbids downloads)"
+        ) from None
+
+
+def _check_single_file(path: Path) -> None:
+    """Refuse a checkpoint that is not SD 1.x before handing it to diffusers (whose errors are deep and vague)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+            context_dim = f.get_slice(k).get_shape()[1] if k in keys else None
+    except Exception as e:
+        raise InputError(f"{path}: not a readable .safetensors checkpoint ({e})") from None
+    if any(k.startswith("conditioner.embedders") for k in keys):
+        raise InputError(f"{path}: this is an SDXL checkpoint; fastimagic needs a Stable Diffusion 1.x model")
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or context_dim == 1024:
+        raise InputError(f"{path}: this is a Stable Diffusion 2.x checkpoint; fastimagic needs SD 1.x")
+    if not any(k.startswith("model.diffusion_model.") for k in keys) or context_dim is None:
+        raise InputError(f"{path}: not a Stable Diffusion 1.x checkpoint (no SD UNet weights found)")
+
+
+def _load_single_file(path: Path, config: str) -> dict:
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        _check_single_file(path)
+    from diffusers import StableDiffusionPipeline
+
+    local = Path(config).expanduser()
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(local) if local.is_dir() else config,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"{path}: cannot load the single-file checkpoint with config '{config}' ({first[:300]}); the config"
+            " must be a diffusers SD 1.x folder or a repo id in the local HF cache"
+        ) from None
+    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+
+
+def model_summary(model: BaseModel) -> dict:
+    """Plain facts about a loaded model, for manifests and logs."""
+    return {
+        "identity": model.identity,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
+        "cross_attention_dim": int(model.unet.config.cross_attention_dim),
+    }
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

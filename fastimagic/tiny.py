@@ -1,0 +1,197 @@
+"""The built-in ``tiny`` model: Stable Diffusion 1.x in shape, a few kilobytes in size.
+
+Everything here is built offline from configs: the same component classes as SD 1.x (UNet2DConditionModel with
+four down and four up blocks, AutoencoderKL with an 8x downsampling, a CLIP text encoder and a byte-level CLIP BPE
+tokenizer), but tiny widths and seeded random weights. It exists so that tests and the demo run the real code
+paths on a 2-core CPU with nothing downloaded. Its images are noise-like, not pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 0
+TINY_IDENTITY = "tiny:v1"
+# 64 px images, 8x8 latents: the smallest size at which every UNet level keeps a spatial extent of at least 1.
+TINY_RESOLUTION = 64
+
+# Words the tiny tokenizer merges into single tokens, so that ordinary prompts stay within 77 tokens as they
+# would with the real CLIP vocabulary. Anything else falls back to bytes, as byte-level BPE does.
+_WORDS = """a an the of and in on at with to is are two three man woman men women people person dog cat bird
+photo picture painting image portrait standing sitting walking running dancing jumping flying lying eating
+holding wearing beach park street city forest night day sunset snow rain room kitchen table car horse tree
+red blue green yellow black white brown small big old young happy sad his her their them they it its while
+hat shirt dress apple banana cake cup glass water house field mountain sky river""".split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The reversible byte -> printable-character table that GPT-2 and CLIP BPE vocabularies are written in.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """Write a byte-level CLIP BPE vocabulary (``vocab.json``, ``merges.txt``) into ``folder`` and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in _WORDS:
+        # CLIP BPE marks the last symbol of a word with </w>; build each word up from the left.
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merge = f"{left} {right}"
+            left = left + right
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_bert_vocab(folder: Path) -> Path:
+    """Write a small BERT WordPiece vocabulary (``vocab.txt``) for the tiny BLIP captioner."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = specials + _WORDS + letters + ["##" + c for c in letters] + list(".,!?'")
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(tokens)) + "\n", encoding="utf-8")
+    return folder
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_dir() -> Path:
+    # One folder per process; the files are a few kilobytes and rebuilt identically each time.
+    return write_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="fastimagic-tiny-tok-")))
+
+
+def clip_tokenizer():
+    """The tiny byte-level CLIP tokenizer (77 tokens, like SD 1.x)."""
+    from transformers import CLIPTokenizer
+
+    # Loaded through from_pretrained, exactly as a real model's tokenizer/ folder is.
+    return CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=77)
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,
+    )
+
+
+def text_encoder_config(vocab_size: int, bos: int, eos: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        projection_dim=32,
+    )
+
+
+def build_components(seed: int = TINY_SEED) -> dict:
+    """Build the tiny SD components with weights drawn from ``seed``: unet, vae, text_encoder, tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config())
+        vae = AutoencoderKL(**vae_config())
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id))
+        )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def build_blip(seed: int = TINY_SEED):
+    """A tiny random BLIP captioner (model, processor) built offline. Its captions are arbitrary words."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    folder = write_bert_vocab(Path(tempfile.mkdtemp(prefix="fastimagic-tiny-blip-")))
+    tokenizer = BertTokenizer.from_pretrained(str(folder), model_max_length=40)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = BlipConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+            pad_token_id=tokenizer.pad_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        ),
+        projection_dim=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(config)
+    model.eval()
+    return model, processor

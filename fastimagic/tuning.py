@@ -1,0 +1,157 @@
+"""The tuning artifact: what one fine-tune learned, compact enough to send to every render worker.
+
+A :class:`Tuning` holds the learned source embedding e_src, the trained UNet tensors as float16 *differences from
+the base weights* (not the weights, not the whole UNet), the source prompt, the fine-tune settings, the loss
+curve and the base model's identity. It is saved as a folder::
+
+    tuning.safetensors   e_src (float32) + one float16 delta per trained tensor
+    tuning.json          everything else, plus the SHA-256 of tuning.safetensors
+
+Its ``key`` is a content key: the same reference bytes, base model, source prompt, settings and seed always give
+the same key, so a stored tuning can be found and reused instead of fine-tuning again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastimagic.errors import FastImagicError
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "tuning.safetensors"
+META_FILE = "tuning.json"
+_EMBEDDING = "source_embedding"
+_DELTA = "delta."
+
+
+class CorruptTuning(FastImagicError):
+    """A stored tuning whose bytes do not match its recorded checksum, or that cannot be parsed."""
+
+
+def content_key(
+    *, image_sha256: str, model_identity: str, source_prompt: str, finetune: dict, width: int, height: int
+) -> str:
+    """The content key of a fine-tune: a SHA-256 over everything that determines its result (hex, 32 chars).
+
+    ``finetune`` includes the seed. The resolution is part of it because the image latent depends on it.
+    """
+    payload = {
+        "v": FORMAT_VERSION,
+        "image": image_sha256,
+        "model": model_identity,
+        "source_prompt": source_prompt,
+        "finetune": finetune,
+        "size": [width, height],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Tuning:
+    """The result of :func:`fastimagic.finetune.finetune`. See the module docstring."""
+
+    key: str
+    source_prompt: str
+    source_embedding: torch.Tensor  # [1, 77, C] float32
+    deltas: dict[str, torch.Tensor]  # UNet parameter name -> learned - original, float16
+    model_identity: str
+    finetune: dict
+    width: int
+    height: int
+    image_sha256: str = ""
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    caption: str | None = None  # the BLIP caption the source prompt came from, if any
+
+    @property
+    def trained_names(self) -> list[str]:
+        return list(self.deltas)
+
+    @property
+    def trained_parameters(self) -> int:
+        return sum(t.numel() for t in self.deltas.values())
+
+    def metadata(self) -> dict:
+        """Everything but the tensors, JSON-ready."""
+        return {
+            "format": FORMAT_VERSION,
+            "key": self.key,
+            "source_prompt": self.source_prompt,
+            "caption": self.caption,
+            "model_identity": self.model_identity,
+            "finetune": self.finetune,
+            "width": self.width,
+            "height": self.height,
+            "image_sha256": self.image_sha256,
+            "losses": self.losses,
+            "steps_run": len(self.losses),
+            "seconds": round(self.seconds, 3),
+            "trained_tensors": len(self.deltas),
+            "trained_parameters": self.trained_parameters,
+        }
+
+    def to_files(self) -> dict[str, bytes]:
+        """The artifact as ``{file name: bytes}`` (for any storage backend)."""
+        from safetensors.torch import save
+
+        tensors = {_EMBEDDING: self.source_embedding.float().contiguous()}
+        tensors.update({_DELTA + n: t.to(torch.float16).contiguous() for n, t in self.deltas.items()})
+        weights = save(tensors)
+        meta = self.metadata() | {"weights_sha256": hashlib.sha256(weights).hexdigest()}
+        return {WEIGHTS_FILE: weights, META_FILE: json.dumps(meta, indent=2).encode()}
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], where: str = "tuning") -> Tuning:
+        """Rebuild a Tuning from :meth:`to_files` output; raises :class:`CorruptTuning` on any mismatch."""
+        from safetensors.torch import load
+
+        try:
+            meta = json.loads(files[META_FILE])
+            weights = files[WEIGHTS_FILE]
+        except (KeyError, ValueError) as e:
+            raise CorruptTuning(f"{where}: unreadable tuning metadata ({e})") from None
+        if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
+            raise CorruptTuning(f"{where}: {WEIGHTS_FILE} does not match its recorded SHA-256 (corrupted)")
+        if meta.get("format") != FORMAT_VERSION:
+            raise CorruptTuning(f"{where}: tuning format {meta.get('format')} is not {FORMAT_VERSION}")
+        tensors = load(weights)
+        return cls(
+            key=meta["key"],
+            source_prompt=meta["source_prompt"],
+            caption=meta.get("caption"),
+            source_embedding=tensors.pop(_EMBEDDING),
+            deltas={k[len(_DELTA) :]: v for k, v in tensors.items()},
+            model_identity=meta["model_identity"],
+            finetune=meta["finetune"],
+            width=meta["width"],
+            height=meta["height"],
+            image_sha256=meta.get("image_sha256", ""),
+            losses=list(meta.get("losses", [])),
+            seconds=float(meta.get("seconds", 0.0)),
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the artifact into ``folder`` (created if needed); metadata last, so its presence means complete."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = self.to_files()
+        for name in (WEIGHTS_FILE, META_FILE):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(files[name])
+            tmp.replace(folder / name)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Tuning:
+        """Read a folder written by :meth:`save`, verifying its checksum."""
+        folder = Path(folder)
+        try:
+            files = {name: (folder / name).read_bytes() for name in (WEIGHTS_FILE, META_FILE)}
+        except OSError as e:
+            raise CorruptTuning(f"{folder}: cannot read tuning ({e.strerror})") from None
+        return cls.from_files(files, where=str(folder))

@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny model, one fine-tune on a real photo, reference images. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TEDBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tedbench" / "originals"
+
+
+def drawn_photo(width: int = 320, height: int = 240) -> bytes:
+    """A JPEG the tests draw themselves: a sky, a sun, a hill (used when TEdBench is not present)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (110, 160, 230))
+    d = ImageDraw.Draw(img)
+    d.ellipse((width * 0.6, height * 0.1, width * 0.8, height * 0.35), fill=(250, 220, 60))
+    d.polygon([(0, height), (width * 0.4, height * 0.5), (width, height)], fill=(60, 140, 70))
+    d.rectangle((width * 0.2, height * 0.6, width * 0.3, height * 0.85), fill=(120, 70, 40))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def reference_photo_bytes(name: str = "bird.jpeg") -> bytes:
+    """A real TEdBench photo when ../shared is present, else a drawn one."""
+    p = TEDBENCH / name
+    return p.read_bytes() if p.is_file() else drawn_photo()
+
+
+@pytest.fixture(scope="session")
+def photo_bytes() -> bytes:
+    return reference_photo_bytes()
+
+
+@pytest.fixture(scope="session")
+def photo(photo_bytes):
+    from fastimagic.images import load_reference
+
+    return load_reference(photo_bytes, "photo")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from fastimagic.models import load_base_model
+
+    return load_base_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tuning(tiny_model, photo, photo_bytes):
+    import hashlib
+
+    from fastimagic.finetune import FinetuneConfig, finetune
+
+    return finetune(
+        tiny_model,
+        photo,
+        "a photo of a bird",
+        FinetuneConfig(),
+        width=64,
+        height=64,
+        image_sha256=hashlib.sha256(photo_bytes).hexdigest(),
+    )
