@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,8 @@ class BaseModel:
     identity: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    # Applying a tuning or a forgetting strategy edits the UNet in place: one user at a time.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def latent_scale(self) -> float:
@@ -165,6 +168,33 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
+    """The identity of the weights ``spec`` names, without loading them (cheap: for tuning content keys).
+
+    ``tiny:v1``; ``file:<name>:<fingerprint>``; ``folder:<name>:<hash of configs and weight fingerprints>``;
+    ``hf:<repo>@<cached commit>``. Raises :class:`InputError` for missing paths and refused pickle files.
+    """
+    if spec == "tiny":
+        from fastimagic import tiny
+
+        return tiny.TINY_IDENTITY
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise InputError(
+            f"{spec}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded;"
+            " convert it to .safetensors or allow it explicitly (allow_pickle: true)"
+        )
+    if path.is_file():
+        return f"file:{path.name}:{fingerprint(path)}"
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise InputError(f"{spec}: not a diffusers model folder (no model_index.json or unet/)")
+        return _folder_identity(path)
+    if _looks_like_path(spec):
+        raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
+    return _hub_identity(spec)
+
+
 def load_base_model(
     spec: str,
     *,
@@ -180,32 +210,43 @@ def load_base_model(
     Raises :class:`InputError` for a missing path, a refused pickle file or a checkpoint of another architecture.
     """
     dev, compute_dtype = pick_device(device, dtype)
+    identity = model_identity(spec, allow_pickle=allow_pickle)
+    path = Path(spec).expanduser()
     if spec == "tiny":
         from fastimagic import tiny
 
         parts = tiny.build_components()
-        identity = tiny.TINY_IDENTITY
+    elif path.is_file():
+        parts = _load_single_file(path, config or DEFAULT_SINGLE_FILE_CONFIG)
+    elif path.is_dir():
+        parts = _load_pretrained(str(path), local_only=True)
     else:
-        path = Path(spec).expanduser()
-        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise InputError(
-                f"{spec}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded;"
-                " convert it to .safetensors or allow it explicitly (allow_pickle: true)"
-            )
-        if path.is_file():
-            parts = _load_single_file(path, config or DEFAULT_SINGLE_FILE_CONFIG)
-            identity = f"file:{path.name}:{fingerprint(path)}"
-        elif path.is_dir():
-            if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
-                raise InputError(f"{spec}: not a diffusers model folder (no model_index.json or unet/)")
-            parts = _load_pretrained(str(path), local_only=True)
-            identity = _folder_identity(path)
-        elif _looks_like_path(spec):
-            raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
-        else:
-            parts = _load_pretrained(spec, local_only=False)
-            identity = _hub_identity(spec)
+        parts = _load_pretrained(spec, local_only=False)
     return _assemble(parts, identity, dev, compute_dtype)
+
+
+_WARM: dict[tuple, BaseModel] = {}
+_WARM_LOCK = threading.Lock()
+
+
+def cached_base_model(
+    spec: str,
+    *,
+    config: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> BaseModel:
+    """:func:`load_base_model`, once per process and model identity: render workers keep the base model warm.
+
+    Only the most recent model stays loaded (a GPU worker rarely holds two SD UNets at once).
+    """
+    key = (model_identity(spec, allow_pickle=allow_pickle), config, device, str(dtype))
+    with _WARM_LOCK:
+        if key not in _WARM:
+            _WARM.clear()
+            _WARM[key] = load_base_model(spec, config=config, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        return _WARM[key]
 
 
 def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
@@ -252,23 +293,64 @@ def _load_pretrained(source: str, *, local_only: bool) -> dict:
         ) from None
 
 
-def _check_single_file(path: Path) -> None:
-    """Refuse a checkpoint that is not SD 1.x before handing it to diffusers (whose errors are deep and vague)."""
+_CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def describe_checkpoint(path: str | Path) -> dict:
+    """Classify a single-file checkpoint from its safetensors header alone (no tensor is read).
+
+    Returns ``{"family": "sd1" | "sd2" | "sdxl" | "unknown", "cross_attention_dim", "has_vae",
+    "has_text_encoder", "in_channels"}``. The cross-attention width (768 for SD 1.x, 1024 for SD 2.x, 2048 for
+    SDXL) comes from the first ``attn2.to_k`` shape; ``in_channels`` is 9 for inpainting models.
+    """
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        unet = sorted(k for k in keys if k.startswith("model.diffusion_model."))
+        # SDXL's first level has no attention: fall back to the first cross-attention there is.
+        first_k = next((k for k in unet if k.endswith("attn2.to_k.weight")), None)
+        context = _CONTEXT_KEY if _CONTEXT_KEY in keys else first_k
+        context_shape = list(f.get_slice(context).get_shape()) if context else None
+        conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+        in_shape = list(f.get_slice(conv_in).get_shape()) if conv_in in keys else None
+    dim = context_shape[1] if context_shape and len(context_shape) == 2 else None
+    open_clip = any(k.startswith("cond_stage_model.model.") for k in keys)
+    embedders = any(k.startswith("conditioner.embedders.") for k in keys)
+    if not unet:
+        family = "unknown"
+    elif embedders or any(k.startswith("model.diffusion_model.label_emb") for k in keys) or dim == 2048:
+        family = "sdxl"
+    elif open_clip or dim == 1024:
+        family = "sd2"
+    else:
+        family = "sd1" if dim is not None else "unknown"
+    return {
+        "family": family,
+        "cross_attention_dim": dim,
+        "has_vae": any(k.startswith("first_stage_model.") for k in keys),
+        "has_text_encoder": open_clip or embedders or any(k.startswith("cond_stage_model.transformer.") for k in keys),
+        "in_channels": in_shape[1] if in_shape and len(in_shape) == 4 else None,
+    }
+
+
+def _check_single_file(path: Path) -> None:
+    """Refuse a checkpoint that is not SD 1.x before handing it to diffusers, which guesses "v1" for anything."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-            context_dim = f.get_slice(k).get_shape()[1] if k in keys else None
+        info = describe_checkpoint(path)
     except Exception as e:
         raise InputError(f"{path}: not a readable .safetensors checkpoint ({e})") from None
-    if any(k.startswith("conditioner.embedders") for k in keys):
-        raise InputError(f"{path}: this is an SDXL checkpoint; fastimagic needs a Stable Diffusion 1.x model")
-    if any(k.startswith("cond_stage_model.model.") for k in keys) or context_dim == 1024:
-        raise InputError(f"{path}: this is a Stable Diffusion 2.x checkpoint; fastimagic needs SD 1.x")
-    if not any(k.startswith("model.diffusion_model.") for k in keys) or context_dim is None:
+    names = {"sdxl": "an SDXL", "sd2": "a Stable Diffusion 2.x"}
+    if info["family"] in names:
+        raise InputError(f"{path}: this is {names[info['family']]} checkpoint; fastimagic needs Stable Diffusion 1.x")
+    if info["family"] != "sd1":
         raise InputError(f"{path}: not a Stable Diffusion 1.x checkpoint (no SD UNet weights found)")
+    if info["in_channels"] not in (None, 4):
+        raise InputError(
+            f"{path}: UNet takes {info['in_channels']} input channels (an inpainting model?); fastimagic needs 4"
+        )
+    if not (info["has_vae"] and info["has_text_encoder"]):
+        raise InputError(f"{path}: checkpoint lacks its VAE or text encoder; give a full SD 1.x checkpoint")
 
 
 def _load_single_file(path: Path, config: str) -> dict:

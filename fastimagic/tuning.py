@@ -4,8 +4,11 @@ A :class:`Tuning` holds the learned source embedding e_src, the trained UNet ten
 the base weights* (not the weights, not the whole UNet), the source prompt, the fine-tune settings, the loss
 curve and the base model's identity. It is saved as a folder::
 
-    tuning.safetensors   e_src (float32) + one float16 delta per trained tensor
-    tuning.json          everything else, plus the SHA-256 of tuning.safetensors
+    weights-<sha>.safetensors   e_src (float32) + one float16 delta per trained tensor
+    tuning.json                 everything else, the weights file's name and its SHA-256; written last
+
+The weights file is named after its own hash, so two workers saving the same tuning at once can never leave a
+``tuning.json`` that points at the other one's bytes.
 
 Its ``key`` is a content key: the same reference bytes, base model, source prompt, settings and seed always give
 the same key, so a stored tuning can be found and reused instead of fine-tuning again.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +27,6 @@ import torch
 from fastimagic.errors import FastImagicError
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "tuning.safetensors"
 META_FILE = "tuning.json"
 _EMBEDDING = "source_embedding"
 _DELTA = "delta."
@@ -96,30 +99,40 @@ class Tuning:
         }
 
     def to_files(self) -> dict[str, bytes]:
-        """The artifact as ``{file name: bytes}`` (for any storage backend)."""
+        """The artifact as ``{file name: bytes}``, in the order to write them (metadata last)."""
         from safetensors.torch import save
 
         tensors = {_EMBEDDING: self.source_embedding.float().contiguous()}
         tensors.update({_DELTA + n: t.to(torch.float16).contiguous() for n, t in self.deltas.items()})
         weights = save(tensors)
-        meta = self.metadata() | {"weights_sha256": hashlib.sha256(weights).hexdigest()}
-        return {WEIGHTS_FILE: weights, META_FILE: json.dumps(meta, indent=2).encode()}
+        digest = hashlib.sha256(weights).hexdigest()
+        name = f"weights-{digest[:16]}.safetensors"
+        meta = self.metadata() | {"weights_file": name, "weights_sha256": digest}
+        return {name: weights, META_FILE: json.dumps(meta, indent=2).encode()}
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes], where: str = "tuning") -> Tuning:
-        """Rebuild a Tuning from :meth:`to_files` output; raises :class:`CorruptTuning` on any mismatch."""
+    def read(cls, get_bytes: Callable[[str], bytes], where: str = "tuning") -> Tuning:
+        """Rebuild a Tuning from files fetched by ``get_bytes(name)`` (any storage backend).
+
+        Raises :class:`CorruptTuning` when the metadata is unreadable or the weights do not match their SHA-256;
+        a missing file propagates as ``get_bytes`` raises it.
+        """
         from safetensors.torch import load
 
         try:
-            meta = json.loads(files[META_FILE])
-            weights = files[WEIGHTS_FILE]
-        except (KeyError, ValueError) as e:
+            meta = json.loads(get_bytes(META_FILE))
+            name = meta["weights_file"]
+        except (KeyError, ValueError, TypeError) as e:
             raise CorruptTuning(f"{where}: unreadable tuning metadata ({e})") from None
-        if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
-            raise CorruptTuning(f"{where}: {WEIGHTS_FILE} does not match its recorded SHA-256 (corrupted)")
         if meta.get("format") != FORMAT_VERSION:
             raise CorruptTuning(f"{where}: tuning format {meta.get('format')} is not {FORMAT_VERSION}")
-        tensors = load(weights)
+        weights = get_bytes(name)
+        if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
+            raise CorruptTuning(f"{where}: {name} does not match its recorded SHA-256 (corrupted)")
+        try:
+            tensors = load(weights)
+        except Exception as e:
+            raise CorruptTuning(f"{where}: unreadable weights ({e})") from None
         return cls(
             key=meta["key"],
             source_prompt=meta["source_prompt"],
@@ -139,10 +152,9 @@ class Tuning:
         """Write the artifact into ``folder`` (created if needed); metadata last, so its presence means complete."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        files = self.to_files()
-        for name in (WEIGHTS_FILE, META_FILE):
+        for name, data in self.to_files().items():
             tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(files[name])
+            tmp.write_bytes(data)
             tmp.replace(folder / name)
         return folder
 
@@ -150,8 +162,11 @@ class Tuning:
     def load(cls, folder: str | Path) -> Tuning:
         """Read a folder written by :meth:`save`, verifying its checksum."""
         folder = Path(folder)
-        try:
-            files = {name: (folder / name).read_bytes() for name in (WEIGHTS_FILE, META_FILE)}
-        except OSError as e:
-            raise CorruptTuning(f"{folder}: cannot read tuning ({e.strerror})") from None
-        return cls.from_files(files, where=str(folder))
+
+        def get(name: str) -> bytes:
+            try:
+                return (folder / name).read_bytes()
+            except OSError as e:
+                raise CorruptTuning(f"{folder}: cannot read {name} ({e.strerror})") from None
+
+        return cls.read(get, where=str(folder))

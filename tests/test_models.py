@@ -1,0 +1,121 @@
+"""Loading base models the ways users point at them: tiny, a diffusers folder, a single-file checkpoint."""
+
+import pytest
+import torch
+from ldm_export import export_single_file, save_diffusers_folder
+from safetensors.torch import save_file
+
+from fastimagic.errors import InputError
+from fastimagic.models import load_base_model, model_identity, pick_device
+from fastimagic.tiny import build_components
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    parts = build_components()
+    folder = save_diffusers_folder(parts, root / "tiny-diffusers")
+    ckpt = export_single_file(parts, root / "tiny-rv.safetensors")
+    return parts, folder, ckpt
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def test_tiny_is_sd_shaped_and_seeded():
+    a, b = load_base_model("tiny"), load_base_model("tiny")
+    assert _same_weights(a.unet, b.unet)
+    assert [type(m).__name__ for m in (a.unet, a.vae, a.text_encoder)] == [
+        "UNet2DConditionModel",
+        "AutoencoderKL",
+        "CLIPTextModel",
+    ]
+    assert len(a.unet.down_blocks) == 4 and len(a.unet.up_blocks) == 4
+    s = a.scheduler.config
+    assert (s.beta_start, s.beta_end, s.beta_schedule, s.clip_sample) == (0.00085, 0.012, "scaled_linear", False)
+
+
+def test_diffusers_folder_loads_the_same_weights(saved):
+    parts, folder, _ = saved
+    m = load_base_model(str(folder), device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(m, name), parts[name]), name
+    assert m.identity.startswith("folder:tiny-diffusers:")
+    assert model_identity(str(folder)) == m.identity
+
+
+def test_single_file_checkpoint_loads_offline_with_a_local_config_folder(saved):
+    parts, folder, ckpt = saved
+    m = load_base_model(str(ckpt), config=str(folder), device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(m, name), parts[name]), name
+    assert m.identity.startswith("file:tiny-rv.safetensors:")
+
+
+def test_single_file_without_a_usable_config_is_one_clear_error(saved, tmp_path):
+    _, _, ckpt = saved
+    with pytest.raises(InputError, match="cannot load the single-file checkpoint with config"):
+        load_base_model(str(ckpt), config=str(tmp_path / "no-such-config"))
+
+
+@pytest.mark.parametrize(
+    "keys,expected",
+    [
+        ({"conditioner.embedders.0.transformer.x": [1], "model.diffusion_model.label_emb.0.0.weight": [4, 4]}, "SDXL"),
+        (
+            {
+                "cond_stage_model.model.token_embedding.weight": [4, 4],
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, 1024],
+            },
+            "Stable Diffusion 2.x",
+        ),
+        ({"lora_unet_down_blocks_0.alpha": [1]}, "not a Stable Diffusion 1.x checkpoint"),
+    ],
+)
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, keys, expected):
+    path = tmp_path / "other.safetensors"
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    with pytest.raises(InputError, match=expected):
+        load_base_model(str(path))
+
+
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"definitely not safetensors")
+    with pytest.raises(InputError, match="not a readable .safetensors checkpoint"):
+        load_base_model(str(path))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\x80\x04not really")
+    with pytest.raises(InputError, match="pickle checkpoints .* can run code"):
+        load_base_model(str(path))
+
+
+@pytest.mark.parametrize("spec", ["./models/missing", "/nonexistent/model.safetensors", "~/nope/model"])
+def test_missing_model_path(spec):
+    with pytest.raises(InputError, match="model path does not exist"):
+        load_base_model(spec)
+
+
+def test_a_folder_that_is_not_a_diffusers_model(tmp_path):
+    with pytest.raises(InputError, match="not a diffusers model folder"):
+        load_base_model(str(tmp_path))
+
+
+def test_a_repo_id_missing_from_the_offline_cache_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(InputError, match="someone/not-cached: cannot load the model"):
+        load_base_model("someone/not-cached")
+
+
+def test_device_and_dtype_choice_and_override():
+    assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
+    assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(InputError, match="unknown dtype 'float7'"):
+        pick_device("cpu", "float7")
