@@ -20,10 +20,12 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from fastimagic.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched, so the storyboard schema can use the names cheaply
+    import torch
 
 _ATTN = re.compile(r"\.attn[12]\.")
 _KV = re.compile(r"\.attn2\.to_[kv]\.")
@@ -137,7 +139,6 @@ class Forgetting:
         self.strategy = "none"
         self.sigma = 0.0
 
-    @torch.no_grad()
     def apply(self, strategy: str, sigma: float = 0.0) -> StrategyReport:
         """Switch to ``strategy`` with blend ``sigma`` (0 = original weights, 1 = learned). Returns what it touched."""
         name = canonical(strategy)
@@ -146,22 +147,27 @@ class Forgetting:
         report = describe(name, {n: p.shape for n, p in self._params.items()})
         if (name, float(sigma)) == (self.strategy, self.sigma):
             return report
+        import torch
+
         self.restore()
-        for n in report.tensors:
-            p = self._params[n]
-            self._saved[n] = p.detach().clone()
-            orig = self._originals[n].to(device=p.device, dtype=p.dtype)
-            if sigma == 0.0:
-                p.copy_(orig)
-            else:
-                p.copy_(sigma * p + (1.0 - sigma) * orig)
+        with torch.no_grad():
+            for n in report.tensors:
+                p = self._params[n]
+                self._saved[n] = p.detach().clone()
+                orig = self._originals[n].to(device=p.device, dtype=p.dtype)
+                if sigma == 0.0:
+                    p.copy_(orig)
+                else:
+                    p.copy_(sigma * p + (1.0 - sigma) * orig)
         self.strategy, self.sigma = name, float(sigma)
         return report
 
-    @torch.no_grad()
     def restore(self) -> None:
         """Put back the learned weights of every forgotten tensor, bit for bit."""
-        for n, learned in self._saved.items():
-            self._params[n].copy_(learned)
+        import torch
+
+        with torch.no_grad():
+            for n, learned in self._saved.items():
+                self._params[n].copy_(learned)
         self._saved.clear()
         self.strategy, self.sigma = "none", 0.0

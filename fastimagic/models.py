@@ -376,6 +376,33 @@ def _load_single_file(path: Path, config: str) -> dict:
     return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
 
 
+# The UNet of SD 1.4/1.5 and their fine-tunes (Realistic Vision, ...): for shapes, sizes and benchmarks.
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+
+def unet_shapes(which: str = "sd15") -> dict[str, torch.Size]:
+    """Parameter name -> shape of the ``sd15`` or ``tiny`` UNet, built on the meta device (no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from fastimagic import tiny
+
+    config = SD15_UNET_CONFIG if which == "sd15" else tiny.unet_config()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    return {n: p.shape for n, p in unet.named_parameters()}
+
+
 def model_summary(model: BaseModel) -> dict:
     """Plain facts about a loaded model, for manifests and logs."""
     return {

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3server import S3Server, point_env_at, start_s3_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -69,3 +70,18 @@ def tuning(tiny_model, photo, photo_bytes):
         height=64,
         image_sha256=hashlib.sha256(photo_bytes).hexdigest(),
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real SeaweedFS S3 server on loopback with enforced credentials (started once, stopped by PID)."""
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """AWS_* variables pointing at the test server; returns a fresh bucket's name."""
+    point_env_at(s3_server, monkeypatch)
+    return s3_server.make_bucket()

@@ -1,0 +1,156 @@
+"""The ``fastimagic`` command.
+
+    fastimagic validate FILE                      check a storyboard; every problem, one line each
+    fastimagic run FILE [--output URI] [--model M] run the storyboard flow here (Prefect's embedded server)
+    fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
+    fastimagic strategies [--model tiny|sd15]     each forgetting strategy and what it touches
+    fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
+
+Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _prefect_env() -> None:
+    # In-process runs use Prefect's embedded server: give it time to start cold, send nothing anywhere.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fastimagic: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_validate(args) -> int:
+    from fastimagic.storyboard import load_storyboard
+
+    board = load_storyboard(args.file)
+    print(f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
+          f"{board.width}x{board.height}, model {board.model.given}, output {board.output.resolved}")
+    return EXIT_OK
+
+
+def _absolute(value: str | None) -> str | None:
+    """CLI overrides are relative to the current folder (storyboard fields are relative to the storyboard)."""
+    if not value or value.startswith("s3://") or value == "tiny":
+        return value
+    p = Path(value).expanduser()
+    return str(p.resolve()) if (p.exists() or value.startswith((".", "/", "~")) or "/" not in value) else value
+
+
+def cmd_run(args) -> int:
+    from flows.storyboard import read_storyboard
+
+    output, model = _absolute(args.output), _absolute(args.model)
+    board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
+    _prefect_env()
+    from flows.storyboard import storyboard_flow
+
+    result = storyboard_flow(storyboard=args.file, output=output, model=model, run_id=args.run_id)
+    reused = " (reused stored tuning)" if result["tuning_reused"] else ""
+    print(f"\n{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
+    print(f"manifest: {result['manifest']}")
+    print(f"browse:   {result['run_uri']}/index.html")
+    return EXIT_OK
+
+
+def cmd_caption(args) -> int:
+    from fastimagic.caption import load_captioner
+    from fastimagic.images import load_reference
+    from fastimagic.store import read_uri
+
+    image = load_reference(read_uri(args.image), args.image)
+    print(load_captioner(args.model)(image))
+    return EXIT_OK
+
+
+def cmd_strategies(args) -> int:
+    from fastimagic.finetune import BLOCK_PRESETS
+    from fastimagic.forgetting import ALIASES, STRATEGIES, describe
+    from fastimagic.models import unet_shapes
+
+    blocks = BLOCK_PRESETS[args.blocks]
+    trained = {n: s for n, s in unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
+    total = sum(math.prod(s) for s in trained.values())
+    print(f"{args.model} UNet, trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)} tensors, "
+          f"{total:,} parameters")
+    for name in STRATEGIES:
+        r = describe(name, trained)
+        alias = [a for a, c in ALIASES.items() if c == name]
+        extra = f" (alias: {', '.join(alias)})" if alias else ""
+        print(f"  {name:22s} forgets {len(r.tensors):4d} tensors {r.parameters:>12,} params: {r.description}{extra}")
+    return EXIT_OK
+
+
+def cmd_submit(args) -> int:
+    from fastimagic.storyboard import load_storyboard
+
+    uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
+    if not args.file.startswith("s3://"):
+        load_storyboard(args.file)
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(args.deployment, parameters={"storyboard": uri}, timeout=0)
+    print(f"submitted flow run {run.name} ({run.id}) of deployment {args.deployment} for {uri}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastimagic", description="One reference image in, story keyframes out.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("validate", help="check a storyboard file")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("run", help="run a storyboard here")
+    s.add_argument("file")
+    s.add_argument("--output", help="local folder or s3://bucket/prefix (overrides the storyboard's)")
+    s.add_argument("--model", help="tiny, a hub repo id, a diffusers folder or a .safetensors file")
+    s.add_argument("--run-id", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("caption", help="caption an image with BLIP")
+    s.add_argument("image")
+    s.add_argument("--model", default="Salesforce/blip-image-captioning-base", help="BLIP repo id, folder or tiny")
+    s.set_defaults(func=cmd_caption)
+    s = sub.add_parser("strategies", help="list forgetting strategies and what each touches")
+    s.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    s.add_argument("--blocks", choices=["paper", "reference"], default="paper")
+    s.set_defaults(func=cmd_strategies)
+    s = sub.add_parser("submit", help="create a flow run of a deployment on a Prefect server")
+    s.add_argument("file", help="storyboard path (must be readable by the worker) or s3:// URI")
+    s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")
+    s.set_defaults(func=cmd_submit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fastimagic.errors import FastImagicError, InputError
+
+    try:
+        return args.func(args)
+    except InputError as e:  # storyboard problems, bad images, bad models: one line each
+        return _fail(str(e), EXIT_INVALID)
+    except FastImagicError as e:
+        return _fail(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_FAILED)
+    except Exception as e:  # keep the promise of one clear line; the log above has the details
+        first = (str(e).strip().splitlines() or [""])[0]
+        return _fail(f"{type(e).__name__}: {first}", EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The storyboard flow: load -> fetch the reference -> caption -> fine-tune once -> fan out renders -> publish.
+
+Wiring only; each step is a task in :mod:`tasks.pipeline`. Renders fan out per (scene, seed) and are bounded by
+the ``gpu`` tag's concurrency limit when one is set; in one process they also take turns on the one warm model.
+Manifests are written last, so a manifest only ever lists keyframes that exist.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+
+from fastimagic import keyframes as kf
+from fastimagic.models import model_identity
+from fastimagic.store import read_uri
+from fastimagic.storyboard import Storyboard, load_storyboard
+from tasks.pipeline import (
+    caption_reference,
+    fetch_reference,
+    finetune_once,
+    publish_keyframes,
+    render_keyframes,
+    write_run_outputs,
+    write_scene_outputs,
+)
+from tasks.storage import output_store
+
+
+def read_storyboard(storyboard: str, *, output: str | None = None, model: str | None = None) -> Storyboard:
+    """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides."""
+    text = read_uri(storyboard).decode("utf-8", errors="replace") if storyboard.startswith("s3://") else None
+    overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
+    return load_storyboard(storyboard, text=text, overrides=overrides or None)
+
+
+@flow(name="storyboard", log_prints=True)
+def storyboard_flow(
+    storyboard: str,
+    output: str | None = None,
+    model: str | None = None,
+    run_id: str | None = None,
+) -> dict:
+    """Render a storyboard's keyframes.
+
+    storyboard: a local YAML path or ``s3://bucket/key``. output / model: override the storyboard's.
+    run_id: the run folder name (default: a new timestamped id). Returns a summary with the manifest URI.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    board = read_storyboard(storyboard, output=output, model=model)
+    out = board.output.resolved
+    store = output_store(out)
+    store.check()  # fail fast on an unreachable endpoint, wrong credentials or a missing bucket
+    run_id = run_id or kf.new_run_id()
+    run_prefix = f"{board.slug}/{run_id}"
+    logger.info("run %s: %d scenes, %d keyframes -> %s/%s", run_id, len(board.scenes), board.keyframe_count(),
+                store.uri.rstrip("/"), run_prefix)
+
+    t = time.perf_counter()
+    reference = fetch_reference(board)
+    prompts = caption_reference(board, reference)
+    timings["prepare_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tuning = finetune_once(board, reference, prompts, out)
+    timings["finetune_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    renders = {
+        (scene.id, seed): render_keyframes.submit(board, scene, seed, tuning["key"], out)
+        for scene in board.scenes
+        for seed in scene.seeds
+    }
+    published = {
+        k: publish_keyframes.submit(r, k[0], out, run_prefix) for k, r in renders.items()
+    }
+    scenes, records = [], []
+    for scene in board.scenes:
+        frames = [f for seed in scene.seeds for f in renders[(scene.id, seed)].result()]
+        scene_records = [r for seed in scene.seeds for r in published[(scene.id, seed)].result()]
+        scenes.append(write_scene_outputs(scene, scene_records, frames, out, run_prefix))
+        records += scene_records
+    timings["render_and_publish_seconds"] = time.perf_counter() - t
+    timings["total_seconds"] = time.perf_counter() - started
+
+    run = {
+        "format": 1,
+        "status": "complete",
+        "run_id": run_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "storyboard": {"name": board.name, "uri": storyboard, "source": board.source_text},
+        "model": {
+            "given": board.model.given,
+            "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+        },
+        "resolution": {"width": board.width, "height": board.height},
+        "caption": prompts["caption"],
+        "source_prompt": prompts["source_prompt"],
+        "tuning": tuning,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "scenes": scenes,
+        "keyframes": records,
+    }
+    manifest_uri = write_run_outputs(run, reference, out, run_prefix)
+    logger.info("wrote %d keyframes; manifest %s", len(records), manifest_uri)
+    return {
+        "run_id": run_id,
+        "run_uri": manifest_uri.rsplit("/", 1)[0],
+        "manifest": manifest_uri,
+        "keyframes": len(records),
+        "tuning_key": tuning["key"],
+        "tuning_reused": tuning["reused"],
+    }
