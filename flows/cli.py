@@ -51,10 +51,11 @@ def _absolute(value: str | None) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from flows.storyboard import read_storyboard
+    from flows.storyboard import preflight, read_storyboard
 
     output, model = _absolute(args.output), _absolute(args.model)
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
+    preflight(board)
     _prefect_env()
     from flows.storyboard import storyboard_flow
 
@@ -138,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fastimagic.errors import FastImagicError, InputError
+    from fastimagic.store import NotFound
 
     try:
         return args.func(args)
-    except InputError as e:  # storyboard problems, bad images, bad models: one line each
+    except (InputError, NotFound) as e:  # storyboard problems, missing or bad images, bad models: one line each
         return _fail(str(e), EXIT_INVALID)
     except FastImagicError as e:
         return _fail(str(e), EXIT_FAILED)

@@ -13,8 +13,10 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger
 
 from fastimagic import keyframes as kf
+from fastimagic.errors import InputError
+from fastimagic.images import load_reference
 from fastimagic.models import model_identity
-from fastimagic.store import read_uri
+from fastimagic.store import NotFound, read_uri
 from fastimagic.storyboard import Storyboard, load_storyboard
 from tasks.pipeline import (
     caption_reference,
@@ -33,6 +35,22 @@ def read_storyboard(storyboard: str, *, output: str | None = None, model: str | 
     text = read_uri(storyboard).decode("utf-8", errors="replace") if storyboard.startswith("s3://") else None
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
     return load_storyboard(storyboard, text=text, overrides=overrides or None)
+
+
+def preflight(board: Storyboard) -> None:
+    """Check what can be checked before any model loads or anything is written: the model path, the reference
+    image (exists, decodes, sane size) and the output store (reachable, credentials, bucket).
+
+    Raises :class:`InputError` for bad input (CLI exit 2) and :class:`StoreError` for storage trouble (exit 1).
+    """
+    model_identity(board.model.resolved, allow_pickle=board.allow_pickle)
+    uri = board.reference.resolved
+    try:
+        data = read_uri(uri)
+    except NotFound as e:
+        raise InputError(f"{board.source} reference: {e}") from None
+    load_reference(data, uri)
+    output_store(board.output.resolved).check()
 
 
 @flow(name="storyboard", log_prints=True)

@@ -834,3 +834,16 @@ def test_importing_the_schema_does_not_import_prefect():
     code = "import sys, fastimagic.storyboard; sys.exit('prefect' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_validating_a_storyboard_does_not_import_torch(tmp_path):
+    """`fastimagic validate` stays fast: the schema must not pull in torch, diffusers or prefect."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastimagic.storyboard;"
+        "print(sorted(m for m in ('torch', 'diffusers', 'prefect') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,143 @@
+"""The fastimagic command as a person uses it: exit codes, one-line errors, nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fastimagic(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )
+
+
+def _board(tmp_path: Path, photo_bytes: bytes, **fields) -> Path:
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    values = {
+        "name": "cli-test",
+        "reference": "ref.jpg",
+        "model": "tiny",
+        "resolution": "64",
+        "source_prompt": "a photo of a bird",
+        "finetune": "{steps: 3, min_steps: 3}",
+        "output": "out",
+    } | fields
+    text = "".join(f"{k}: {v}\n" for k, v in values.items())
+    text += "defaults: {seeds: 1, steps: 3, edit: {subtract: {gamma: [1.0]}}}\n"
+    text += "scenes:\n  - {id: one, prompt: a photo of a bird flying, forget: [none, encoderattn]}\n"
+    path = tmp_path / "story.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_validate_ok(tmp_path, photo_bytes):
+    r = fastimagic("validate", str(_board(tmp_path, photo_bytes)))
+    assert r.returncode == 0, r.stderr
+    assert "ok: 1 scenes, 2 keyframes, 64x64" in r.stdout
+
+
+def test_invalid_storyboard_exits_2_with_every_problem_and_writes_nothing(tmp_path, photo_bytes):
+    path = _board(tmp_path, photo_bytes)
+    path.write_text(path.read_text().replace("forget: [none, encoderattn]", "forget: encoderatn, promt: x"))
+    for command in ("validate", "run"):
+        r = fastimagic(command, str(path))
+        assert r.returncode == 2, r.stderr
+        assert "story.yaml:10 scenes[0].forget: unknown strategy 'encoderatn' (did you mean 'encoderattn'?)" in r.stderr
+        assert "scenes[0].promt" in r.stderr and "did you mean 'prompt'" in r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        (lambda d: (d / "ref.jpg").unlink(), "ref.jpg: no such file"),
+        (lambda d: (d / "ref.jpg").write_bytes(b""), "ref.jpg: the file is empty"),
+        (lambda d: (d / "ref.jpg").write_text("not an image"), "ref.jpg: not an image"),
+    ],
+)
+def test_bad_reference_exits_2_naming_the_file_and_writes_nothing(tmp_path, photo_bytes, setup, expected):
+    path = _board(tmp_path, photo_bytes)
+    setup(tmp_path)
+    r = fastimagic("run", str(path))
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path_exits_2(tmp_path, photo_bytes):
+    r = fastimagic("run", str(_board(tmp_path, photo_bytes, model="./models/nope.safetensors")))
+    assert r.returncode == 2
+    assert "nope.safetensors: model path does not exist" in r.stderr
+
+
+def test_s3_output_problems_are_one_line_naming_the_uri_without_secrets(tmp_path, photo_bytes, s3_server, s3_env):
+    bucket = s3_env
+    env = s3_server.env()
+    cases = [
+        ({**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, f"s3://{bucket}/out", "cannot reach S3 endpoint"),
+        ({**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret-123"}, f"s3://{bucket}/out", "access denied"),
+        (env, "s3://no-such-bucket-fastimagic/out", "bucket 'no-such-bucket-fastimagic' does not exist"),
+    ]
+    for case_env, output, expected in cases:
+        r = fastimagic("run", str(_board(tmp_path, photo_bytes, output=output)), env=case_env)
+        assert r.returncode == 1, r.stderr
+        assert expected in r.stderr and output in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr
+        for secret in (env["AWS_SECRET_ACCESS_KEY"], "wrong-secret-123"):
+            assert secret not in r.stderr + r.stdout
+
+
+def test_malformed_s3_output_uri_is_invalid_input(tmp_path, photo_bytes):
+    r = fastimagic("validate", str(_board(tmp_path, photo_bytes, output="s3:///nobucket")))
+    assert r.returncode == 2 and "story.yaml:7 output:" in r.stderr
+
+
+def test_run_writes_keyframes_locally_and_says_where(tmp_path, photo_bytes):
+    path = _board(tmp_path, photo_bytes)
+    r = fastimagic("run", str(path), "--output", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 keyframes for 'cli-test' in " in r.stdout
+    manifest_path = Path(r.stdout.split("manifest: ")[1].split("\n")[0])
+    assert manifest_path.parent.parent.parent == tmp_path / "elsewhere"
+    manifest = json.loads(manifest_path.read_text())
+    assert [k["forget"] for k in manifest["keyframes"]] == ["none", "encoderattn"]
+    assert (manifest_path.parent / "index.html").is_file()
+    assert not (tmp_path / "out").exists()  # --output overrides the storyboard's
+
+
+def test_strategies_lists_each_with_what_it_touches():
+    r = fastimagic("strategies")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "forgets" in line]
+    assert len(lines) == 9
+    assert "535,889,920 parameters" in r.stdout  # SD 1.5's paper-default trained blocks
+    assert any(line.split()[0] == "encoderattn" for line in lines)
+
+
+def test_caption_with_the_tiny_blip(tmp_path, photo_bytes):
+    (tmp_path / "p.jpg").write_bytes(photo_bytes)
+    r = fastimagic("caption", str(tmp_path / "p.jpg"), "--model", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_caption_of_a_missing_image_is_one_line(tmp_path):
+    r = fastimagic("caption", str(tmp_path / "missing.jpg"), "--model", "tiny")
+    assert r.returncode == 2
+    assert "missing.jpg: no such file" in r.stderr

@@ -1,0 +1,126 @@
+"""The storyboard pipeline end to end: the real Prefect flow (embedded server) into a real S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+from PIL import Image
+
+STORY = """\
+name: Beach Day
+reference: {reference}
+model: tiny
+resolution: 64x72
+source_prompt: a photo of two friends on the beach
+finetune: {{steps: 6, min_steps: 6}}
+defaults:
+  seeds: 2
+  steps: 4
+  edit: {{subtract: {{gamma: [0.9, 1.2]}}}}
+scenes:
+  - id: walking
+    prompt: a photo of two friends walking on the beach
+    forget: [none, encoderattn]
+  - id: dancing
+    prompt: a photo of two friends dancing
+    forget: decoderattn
+    edit: {{project: {{alpha: [0.8], beta: [1.0, 1.5]}}}}
+  - id: night
+    prompt: a photo of two friends at night <script>alert(1)</script>
+    negative_prompt: blurry
+output: {output}
+"""
+
+
+@pytest.fixture
+def board_on_s3(s3_server, s3_env, tmp_path, photo_bytes):
+    """A storyboard file whose reference and output both live in the test S3 server."""
+    bucket = s3_env
+    s3_server.client().put_object(Bucket=bucket, Key="refs/friends.jpg", Body=photo_bytes)
+    path = tmp_path / "story.yaml"
+    path.write_text(STORY.format(reference=f"s3://{bucket}/refs/friends.jpg", output=f"s3://{bucket}/out"))
+    return path, bucket
+
+
+def _objects(client, bucket, prefix):
+    keys, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        page = client.list_objects_v2(Bucket=bucket, Prefix=prefix, **kw)
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def test_storyboard_runs_end_to_end_into_s3_and_reuses_the_tuning(board_on_s3, s3_server):
+    from flows.storyboard import storyboard_flow
+
+    path, bucket = board_on_s3
+    client = s3_server.client()
+    state = storyboard_flow(storyboard=str(path), return_state=True)
+    first = state.result()
+    assert first["keyframes"] == 2 * 2 * 2 + 2 * 2 + 2 * 2
+    assert first["tuning_reused"] is False
+    run = f"out/beach-day/{first['run_id']}"
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{run}/manifest.json")["Body"].read())
+
+    assert manifest["status"] == "complete" and manifest["run_id"] == first["run_id"]
+    assert manifest["storyboard"]["source"] == path.read_text()
+    assert manifest["model"]["identity"] == "tiny:v1"
+    assert manifest["source_prompt"] == "a photo of two friends on the beach" and manifest["caption"] is None
+    assert manifest["tuning"]["key"] == first["tuning_key"]
+    assert set(manifest["timings"]) >= {"finetune_seconds", "total_seconds"}
+    assert {s["id"] for s in manifest["scenes"]} == {"walking", "dancing", "night"}
+    forgets = {k["forget"] for k in manifest["keyframes"]}
+    assert forgets == {"none", "encoderattn", "decoderattn"}
+    for k in manifest["keyframes"]:
+        data = client.get_object(Bucket=bucket, Key=f"{run}/{k['key']}")["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == k["sha256"]
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        assert img.size == (64, 72) == (k["width"], k["height"])
+        assert {"scene", "prompt", "seed", "edit", "forget"} <= set(k)
+    stored = set(_objects(client, bucket, run + "/"))
+    assert {f"{run}/{k['key']}" for k in manifest["keyframes"]} <= stored
+    for scene in ("walking", "dancing", "night"):
+        assert f"{run}/scenes/{scene}/manifest.json" in stored
+        sheet = client.get_object(Bucket=bucket, Key=f"{run}/scenes/{scene}/contact-sheet.jpg")["Body"].read()
+        assert Image.open(io.BytesIO(sheet)).format == "JPEG"
+    page = client.get_object(Bucket=bucket, Key=f"{run}/index.html")["Body"].read().decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
+    tuning_files = _objects(client, bucket, f"out/tunings/{first['tuning_key']}/")
+    assert len(tuning_files) == 2  # tuning.json + one weights file
+
+    second = storyboard_flow(storyboard=str(path))
+    assert second["tuning_reused"] is True
+    assert second["tuning_key"] == first["tuning_key"]
+    assert second["run_id"] != first["run_id"]
+    assert _objects(client, bucket, f"out/tunings/{first['tuning_key']}/") == tuning_files
+    again = json.loads(client.get_object(Bucket=bucket, Key=f"out/beach-day/{second['run_id']}/manifest.json")
+                       ["Body"].read())
+    # the same tuning and seeds give the same keyframes
+    assert [k["sha256"] for k in again["keyframes"]] == [k["sha256"] for k in manifest["keyframes"]]
+
+    _check_prefect_records(state)
+
+
+def _check_prefect_records(state):
+    """Render tasks carry the gpu tag; the fine-tune left a progress artifact on the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        renders = [r for r in runs if r.name.startswith("render ")]
+        assert len(renders) == 6
+        assert all("gpu" in r.tags for r in renders)
+        assert all(r.state.is_completed() for r in runs)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+        progress = [a for a in artifacts if a.type == "progress"]
+        assert progress and progress[0].data == 100.0
