@@ -9,6 +9,7 @@ Layout under the output (a local folder or ``s3://bucket/prefix``)::
     <output>/<storyboard>/<run-id>/scenes/<scene>/<seed>-<edit>-<forget>.png
     <output>/<storyboard>/<run-id>/scenes/<scene>/manifest.json
     <output>/<storyboard>/<run-id>/scenes/<scene>/contact-sheet.jpg
+    <output>/<storyboard>/<run-id>/.progress/<scene>/<seed>.json    what a (scene, seed) wrote, with SHA-256s
 
 Keys in manifests are relative to the run folder, so a downloaded run folder stays consistent.
 """
@@ -29,6 +30,7 @@ from PIL import Image, ImageDraw
 MANIFEST = "manifest.json"
 INDEX = "index.html"
 CONTACT_SHEET = "contact-sheet.jpg"
+PROGRESS = ".progress"  # per (scene, seed) records of written keyframes, for resuming an interrupted run
 
 
 def new_run_id(now: datetime | None = None) -> str:

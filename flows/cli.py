@@ -37,8 +37,10 @@ def cmd_validate(args) -> int:
     from fastimagic.storyboard import load_storyboard
 
     board = load_storyboard(args.file)
-    print(f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
-          f"{board.width}x{board.height}, model {board.model.given}, output {board.output.resolved}")
+    print(
+        f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
+        f"{board.width}x{board.height}, model {board.model.given}, output {board.output.resolved}"
+    )
     return EXIT_OK
 
 
@@ -59,8 +61,14 @@ def cmd_run(args) -> int:
     _prefect_env()
     from flows.storyboard import storyboard_flow
 
-    result = storyboard_flow(storyboard=args.file, output=output, model=model, run_id=args.run_id)
+    run_id = args.resume or args.run_id
+    result = storyboard_flow(storyboard=args.file, output=output, model=model, run_id=run_id, resume=bool(args.resume))
     reused = " (reused stored tuning)" if result["tuning_reused"] else ""
+    if args.resume:
+        print(
+            f"resumed {args.resume}: {result['kept']} keyframes verified and kept, "
+            f"{result['keyframes'] - result['kept']} rendered"
+        )
     print(f"\n{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
     print(f"browse:   {result['run_uri']}/index.html")
@@ -85,8 +93,10 @@ def cmd_strategies(args) -> int:
     blocks = BLOCK_PRESETS[args.blocks]
     trained = {n: s for n, s in unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
     total = sum(math.prod(s) for s in trained.values())
-    print(f"{args.model} UNet, trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)} tensors, "
-          f"{total:,} parameters")
+    print(
+        f"{args.model} UNet, trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)} tensors, "
+        f"{total:,} parameters"
+    )
     for name in STRATEGIES:
         r = describe(name, trained)
         alias = [a for a, c in ALIASES.items() if c == name]
@@ -118,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--output", help="local folder or s3://bucket/prefix (overrides the storyboard's)")
     s.add_argument("--model", help="tiny, a hub repo id, a diffusers folder or a .safetensors file")
-    s.add_argument("--run-id", help=argparse.SUPPRESS)
+    s.add_argument("--run-id", help="name the run folder (default: a new timestamped id)")
+    s.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run: keep verified keyframes")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("caption", help="caption an image with BLIP")
     s.add_argument("image")

@@ -22,8 +22,8 @@ from tasks.pipeline import (
     caption_reference,
     fetch_reference,
     finetune_once,
-    publish_keyframes,
     render_keyframes,
+    verify_written,
     write_run_outputs,
     write_scene_outputs,
 )
@@ -59,11 +59,14 @@ def storyboard_flow(
     output: str | None = None,
     model: str | None = None,
     run_id: str | None = None,
+    resume: bool = False,
 ) -> dict:
     """Render a storyboard's keyframes.
 
     storyboard: a local YAML path or ``s3://bucket/key``. output / model: override the storyboard's.
-    run_id: the run folder name (default: a new timestamped id). Returns a summary with the manifest URI.
+    run_id: the run folder name (default: a new timestamped id). resume: continue the run ``run_id``: keyframes
+    already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
+    written complete. Returns a summary with the manifest URI.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -72,10 +75,20 @@ def storyboard_flow(
     out = board.output.resolved
     store = output_store(out)
     store.check()  # fail fast on an unreachable endpoint, wrong credentials or a missing bucket
+    if resume and not run_id:
+        raise InputError("resume needs the run id of the run to continue")
     run_id = run_id or kf.new_run_id()
     run_prefix = f"{board.slug}/{run_id}"
-    logger.info("run %s: %d scenes, %d keyframes -> %s/%s", run_id, len(board.scenes), board.keyframe_count(),
-                store.uri.rstrip("/"), run_prefix)
+    if not resume and store.list(run_prefix + "/"):
+        raise InputError(f"run {run_id} already exists under {store.uri}; resume it or choose another run id")
+    logger.info(
+        "run %s: %d scenes, %d keyframes -> %s/%s",
+        run_id,
+        len(board.scenes),
+        board.keyframe_count(),
+        store.uri.rstrip("/"),
+        run_prefix,
+    )
 
     t = time.perf_counter()
     reference = fetch_reference(board)
@@ -87,21 +100,31 @@ def storyboard_flow(
     timings["finetune_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    units = [(scene, seed) for scene in board.scenes for seed in scene.seeds]
+    kept = {}
+    if resume:
+        checks = {(s.id, seed): verify_written.submit(s, seed, out, run_prefix) for s, seed in units}
+        kept = {k: f.result() for k, f in checks.items() if f.result() is not None}
+        logger.info(
+            "resume %s: %d of %d (scene, seed) units already written and verified; rendering %d",
+            run_id,
+            len(kept),
+            len(units),
+            len(units) - len(kept),
+        )
     renders = {
-        (scene.id, seed): render_keyframes.submit(board, scene, seed, tuning["key"], out)
-        for scene in board.scenes
-        for seed in scene.seeds
-    }
-    published = {
-        k: publish_keyframes.submit(r, k[0], out, run_prefix) for k, r in renders.items()
+        (scene.id, seed): render_keyframes.submit(board, scene, seed, tuning["key"], out, run_prefix)
+        for scene, seed in units
+        if (scene.id, seed) not in kept
     }
     scenes, records = [], []
     for scene in board.scenes:
-        frames = [f for seed in scene.seeds for f in renders[(scene.id, seed)].result()]
-        scene_records = [r for seed in scene.seeds for r in published[(scene.id, seed)].result()]
-        scenes.append(write_scene_outputs(scene, scene_records, frames, out, run_prefix))
+        scene_records = [
+            r for seed in scene.seeds for r in kept.get((scene.id, seed)) or renders[(scene.id, seed)].result()
+        ]
+        scenes.append(write_scene_outputs(scene, scene_records, out, run_prefix))
         records += scene_records
-    timings["render_and_publish_seconds"] = time.perf_counter() - t
+    timings["render_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
 
     run = {
@@ -118,6 +141,12 @@ def storyboard_flow(
         "caption": prompts["caption"],
         "source_prompt": prompts["source_prompt"],
         "tuning": tuning,
+        "resumed": {
+            "kept": sum(len(v) for v in kept.values()),
+            "rendered": len(records) - sum(len(v) for v in kept.values()),
+        }
+        if resume
+        else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "scenes": scenes,
         "keyframes": records,
@@ -131,4 +160,5 @@ def storyboard_flow(
         "keyframes": len(records),
         "tuning_key": tuning["key"],
         "tuning_reused": tuning["reused"],
+        "kept": run["resumed"]["kept"] if resume else 0,
     }

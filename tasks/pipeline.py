@@ -12,8 +12,11 @@ Policy lives in the decorators:
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import time
 
+from PIL import Image
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -24,7 +27,7 @@ from fastimagic.editor import Editor
 from fastimagic.finetune import FinetuneConfig, finetune
 from fastimagic.images import load_reference
 from fastimagic.models import cached_base_model, model_identity
-from fastimagic.store import read_uri
+from fastimagic.store import LocalStore, NotFound, StoreError, read_uri
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store
@@ -105,14 +108,16 @@ def finetune_once(board: Storyboard, reference: dict, prompts: dict, output: str
     logger = get_run_logger()
     key = tuning_key(board, reference, prompts["source_prompt"])
     store = output_store(output).child(f"tunings/{key}")
+    replaced = None
     if store.exists(META_FILE):
         try:
             tuning = Tuning.read(store.get_bytes, where=store.uri)
             _TUNINGS[key] = tuning
             logger.info("reusing stored tuning %s (no fine-tune)", key)
             return {"key": key, "reused": True, "uri": store.uri, **_summary(tuning)}
-        except CorruptTuning as e:
-            logger.warning("stored tuning is corrupt, fine-tuning again: %s", e)
+        except (CorruptTuning, NotFound) as e:
+            replaced = str(e)
+            logger.warning("stored tuning is unusable, fine-tuning again: %s", e)
     model = _model(board)
     config = _finetune_config(board)
     callback, bar = _progress(config.steps)
@@ -136,24 +141,35 @@ def finetune_once(board: Storyboard, reference: dict, prompts: dict, output: str
     for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
         _put(store, name, data)
     _TUNINGS[key] = tuning
-    logger.info("fine-tuned %s in %.1f s (%d steps, final loss %.4f)", key, tuning.seconds, len(tuning.losses),
-                tuning.losses[-1])
-    return {"key": key, "reused": False, "uri": store.uri, **_summary(tuning)}
+    logger.info(
+        "fine-tuned %s in %.1f s (%d steps, final loss %.4f)",
+        key,
+        tuning.seconds,
+        len(tuning.losses),
+        tuning.losses[-1],
+    )
+    result = {"key": key, "reused": False, "uri": store.uri, **_summary(tuning)}
+    return result | ({"replaced_corrupt": replaced} if replaced else {})
 
 
 def _summary(tuning: Tuning) -> dict:
-    return {"losses": tuning.losses, "seconds": round(tuning.seconds, 3), "steps_run": len(tuning.losses),
-            "trained_parameters": tuning.trained_parameters}
+    return {
+        "losses": tuning.losses,
+        "seconds": round(tuning.seconds, 3),
+        "steps_run": len(tuning.losses),
+        "trained_parameters": tuning.trained_parameters,
+    }
 
 
 def _put(store, key: str, data: bytes, content_type: str | None = None, attempts: int = 5) -> None:
-    """One storage write with its own backoff (inside tasks that write several objects)."""
+    """One storage write; S3 writes back off and retry (a server restarting), local ones fail at once (a full disk
+    does not heal by waiting)."""
     for attempt in range(1, attempts + 1):
         try:
             store.put_bytes(key, data, content_type)
             return
-        except Exception:
-            if attempt == attempts:
+        except StoreError:
+            if attempt == attempts or isinstance(store, LocalStore):
                 raise
             time.sleep(min(2.0**attempt, 30.0))
 
@@ -166,11 +182,24 @@ def load_tuning(output: str, key: str) -> Tuning:
     return _TUNINGS[key]
 
 
-@task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}")
-def render_keyframes(board: Storyboard, scene: Scene, seed: int, key: str, output: str) -> list[dict]:
-    """Render one (scene, seed): every edit setting under each of the scene's forgetting strategies.
+def expected_names(scene: Scene, seed: int) -> list[str]:
+    """The keyframe file names one (scene, seed) produces, in render order."""
+    return [
+        kf.keyframe_name(seed, edit, strategy, scene.sigma) for strategy in scene.forget for edit in scene.edit.combos()
+    ]
 
-    Returns one dict per keyframe: its file name, PNG bytes and settings (nothing is written here).
+
+def _progress_key(scene_id: str, seed: int) -> str:
+    # Written after a (scene, seed)'s keyframes: the records a resumed run verifies instead of rendering again.
+    return f"{kf.PROGRESS}/{scene_id}/{seed}.json"
+
+
+@task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}")
+def render_keyframes(board: Storyboard, scene: Scene, seed: int, key: str, output: str, run_prefix: str) -> list[dict]:
+    """Render one (scene, seed): every edit setting under each of the scene's forgetting strategies, and write them.
+
+    Each PNG is written atomically (storage writes back off and retry), then a progress record listing them with
+    their SHA-256. Returns the manifest records (keys relative to the run folder).
     """
     model = _model(board)
     tuning = load_tuning(output, key)
@@ -189,35 +218,47 @@ def render_keyframes(board: Storyboard, scene: Scene, seed: int, key: str, outpu
                 width=board.width,
                 height=board.height,
             )
-    out = []
-    for f in frames:
-        name = kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)
-        out.append({"name": name, "png": kf.png_bytes(f.image), "settings": f.settings()})
-    return out
-
-
-@task(name="publish keyframes", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def publish_keyframes(frames: list[dict], scene_id: str, output: str, run_prefix: str) -> list[dict]:
-    """Write one (scene, seed)'s PNGs; return their manifest records (key relative to the run folder, sha256)."""
     store = output_store(output).child(run_prefix)
     records = []
     for f in frames:
-        key = f"{kf.scene_prefix(scene_id)}/{f['name']}"
-        _put(store, key, f["png"], "image/png")
-        records.append({"key": key, "scene": scene_id, **f["settings"], "sha256": kf.sha256(f["png"])})
+        data = kf.png_bytes(f.image)
+        rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
+        _put(store, rel, data, "image/png")
+        records.append({"key": rel, "scene": scene.id, **f.settings(), "sha256": kf.sha256(data)})
+    _put(store, _progress_key(scene.id, seed), kf.dumps(records), "application/json")
+    return records
+
+
+@task(name="verify written keyframes", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def verify_written(scene: Scene, seed: int, output: str, run_prefix: str) -> list[dict] | None:
+    """For a resumed run: the records of (scene, seed) if all its keyframes are stored intact, else None.
+
+    Intact means: the progress record exists, names exactly the keyframes this scene asks for, and every PNG's
+    SHA-256 matches it.
+    """
+    store = output_store(output).child(run_prefix)
+    try:
+        records = json.loads(store.get_bytes(_progress_key(scene.id, seed)))
+    except (NotFound, ValueError):
+        return None
+    wanted = [f"{kf.scene_prefix(scene.id)}/{n}" for n in expected_names(scene, seed)]
+    if [r.get("key") for r in records] != wanted:
+        return None
+    for r in records:
+        try:
+            if kf.sha256(store.get_bytes(r["key"])) != r["sha256"]:
+                return None
+        except NotFound:
+            return None
     return records
 
 
 @task(name="scene outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def write_scene_outputs(scene: Scene, records: list[dict], frames: list[dict], output: str, run_prefix: str) -> dict:
-    """A scene's contact sheet and manifest (written after its keyframes)."""
-    import io
-
-    from PIL import Image
-
+def write_scene_outputs(scene: Scene, records: list[dict], output: str, run_prefix: str) -> dict:
+    """A scene's contact sheet (from the stored keyframes) and manifest, written after its keyframes."""
     store = output_store(output).child(run_prefix)
     prefix = kf.scene_prefix(scene.id)
-    tiles = [(Image.open(io.BytesIO(f["png"])), kf.tile_label(r)) for f, r in zip(frames, records, strict=True)]
+    tiles = [(Image.open(io.BytesIO(store.get_bytes(r["key"]))), kf.tile_label(r)) for r in records]
     _put(store, f"{prefix}/{kf.CONTACT_SHEET}", kf.contact_sheet(tiles), "image/jpeg")
     manifest = {"scene": scene.id, "prompt": scene.prompt, "keyframes": records}
     _put(store, f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
@@ -243,9 +284,5 @@ def write_run_outputs(run: dict, reference: dict, output: str, run_prefix: str) 
 
 
 def _image_ext(data: bytes) -> str:
-    import io
-
-    from PIL import Image
-
     fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
     return {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}.get(fmt, f".{fmt}")
