@@ -71,7 +71,8 @@ def cmd_run(args) -> int:
         )
     print(f"\n{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
-    print(f"browse:   {result['run_uri']}/index.html")
+    expires = " (presigned link, expires in 24 h)" if result["index_url"].startswith("http") else ""
+    print(f"browse:   {result['index_url']}{expires}")
     return EXIT_OK
 
 

@@ -29,6 +29,9 @@ from tasks.pipeline import (
 )
 from tasks.storage import output_store
 
+# Presigned links handed to people (CLI output, artifacts) expire after this many seconds.
+LINK_EXPIRES_SECONDS = 24 * 3600
+
 
 def read_storyboard(storyboard: str, *, output: str | None = None, model: str | None = None) -> Storyboard:
     """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides."""
@@ -156,6 +159,8 @@ def storyboard_flow(
     return {
         "run_id": run_id,
         "run_uri": manifest_uri.rsplit("/", 1)[0],
+        # what a person opens: a local path, or for S3 a presigned link that expires
+        "index_url": store.url(f"{run_prefix}/{kf.INDEX}", expires=LINK_EXPIRES_SECONDS),
         "manifest": manifest_uri,
         "keyframes": len(records),
         "tuning_key": tuning["key"],
