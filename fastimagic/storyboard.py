@@ -544,6 +544,32 @@ class Edit(_Frozen):
 DEFAULT_EDIT = Edit.model_validate({"subtract": {"gamma": {"from": 0.8, "to": 1.5, "step": 0.1}}})
 
 
+AUTO = "auto"  # forget: auto — render without forgetting, re-render with a strategy if the result overfits
+
+
+class Select(_Frozen):
+    """Which keyframes of a scene to pick for the video stage, by score (see :mod:`fastimagic.selection`).
+
+    top: how many picks. min_clip: least CLIP text alignment (0-100). max_lpips: most LPIPS distance to the
+    reference (when LPIPS is the fidelity metric). min_fidelity: least CLIP image similarity to the reference
+    (when that is the metric).
+    """
+
+    top: Annotated[_Int, Field(ge=1, le=1000)] = 1
+    min_clip: Annotated[_Float, Field(ge=0, le=100)] | None = None
+    max_lpips: Annotated[_Float, Field(ge=0)] | None = None
+    min_fidelity: Annotated[_Float, Field(ge=-1, le=1)] | None = None
+
+
+class AutoForget(_Frozen):
+    """Thresholds of ``forget: auto``: a first pass overfits when its best CLIP score is under ``clip`` while it
+    stays close to the reference (CLIP image similarity at least ``clip_image``, or LPIPS at most ``lpips``)."""
+
+    clip: Annotated[_Float, Field(ge=0, le=100)] = 27.0
+    clip_image: Annotated[_Float, Field(ge=-1, le=1)] = 0.9
+    lpips: Annotated[_Float, Field(ge=0)] = 0.2
+
+
 def _forget_name(name: Any) -> str:
     if not isinstance(name, str):
         raise _Bad(f"must be a strategy name (got {_describe(name)})")
@@ -574,6 +600,12 @@ class Scene(_Frozen):
     sigma: Annotated[_Float, Field(ge=0, le=1)] = 0.0
     guidance: Annotated[_Float, Field(ge=1, le=30)] = 7.5
     steps: Annotated[_Int, Field(ge=1, le=1000)] = 50
+    select: Select | None = None
+    auto: AutoForget = AutoForget()
+
+    @property
+    def auto_forget(self) -> bool:
+        return self.forget == (AUTO,)
 
     @field_validator("id", mode="before")
     @classmethod
@@ -627,6 +659,10 @@ class Scene(_Frozen):
     @field_validator("forget", mode="before")
     @classmethod
     def _forget(cls, value: Any) -> tuple[str, ...]:
+        if value == AUTO:
+            return (AUTO,)
+        if isinstance(value, (list, tuple)) and AUTO in value:
+            raise _problem("'auto' chooses the strategies itself: write forget: auto on its own, not in a list")
         if isinstance(value, str):
             try:
                 return (_forget_name(value),)
@@ -652,8 +688,9 @@ class Scene(_Frozen):
         return tuple(names)
 
     def keyframe_count(self) -> int:
-        """Keyframes this scene renders: seeds x edit combos x forgetting strategies."""
-        return len(self.seeds) * len(self.edit.combos()) * len(self.forget)
+        """Keyframes this scene renders: seeds x edit combos x forgetting strategies (``auto``: at most 3 passes)."""
+        passes = 3 if self.auto_forget else len(self.forget)
+        return len(self.seeds) * len(self.edit.combos()) * passes
 
 
 class Storyboard(_Frozen):
@@ -675,6 +712,7 @@ class Storyboard(_Frozen):
     source_prompt: _Str | None = None
     finetune: FinetuneSettings = FinetuneSettings()
     output: Location = Field("./keyframes", validate_default=True)
+    scorer: _Str = "auto"
     scenes: tuple[Scene, ...] = ()
 
     _source: str = PrivateAttr("")
@@ -748,6 +786,28 @@ class Storyboard(_Frozen):
         if issues:
             raise _problem(f"{width}x{height}: " + "; ".join(issues))
         return width, height
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("auto", "none", "tiny"):
+            return value
+        try:
+            source = _model_source(value, info, allow_pickle=False)
+        except _Bad as e:
+            raise _problem(str(e).replace("'tiny'", "'auto', 'none' or 'tiny'")) from None
+        if source.kind not in ("hub", "folder"):
+            raise _problem("must be 'auto', 'none', 'tiny', a CLIP hub repo id or a local CLIP folder")
+        return source.resolved
+
+    @property
+    def scorer_name(self) -> str | None:
+        """The CLIP scorer to load, or None when scoring is off. ``auto``: tiny for the tiny model, else CLIP L/14."""
+        if self.scorer == "none":
+            return None
+        if self.scorer == "auto":
+            return "tiny" if self.model.kind == "tiny" else "openai/clip-vit-large-patch14"
+        return self.scorer
 
     @field_validator("source_prompt")
     @classmethod

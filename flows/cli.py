@@ -106,6 +106,43 @@ def cmd_strategies(args) -> int:
     return EXIT_OK
 
 
+def cmd_open(args) -> int:
+    """Print where to look at a run: the local index.html, or for S3 a presigned page whose images are presigned
+    too (a plain presigned index.html could not load its relative images from a private bucket)."""
+    from fastimagic import keyframes as kf
+    from fastimagic.errors import InputError
+    from flows.storyboard import LINK_EXPIRES_SECONDS, read_storyboard
+    from tasks.storage import output_store
+
+    target = args.run
+    if target.endswith((".yaml", ".yml")):
+        board = read_storyboard(target)
+        base = output_store(board.output.resolved).child(board.slug)
+        runs = sorted({k.split("/", 1)[0] for k in base.list() if k.endswith("/" + kf.MANIFEST) and k.count("/") == 1})
+        if args.run_id:
+            runs = [r for r in runs if r == args.run_id]
+        if not runs:
+            raise InputError(f"{target}: no finished run{' ' + args.run_id if args.run_id else ''} under {base.uri}")
+        store = base.child(runs[-1])
+    else:
+        store = output_store(target.rstrip("/"))
+    if not store.exists(kf.MANIFEST):
+        raise InputError(f"{store.uri}: no manifest.json: not a finished run folder")
+    if not store.uri.startswith("s3://"):
+        print(f"{store.uri}/{kf.INDEX}")
+        return EXIT_OK
+    import json
+
+    run = json.loads(store.get_bytes(kf.MANIFEST))
+    expires = args.expires or LINK_EXPIRES_SECONDS
+    page = kf.index_html(run, link=lambda key: store.url(key, expires=expires))
+    name = f"shared/index-{kf.new_run_id()}.html"
+    store.put_bytes(name, page, "text/html; charset=utf-8")
+    print(store.url(name, expires=expires))
+    print(f"(presigned page and images, valid {expires // 3600} h {expires % 3600 // 60} min)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_submit(args) -> int:
     from fastimagic.storyboard import load_storyboard
 
@@ -140,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
     s.add_argument("--blocks", choices=["paper", "reference"], default="paper")
     s.set_defaults(func=cmd_strategies)
+    s = sub.add_parser("open", help="print where to look at a run (local path or presigned link)")
+    s.add_argument("run", help="a run folder (path or s3://.../<storyboard>/<run-id>) or a storyboard file")
+    s.add_argument("run_id", nargs="?", help="with a storyboard file: which run (default: the latest)")
+    s.add_argument("--expires", type=int, help="link lifetime in seconds (default 86400)")
+    s.set_defaults(func=cmd_open)
     s = sub.add_parser("submit", help="create a flow run of a deployment on a Prefect server")
     s.add_argument("file", help="storyboard path (must be readable by the worker) or s3:// URI")
     s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")

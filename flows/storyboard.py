@@ -16,12 +16,15 @@ from fastimagic import keyframes as kf
 from fastimagic.errors import InputError
 from fastimagic.images import load_reference
 from fastimagic.models import model_identity
+from fastimagic.selection import choose_best
 from fastimagic.store import NotFound, read_uri
-from fastimagic.storyboard import Storyboard, load_storyboard
+from fastimagic.storyboard import Scene, Storyboard, load_storyboard
 from tasks.pipeline import (
     caption_reference,
+    decide_forgetting,
     fetch_reference,
     finetune_once,
+    publish_summary,
     render_keyframes,
     verify_written,
     write_run_outputs,
@@ -37,7 +40,17 @@ def read_storyboard(storyboard: str, *, output: str | None = None, model: str | 
     """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides."""
     text = read_uri(storyboard).decode("utf-8", errors="replace") if storyboard.startswith("s3://") else None
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
-    return load_storyboard(storyboard, text=text, overrides=overrides or None)
+    board = load_storyboard(storyboard, text=text, overrides=overrides or None)
+    if board.scorer_name is None:
+        needs = [s.id for s in board.scenes if s.auto_forget or s.select is not None]
+        if needs:
+            raise InputError(f"{storyboard}: scorer: none, but scenes {', '.join(needs)} use forget: auto or select,"
+                             " which need scores; set scorer: auto")
+    return board
+
+
+def _records(item) -> list[dict]:
+    return item if isinstance(item, list) else item.result()
 
 
 def preflight(board: Storyboard) -> None:
@@ -103,29 +116,38 @@ def storyboard_flow(
     timings["finetune_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    units = [(scene, seed) for scene in board.scenes for seed in scene.seeds]
-    kept = {}
-    if resume:
-        checks = {(s.id, seed): verify_written.submit(s, seed, out, run_prefix) for s, seed in units}
-        kept = {k: f.result() for k, f in checks.items() if f.result() is not None}
-        logger.info(
-            "resume %s: %d of %d (scene, seed) units already written and verified; rendering %d",
-            run_id,
-            len(kept),
-            len(units),
-            len(units) - len(kept),
-        )
-    renders = {
-        (scene.id, seed): render_keyframes.submit(board, scene, seed, tuning["key"], out, run_prefix)
-        for scene, seed in units
-        if (scene.id, seed) not in kept
+    kept: list[int] = []
+
+    def launch(scene: Scene, seed: int, strategies: tuple[str, ...]):
+        """Records already written and verified (resume), or a future of the render."""
+        if resume:
+            done = verify_written(scene, seed, out, run_prefix, strategies)
+            if done is not None:
+                kept.append(len(done))
+                return done
+        return render_keyframes.submit(board, scene, seed, tuning["key"], out, run_prefix, strategies)
+
+    first = {
+        (scene.id, seed): launch(scene, seed, ("none",) if scene.auto_forget else scene.forget)
+        for scene in board.scenes
+        for seed in scene.seeds
     }
     scenes, records = [], []
     for scene in board.scenes:
-        scene_records = [
-            r for seed in scene.seeds for r in kept.get((scene.id, seed)) or renders[(scene.id, seed)].result()
-        ]
-        scenes.append(write_scene_outputs(scene, scene_records, out, run_prefix))
+        scene_records = [r for seed in scene.seeds for r in _records(first[(scene.id, seed)])]
+        auto = None
+        if scene.auto_forget:
+            auto = decide_forgetting(scene, scene_records)
+            auto["chosen"] = "none"
+            if auto["strategies"]:
+                strategies = tuple(auto["strategies"])
+                again = [r for seed in scene.seeds for r in _records(launch(scene, seed, strategies))]
+                by_strategy = {"none": scene_records} | {
+                    name: [r for r in again if r["forget"] == name] for name in strategies
+                }
+                auto["chosen"] = choose_best(by_strategy)
+                scene_records = scene_records + again
+        scenes.append(write_scene_outputs(scene, scene_records, out, run_prefix, auto))
         records += scene_records
     timings["render_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
@@ -155,6 +177,7 @@ def storyboard_flow(
         "keyframes": records,
     }
     manifest_uri = write_run_outputs(run, reference, out, run_prefix)
+    publish_summary(run, out, run_prefix, LINK_EXPIRES_SECONDS)
     logger.info("wrote %d keyframes; manifest %s", len(records), manifest_uri)
     return {
         "run_id": run_id,
@@ -165,5 +188,5 @@ def storyboard_flow(
         "keyframes": len(records),
         "tuning_key": tuning["key"],
         "tuning_reused": tuning["reused"],
-        "kept": run["resumed"]["kept"] if resume else 0,
+        "kept": sum(kept),
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 
 from PIL import Image
@@ -25,8 +26,10 @@ from fastimagic import keyframes as kf
 from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.editor import Editor
 from fastimagic.finetune import FinetuneConfig, finetune
-from fastimagic.images import load_reference
+from fastimagic.images import fit, load_reference
 from fastimagic.models import cached_base_model, model_identity
+from fastimagic.scoring import load_scorer
+from fastimagic.selection import auto_forget_decision, pick
 from fastimagic.store import LocalStore, NotFound, StoreError, read_uri
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
@@ -182,30 +185,61 @@ def load_tuning(output: str, key: str) -> Tuning:
     return _TUNINGS[key]
 
 
-def expected_names(scene: Scene, seed: int) -> list[str]:
-    """The keyframe file names one (scene, seed) produces, in render order."""
+def expected_names(scene: Scene, seed: int, strategies: tuple[str, ...]) -> list[str]:
+    """The keyframe file names one (scene, seed) produces under ``strategies``, in render order."""
     return [
-        kf.keyframe_name(seed, edit, strategy, scene.sigma) for strategy in scene.forget for edit in scene.edit.combos()
+        kf.keyframe_name(seed, edit, strategy, scene.sigma) for strategy in strategies for edit in scene.edit.combos()
     ]
 
 
-def _progress_key(scene_id: str, seed: int) -> str:
-    # Written after a (scene, seed)'s keyframes: the records a resumed run verifies instead of rendering again.
-    return f"{kf.PROGRESS}/{scene_id}/{seed}.json"
+@task(name="decide forgetting", cache_policy=NO_CACHE)
+def decide_forgetting(scene: Scene, first_pass: list[dict]) -> dict:
+    """``forget: auto``: from the first pass's scores, whether the scene overfits and which strategies to try."""
+    decision = auto_forget_decision(first_pass, scene.prompt, scene.auto.model_dump())
+    get_run_logger().info("scene %s: %s", scene.id, decision["reason"])
+    return decision
+
+
+def _progress_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
+    # Written after a (scene, seed, strategies) unit's keyframes: what a resumed run verifies instead of rendering.
+    return f"{kf.PROGRESS}/{scene_id}/{seed}-{'-'.join(strategies).replace('+', '_')}.json"
+
+
+def _reference_image(board: Storyboard):
+    """The reference image fitted to the storyboard's size, read once per process (fidelity scores need it)."""
+    uri = board.reference.resolved
+    if uri not in _REFERENCES:
+        image = load_reference(read_uri(uri), uri)
+        _REFERENCES[uri] = fit(image, board.width, board.height)
+    return _REFERENCES[uri]
+
+
+_REFERENCES: dict = {}
 
 
 @task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}")
-def render_keyframes(board: Storyboard, scene: Scene, seed: int, key: str, output: str, run_prefix: str) -> list[dict]:
-    """Render one (scene, seed): every edit setting under each of the scene's forgetting strategies, and write them.
+def render_keyframes(
+    board: Storyboard,
+    scene: Scene,
+    seed: int,
+    key: str,
+    output: str,
+    run_prefix: str,
+    strategies: tuple[str, ...] | None = None,
+) -> list[dict]:
+    """Render one (scene, seed): every edit setting under each forgetting strategy, score them, write them.
 
-    Each PNG is written atomically (storage writes back off and retry), then a progress record listing them with
-    their SHA-256. Returns the manifest records (keys relative to the run folder).
+    ``strategies`` defaults to the scene's. Each PNG is written atomically (storage writes back off and retry),
+    then a progress record listing them with their SHA-256. With a scorer, each record carries ``scores`` (CLIP
+    text alignment and fidelity to the reference), computed here in one batch with the scorer loaded once per
+    process. Returns the manifest records (keys relative to the run folder).
     """
+    strategies = tuple(strategies or scene.forget)
     model = _model(board)
     tuning = load_tuning(output, key)
     frames = []
     with model.lock, Editor(model, tuning) as editor:
-        for strategy in scene.forget:
+        for strategy in strategies:
             frames += editor.render(
                 scene.prompt,
                 seeds=[seed],
@@ -218,30 +252,40 @@ def render_keyframes(board: Storyboard, scene: Scene, seed: int, key: str, outpu
                 width=board.width,
                 height=board.height,
             )
+        scores = None
+        if board.scorer_name:
+            scorer = load_scorer(board.scorer_name, device=model.device)
+            scores = scorer.score([f.image for f in frames], scene.prompt, _reference_image(board))
     store = output_store(output).child(run_prefix)
     records = []
-    for f in frames:
+    for i, f in enumerate(frames):
         data = kf.png_bytes(f.image)
         rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
         _put(store, rel, data, "image/png")
-        records.append({"key": rel, "scene": scene.id, **f.settings(), "sha256": kf.sha256(data)})
-    _put(store, _progress_key(scene.id, seed), kf.dumps(records), "application/json")
+        record = {"key": rel, "scene": scene.id, **f.settings(), "sha256": kf.sha256(data)}
+        if scores is not None:
+            record["scores"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores[i].items()}
+        records.append(record)
+    _put(store, _progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
     return records
 
 
 @task(name="verify written keyframes", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def verify_written(scene: Scene, seed: int, output: str, run_prefix: str) -> list[dict] | None:
+def verify_written(
+    scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...] | None = None
+) -> list[dict] | None:
     """For a resumed run: the records of (scene, seed) if all its keyframes are stored intact, else None.
 
     Intact means: the progress record exists, names exactly the keyframes this scene asks for, and every PNG's
     SHA-256 matches it.
     """
+    strategies = tuple(strategies or scene.forget)
     store = output_store(output).child(run_prefix)
     try:
-        records = json.loads(store.get_bytes(_progress_key(scene.id, seed)))
+        records = json.loads(store.get_bytes(_progress_key(scene.id, seed, strategies)))
     except (NotFound, ValueError):
         return None
-    wanted = [f"{kf.scene_prefix(scene.id)}/{n}" for n in expected_names(scene, seed)]
+    wanted = [f"{kf.scene_prefix(scene.id)}/{n}" for n in expected_names(scene, seed, strategies)]
     if [r.get("key") for r in records] != wanted:
         return None
     for r in records:
@@ -254,21 +298,47 @@ def verify_written(scene: Scene, seed: int, output: str, run_prefix: str) -> lis
 
 
 @task(name="scene outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def write_scene_outputs(scene: Scene, records: list[dict], output: str, run_prefix: str) -> dict:
-    """A scene's contact sheet (from the stored keyframes) and manifest, written after its keyframes."""
+def write_scene_outputs(
+    scene: Scene, records: list[dict], output: str, run_prefix: str, auto: dict | None = None
+) -> dict:
+    """After a scene's keyframes: pick the best (``select``), copy picks to ``picks/<scene>/``, write the labelled
+    contact sheet and the scene manifest. ``auto``: the ``forget: auto`` decision, recorded as made.
+
+    Picks come from the strategy ``auto`` chose, if any, else from every keyframe of the scene.
+    """
     store = output_store(output).child(run_prefix)
     prefix = kf.scene_prefix(scene.id)
-    tiles = [(Image.open(io.BytesIO(store.get_bytes(r["key"]))), kf.tile_label(r)) for r in records]
+    picks: list[dict] = []
+    if scene.select is not None and records and all("scores" in r for r in records):
+        pool = [r for r in records if not auto or not auto.get("chosen") or r["forget"] == auto["chosen"]]
+        sel = scene.select
+        picks = pick(pool, top=sel.top, min_clip=sel.min_clip, max_lpips=sel.max_lpips,
+                     min_fidelity=sel.min_fidelity)
+        ranks = {p["key"]: p["rank"] for p in picks}
+        for r in records:
+            r["pick"] = ranks.get(r["key"])
+        for p in picks:
+            dest = f"{kf.PICKS}/{scene.id}/{p['rank']:02d}-{p['key'].rsplit('/', 1)[-1]}"
+            _put(store, dest, store.get_bytes(p["key"]), "image/png")
+            p["copy"] = dest
+    tiles = [
+        (Image.open(io.BytesIO(store.get_bytes(r["key"]))), kf.tile_label(r), r.get("pick") is not None)
+        for r in records
+    ]
     _put(store, f"{prefix}/{kf.CONTACT_SHEET}", kf.contact_sheet(tiles), "image/jpeg")
-    manifest = {"scene": scene.id, "prompt": scene.prompt, "keyframes": records}
-    _put(store, f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
-    return {
+    summary = {
         "id": scene.id,
         "prompt": scene.prompt,
         "manifest": f"{prefix}/{kf.MANIFEST}",
         "contact_sheet": f"{prefix}/{kf.CONTACT_SHEET}",
         "keyframes": len(records),
+        "picks": [{"rank": p["rank"], "key": p["key"], "copy": p["copy"]} for p in picks],
+        "auto": auto,
     }
+    manifest = {"scene": scene.id, "prompt": scene.prompt, "picks": summary["picks"], "auto": auto,
+                "keyframes": records}
+    _put(store, f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
+    return summary
 
 
 @task(name="run outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
@@ -286,3 +356,30 @@ def write_run_outputs(run: dict, reference: dict, output: str, run_prefix: str) 
 def _image_ext(data: bytes) -> str:
     fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
     return {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}.get(fmt, f".{fmt}")
+
+
+@task(name="summary artifact", cache_policy=NO_CACHE)
+def publish_summary(run: dict, output: str, run_prefix: str, expires: int) -> None:
+    """A markdown artifact on the flow run: each scene, its picks and contact sheet, as links that expire."""
+    from prefect.artifacts import create_markdown_artifact
+
+    store = output_store(output).child(run_prefix)
+
+    def link(label: str, key: str) -> str:
+        return f"[{label}]({store.url(key, expires=expires)})"
+
+    lines = [
+        f"# {run['storyboard']['name']} · run {run['run_id']}",
+        "",
+        f"{len(run['keyframes'])} keyframes · {link('index.html', kf.INDEX)} · {link('manifest.json', kf.MANIFEST)}"
+        f" · links expire after {expires // 3600} h",
+        "",
+        "| scene | prompt | keyframes | picks | contact sheet |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for sc in run["scenes"]:
+        picks = " ".join(link(f"#{p['rank']}", p["key"]) for p in sc["picks"]) or "–"
+        prompt = sc["prompt"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {sc['id']} | {prompt} | {sc['keyframes']} | {picks} | {link('sheet', sc['contact_sheet'])} |")
+    key = "keyframes-" + re.sub(r"[^a-z0-9-]+", "-", run["storyboard"]["name"].lower()).strip("-")[:40]
+    create_markdown_artifact("\n".join(lines), key=key or "keyframes", description="keyframes of this run")

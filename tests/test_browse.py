@@ -1,0 +1,151 @@
+"""Automatic keyframe selection and browsing through the real flow: scores, forget: auto, picks, pages."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from browser import check_page
+from test_cli import fastimagic
+
+STORY = """\
+name: browse
+reference: ref.jpg
+model: tiny
+resolution: 64
+source_prompt: a photo of a bird
+finetune: {steps: 3, min_steps: 3}
+defaults: {seeds: 2, steps: 3, edit: {subtract: {gamma: [0.9, 1.2]}}, select: {top: 2}}
+scenes:
+  - id: picked
+    prompt: a photo of a bird <b>singing</b> & "whistling"
+  - id: overfits
+    prompt: a photo of a bird jumping
+    forget: auto
+    auto: {clip: 100, clip_image: -1}
+  - id: fine
+    prompt: a red bird
+    forget: auto
+    auto: {clip: 0}
+    select: {top: 1, min_clip: 0}
+output: out
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, photo_bytes):
+    from flows.storyboard import storyboard_flow
+
+    folder = tmp_path_factory.mktemp("browse")
+    (folder / "ref.jpg").write_bytes(photo_bytes)
+    (folder / "story.yaml").write_text(STORY)
+    state = storyboard_flow(storyboard=str(folder / "story.yaml"), return_state=True)
+    result = state.result()
+    run_dir = Path(result["manifest"]).parent
+    return folder, run_dir, json.loads(Path(result["manifest"]).read_text()), state
+
+
+def test_every_keyframe_has_scores_from_the_scorer(run):
+    _, _, manifest, _ = run
+    for k in manifest["keyframes"]:
+        s = k["scores"]
+        assert set(s) == {"clip", "fidelity", "fidelity_metric"}
+        assert s["fidelity_metric"] in ("clip_image", "lpips") and 0 <= s["clip"] <= 100
+
+
+def test_picks_are_the_best_by_clip_in_order_and_easy_to_find(run):
+    _, run_dir, manifest, _ = run
+    scene = next(s for s in manifest["scenes"] if s["id"] == "picked")
+    records = [k for k in manifest["keyframes"] if k["scene"] == "picked"]
+    best = sorted(records, key=lambda k: -k["scores"]["clip"])[:2]
+    assert [p["key"] for p in scene["picks"]] == [k["key"] for k in best]
+    assert [p["rank"] for p in scene["picks"]] == [1, 2]
+    for p in scene["picks"]:
+        assert (run_dir / p["copy"]).read_bytes() == (run_dir / p["key"]).read_bytes()
+        assert p["copy"].startswith(f"picks/picked/{p['rank']:02d}-")
+    assert sorted(k.get("pick") or 0 for k in records)[-2:] == [1, 2]
+    scene_manifest = json.loads((run_dir / "scenes/picked/manifest.json").read_text())
+    assert scene_manifest["picks"] == scene["picks"]
+
+
+def test_forget_auto_re_renders_with_the_strategy_the_prompt_calls_for_when_overfitted(run):
+    _, _, manifest, _ = run
+    scene = next(s for s in manifest["scenes"] if s["id"] == "overfits")
+    auto = scene["auto"]
+    assert auto["overfitted"] is True and auto["strategies"] == ["encoderattn"]  # "jumping" is a structure edit
+    assert "jumping" in auto["reason"] and auto["chosen"] in ("none", "encoderattn")
+    assert {"best_clip", "mean_fidelity", "fidelity_metric"} <= set(auto["scores"])
+    forgets = [k["forget"] for k in manifest["keyframes"] if k["scene"] == "overfits"]
+    assert forgets.count("none") == 4 and forgets.count("encoderattn") == 4
+    chosen = auto["chosen"]
+    by_key = {k["key"]: k for k in manifest["keyframes"]}
+    assert all(by_key[p["key"]]["forget"] == chosen for p in scene["picks"])
+
+
+def test_forget_auto_keeps_the_first_pass_when_not_overfitted(run):
+    _, _, manifest, _ = run
+    auto = next(s for s in manifest["scenes"] if s["id"] == "fine")["auto"]
+    assert auto["overfitted"] is False and auto["strategies"] == [] and auto["chosen"] == "none"
+    assert {k["forget"] for k in manifest["keyframes"] if k["scene"] == "fine"} == {"none"}
+
+
+def test_index_page_in_a_real_browser(run):
+    if not Path("/usr/bin/chromium").exists() and not os.environ.get("FASTIMAGIC_REQUIRE_BROWSER"):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    _, run_dir, manifest, _ = run
+    page = check_page(run_dir / "index.html")
+    assert page["images"] and all(img["complete"] and img["naturalWidth"] > 0 for img in page["images"])
+    assert page["console_errors"] == [] and page["network_errors"] == []
+    assert 'a photo of a bird <b>singing</b> & "whistling"' in page["text"]  # shown as text, not markup
+    for scene in manifest["scenes"]:
+        assert scene["prompt"] in page["text"]
+    assert "overfitted" in page["text"]
+    srcs = {img["src"] for img in page["images"]}
+    assert all(not s.startswith(("/", "file:", "http")) for s in srcs)  # relative: works when downloaded
+
+
+def test_the_flow_run_gets_a_markdown_summary_with_links(run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    _, _, _, state = run
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    md = next(a for a in artifacts if a.type == "markdown")
+    assert md.key == "keyframes-browse"
+    assert "| picked |" in md.data and "| overfits |" in md.data and "[#1](file://" in md.data
+
+
+def test_fastimagic_open_prints_the_local_index(run):
+    folder, run_dir, _, _ = run
+    r = fastimagic("open", str(folder / "story.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{run_dir}/index.html"
+    r = fastimagic("open", str(run_dir))
+    assert r.stdout.strip() == f"{run_dir}/index.html"
+
+
+def test_fastimagic_open_on_s3_gives_a_presigned_page_whose_images_load(s3_server, s3_env, run, tmp_path):
+    import urllib.request
+
+    _, run_dir, _, _ = run
+    client = s3_server.client()
+    for p in run_dir.rglob("*"):
+        if p.is_file():
+            client.put_object(Bucket=s3_env, Key=f"runs/r1/{p.relative_to(run_dir)}", Body=p.read_bytes())
+    r = fastimagic("open", f"s3://{s3_env}/runs/r1", "--expires", "600", env=s3_server.env())
+    assert r.returncode == 0, r.stderr
+    url = r.stdout.strip()
+    assert "X-Amz-Expires=600" in url and s3_server.secret_key not in url
+    html = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert "X-Amz-Expires=600" in html  # image links are presigned too
+    if Path("/usr/bin/chromium").exists():
+        local = tmp_path / "shared.html"
+        local.write_text(html)
+        page = check_page(local)
+        assert page["images"] and all(img["naturalWidth"] > 0 for img in page["images"])
