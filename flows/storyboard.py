@@ -44,8 +44,10 @@ def read_storyboard(storyboard: str, *, output: str | None = None, model: str | 
     if board.scorer_name is None:
         needs = [s.id for s in board.scenes if s.auto_forget or s.select is not None]
         if needs:
-            raise InputError(f"{storyboard}: scorer: none, but scenes {', '.join(needs)} use forget: auto or select,"
-                             " which need scores; set scorer: auto")
+            raise InputError(
+                f"{storyboard}: scorer: none, but scenes {', '.join(needs)} use forget: auto or select,"
+                " which need scores; set scorer: auto"
+            )
     return board
 
 
@@ -69,27 +71,48 @@ def preflight(board: Storyboard) -> None:
     output_store(board.output.resolved).check()
 
 
-@flow(name="storyboard", log_prints=True)
-def storyboard_flow(
-    storyboard: str,
-    output: str | None = None,
-    model: str | None = None,
-    run_id: str | None = None,
-    resume: bool = False,
-) -> dict:
-    """Render a storyboard's keyframes.
+class SceneRenders:
+    """The renders of one run: launches (scene, seed) units, verifies written ones on resume, and finishes each
+    scene (the ``forget: auto`` second pass, picks, contact sheet, scene manifest)."""
 
-    storyboard: a local YAML path or ``s3://bucket/key``. output / model: override the storyboard's.
-    run_id: the run folder name (default: a new timestamped id). resume: continue the run ``run_id``: keyframes
-    already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
-    written complete. Returns a summary with the manifest URI.
-    """
-    logger = get_run_logger()
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    def __init__(self, board: Storyboard, tuning_key: str, output: str, run_prefix: str, resume: bool):
+        self.board, self.key, self.out, self.prefix, self.resume = board, tuning_key, output, run_prefix, resume
+        self.kept = 0  # keyframes found written and intact (resume)
+        self._first: dict = {}
+
+    def _launch(self, scene: Scene, seed: int, strategies: tuple[str, ...]):
+        if self.resume:
+            done = verify_written(scene, seed, self.out, self.prefix, strategies)
+            if done is not None:
+                self.kept += len(done)
+                return done
+        return render_keyframes.submit(self.board, scene, seed, self.key, self.out, self.prefix, strategies)
+
+    def start(self, scene: Scene) -> None:
+        """Queue the first pass of ``scene`` (all seeds); renders run concurrently, bounded by the gpu tag."""
+        first = ("none",) if scene.auto_forget else scene.forget
+        self._first[scene.id] = [self._launch(scene, seed, first) for seed in scene.seeds]
+
+    def finish(self, scene: Scene) -> tuple[dict, list[dict]]:
+        """Wait for ``scene``'s renders, run its auto-forgetting pass if needed, write its outputs."""
+        records = [r for item in self._first.pop(scene.id) for r in _records(item)]
+        auto = None
+        if scene.auto_forget:
+            auto = decide_forgetting(scene, records)
+            auto["chosen"] = "none"
+            if auto["strategies"]:
+                strategies = tuple(auto["strategies"])
+                again = [r for seed in scene.seeds for r in _records(self._launch(scene, seed, strategies))]
+                by_strategy = {"none": records} | {n: [r for r in again if r["forget"] == n] for n in strategies}
+                auto["chosen"] = choose_best(by_strategy)
+                records = records + again
+        return write_scene_outputs(scene, records, self.out, self.prefix, auto), records
+
+
+def start_run(storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool):
+    """Validate, check the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
     board = read_storyboard(storyboard, output=output, model=model)
-    out = board.output.resolved
-    store = output_store(out)
+    store = output_store(board.output.resolved)
     store.check()  # fail fast on an unreachable endpoint, wrong credentials or a missing bucket
     if resume and not run_id:
         raise InputError("resume needs the run id of the run to continue")
@@ -97,8 +120,90 @@ def storyboard_flow(
     run_prefix = f"{board.slug}/{run_id}"
     if not resume and store.list(run_prefix + "/"):
         raise InputError(f"run {run_id} already exists under {store.uri}; resume it or choose another run id")
+    return board, store, run_id, run_prefix
+
+
+def finish_run(
+    board: Storyboard,
+    storyboard: str,
+    store,
+    run_id: str,
+    run_prefix: str,
+    *,
+    reference: dict,
+    prompts: dict,
+    tuning: dict,
+    scenes: list[dict],
+    records: list[dict],
+    kept: int | None,
+    timings: dict,
+) -> dict:
+    """Write the run's reference copy, index.html and manifest (last), the summary artifact; return the summary."""
+    out = board.output.resolved
+    run = {
+        "format": 1,
+        "status": "complete",
+        "run_id": run_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "storyboard": {"name": board.name, "uri": storyboard, "source": board.source_text},
+        "model": {
+            "given": board.model.given,
+            "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+        },
+        "resolution": {"width": board.width, "height": board.height},
+        "caption": prompts["caption"],
+        "source_prompt": prompts["source_prompt"],
+        "tuning": tuning,
+        "resumed": None if kept is None else {"kept": kept, "rendered": len(records) - kept},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "scenes": scenes,
+        "keyframes": records,
+    }
+    manifest_uri = write_run_outputs(run, reference, out, run_prefix)
+    publish_summary(run, out, run_prefix, LINK_EXPIRES_SECONDS)
+    get_run_logger().info("wrote %d keyframes; manifest %s", len(records), manifest_uri)
+    return {
+        "run_id": run_id,
+        "run_uri": manifest_uri.rsplit("/", 1)[0],
+        # what a person opens: a local path, or for S3 a presigned link that expires
+        "index_url": store.url(f"{run_prefix}/{kf.INDEX}", expires=LINK_EXPIRES_SECONDS),
+        "manifest": manifest_uri,
+        "keyframes": len(records),
+        "tuning_key": tuning["key"],
+        "tuning_reused": tuning["reused"],
+        "kept": kept or 0,
+    }
+
+
+@flow(name="storyboard", log_prints=True)
+def storyboard_flow(
+    storyboard: str,
+    output: str | None = None,
+    model: str | None = None,
+    run_id: str | None = None,
+    resume: bool = False,
+    scale_out: bool = False,
+) -> dict:
+    """Render a storyboard's keyframes.
+
+    storyboard: a local YAML path or ``s3://bucket/key``. output / model: override the storyboard's.
+    run_id: the run folder name (default: a new timestamped id). resume: continue the run ``run_id``: keyframes
+    already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
+    written complete. scale_out: run the fine-tune and each scene as flow runs of the ``finetune`` and
+    ``render-scene`` deployments (GPU work pool) instead of in this process; see :mod:`flows.scale`.
+    Returns a summary with the manifest URI.
+    """
+    if scale_out:
+        from flows.scale import scaled_out_run
+
+        return scaled_out_run(storyboard, output=output, model=model, run_id=run_id, resume=resume)
+    logger = get_run_logger()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume)
+    out = board.output.resolved
     logger.info(
-        "run %s: %d scenes, %d keyframes -> %s/%s",
+        "run %s: %d scenes, up to %d keyframes -> %s/%s",
         run_id,
         len(board.scenes),
         board.keyframe_count(),
@@ -116,77 +221,27 @@ def storyboard_flow(
     timings["finetune_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    kept: list[int] = []
-
-    def launch(scene: Scene, seed: int, strategies: tuple[str, ...]):
-        """Records already written and verified (resume), or a future of the render."""
-        if resume:
-            done = verify_written(scene, seed, out, run_prefix, strategies)
-            if done is not None:
-                kept.append(len(done))
-                return done
-        return render_keyframes.submit(board, scene, seed, tuning["key"], out, run_prefix, strategies)
-
-    first = {
-        (scene.id, seed): launch(scene, seed, ("none",) if scene.auto_forget else scene.forget)
-        for scene in board.scenes
-        for seed in scene.seeds
-    }
+    renders = SceneRenders(board, tuning["key"], out, run_prefix, resume)
+    for scene in board.scenes:
+        renders.start(scene)
     scenes, records = [], []
     for scene in board.scenes:
-        scene_records = [r for seed in scene.seeds for r in _records(first[(scene.id, seed)])]
-        auto = None
-        if scene.auto_forget:
-            auto = decide_forgetting(scene, scene_records)
-            auto["chosen"] = "none"
-            if auto["strategies"]:
-                strategies = tuple(auto["strategies"])
-                again = [r for seed in scene.seeds for r in _records(launch(scene, seed, strategies))]
-                by_strategy = {"none": scene_records} | {
-                    name: [r for r in again if r["forget"] == name] for name in strategies
-                }
-                auto["chosen"] = choose_best(by_strategy)
-                scene_records = scene_records + again
-        scenes.append(write_scene_outputs(scene, scene_records, out, run_prefix, auto))
+        summary, scene_records = renders.finish(scene)
+        scenes.append(summary)
         records += scene_records
     timings["render_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
-
-    run = {
-        "format": 1,
-        "status": "complete",
-        "run_id": run_id,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "storyboard": {"name": board.name, "uri": storyboard, "source": board.source_text},
-        "model": {
-            "given": board.model.given,
-            "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
-        },
-        "resolution": {"width": board.width, "height": board.height},
-        "caption": prompts["caption"],
-        "source_prompt": prompts["source_prompt"],
-        "tuning": tuning,
-        "resumed": {
-            "kept": sum(len(v) for v in kept.values()),
-            "rendered": len(records) - sum(len(v) for v in kept.values()),
-        }
-        if resume
-        else None,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "scenes": scenes,
-        "keyframes": records,
-    }
-    manifest_uri = write_run_outputs(run, reference, out, run_prefix)
-    publish_summary(run, out, run_prefix, LINK_EXPIRES_SECONDS)
-    logger.info("wrote %d keyframes; manifest %s", len(records), manifest_uri)
-    return {
-        "run_id": run_id,
-        "run_uri": manifest_uri.rsplit("/", 1)[0],
-        # what a person opens: a local path, or for S3 a presigned link that expires
-        "index_url": store.url(f"{run_prefix}/{kf.INDEX}", expires=LINK_EXPIRES_SECONDS),
-        "manifest": manifest_uri,
-        "keyframes": len(records),
-        "tuning_key": tuning["key"],
-        "tuning_reused": tuning["reused"],
-        "kept": sum(kept),
-    }
+    return finish_run(
+        board,
+        storyboard,
+        store,
+        run_id,
+        run_prefix,
+        reference=reference,
+        prompts=prompts,
+        tuning=tuning,
+        scenes=scenes,
+        records=records,
+        kept=renders.kept if resume else None,
+        timings=timings,
+    )

@@ -847,3 +847,40 @@ def test_validating_a_storyboard_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_select_auto_and_scorer_fields(tmp_path):
+    board = load(
+        tmp_path,
+        HEAD
+        + "scorer: auto\ndefaults: {select: {top: 3, min_clip: 20}}\n"
+        + "scenes:\n  - {id: a, prompt: p, forget: auto, auto: {clip: 30}}\n  - {id: b, prompt: q}\n",
+    )
+    a, b = board.scenes
+    assert a.auto_forget and a.forget == ("auto",) and a.auto.clip == 30 and a.auto.clip_image == 0.9
+    assert a.select.top == 3 and b.select.min_clip == 20 and not b.auto_forget
+    assert board.scorer_name == "tiny"  # auto follows the model: tiny here
+    assert a.keyframe_count() == 3 * b.keyframe_count()  # auto may render up to three passes
+
+
+@pytest.mark.parametrize(
+    "scene,message",
+    [
+        ("{id: a, prompt: p, forget: [auto, none]}", "scenes[0].forget: 'auto' chooses the strategies itself"),
+        ("{id: a, prompt: p, select: {top: 0}}", "scenes[0].select.top"),
+        ("{id: a, prompt: p, select: {tpo: 1}}", "did you mean 'top'"),
+        ("{id: a, prompt: p, auto: {clip: .nan}}", "scenes[0].auto.clip"),
+    ],
+)
+def test_bad_select_and_auto(tmp_path, scene, message):
+    with pytest.raises(StoryboardError) as e:
+        load(tmp_path, HEAD + f"scenes:\n  - {scene}\n")
+    assert message in str(e.value)
+
+
+def test_scorer_values(tmp_path):
+    assert load(tmp_path, HEAD + "scorer: none\nscenes: [{id: a, prompt: p}]\n").scorer_name is None
+    hub = load(tmp_path, HEAD + "scorer: openai/clip-vit-base-patch32\nscenes: [{id: a, prompt: p}]\n")
+    assert hub.scorer_name == "openai/clip-vit-base-patch32"
+    with pytest.raises(StoryboardError, match="scorer"):
+        load(tmp_path, HEAD + "scorer: model.ckpt\nscenes: [{id: a, prompt: p}]\n")

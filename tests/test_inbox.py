@@ -1,0 +1,265 @@
+"""The inbox flow against a real S3 server (SeaweedFS): each storyboard runs exactly once, then moves to done/ or
+failed/; claims have exactly one winner however many triggers race."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+STORY = """\
+name: Inbox Story
+reference: {reference}
+model: tiny
+resolution: 64
+source_prompt: a photo of a bird
+finetune: {{steps: 2, min_steps: 2}}
+defaults:
+  seeds: 1
+  steps: 2
+  edit: {{subtract: {{gamma: [1.0]}}}}
+scenes:
+  - id: perched
+    prompt: a photo of a bird on a branch
+output: {output}
+"""
+
+
+def _keys(client, bucket: str, prefix: str = "") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _manifests(client, bucket: str) -> list[str]:
+    return [k for k in _keys(client, bucket, "out/") if k.endswith("/manifest.json") and "/scenes/" not in k]
+
+
+@pytest.fixture
+def inbox(s3_server, s3_env, photo_bytes):
+    """A bucket with a reference image; returns (client, bucket, inbox URI, storyboard text)."""
+    bucket = s3_env
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="refs/x.jpg", Body=photo_bytes)
+    story = STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{bucket}/out")
+    return client, bucket, f"s3://{bucket}/storyboards", story
+
+
+def _claim(client, bucket: str, name: str, text: str, record: dict, attempt: int = 0) -> str:
+    import hashlib
+
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    key = f"storyboards/claims/{name}-{sha}/{attempt:04d}.json"
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode())
+    return key
+
+
+def test_a_storyboard_runs_once_and_moves_to_done_with_its_run_id(inbox):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, story = inbox
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/notes.txt", Body=b"not a storyboard")
+
+    first = inbox_flow(inbox=uri)
+    second = inbox_flow(inbox=uri)  # a second trigger finds nothing to do
+
+    assert [r["status"] for r in first] == ["done"] and second == []
+    run_id = first[0]["run_id"]
+    assert _manifests(client, bucket) == [f"out/inbox-story/{run_id}/manifest.json"]
+    assert _keys(client, bucket, "storyboards/inbox/") == ["storyboards/inbox/notes.txt"]
+    done = f"storyboards/done/{run_id}-a.yaml"
+    assert client.get_object(Bucket=bucket, Key=done)["Body"].read() == story.encode()
+    result = json.loads(client.get_object(Bucket=bucket, Key=f"{done}.result.json")["Body"].read())
+    assert result["run_id"] == run_id
+    assert result["manifest"] == f"s3://{bucket}/out/inbox-story/{run_id}/manifest.json"
+    assert result["storyboard"] == f"s3://{bucket}/storyboards/inbox/a.yaml"
+    manifest_key = f"out/inbox-story/{run_id}/manifest.json"
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    assert manifest["run_id"] == run_id and manifest["storyboard"]["source"] == story
+    [claim] = [k for k in _keys(client, bucket, "storyboards/claims/") if k.endswith("/0000.json")]
+    record = json.loads(client.get_object(Bucket=bucket, Key=claim)["Body"].read())
+    assert record["status"] == "done" and record["run_id"] == run_id and record["flow_run_id"]
+
+
+def test_an_invalid_storyboard_moves_to_failed_with_the_error_beside_it(inbox):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, _ = inbox
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/bad.yml", Body=b"name: [unclosed\n")
+
+    [result] = inbox_flow(inbox=uri)
+
+    assert result["status"] == "failed"
+    assert _keys(client, bucket, "storyboards/inbox/") == []
+    assert client.get_object(Bucket=bucket, Key="storyboards/failed/bad.yml")["Body"].read() == b"name: [unclosed\n"
+    error = client.get_object(Bucket=bucket, Key="storyboards/failed/bad.yml.error.txt")["Body"].read().decode()
+    assert error.startswith(f"s3://{bucket}/storyboards/inbox/bad.yml:") and "YAML syntax error" in error
+    assert error.endswith("\n") and error.count("\n") == 1
+    assert inbox_flow(inbox=uri) == []
+
+
+def test_two_concurrent_triggers_run_a_storyboard_once(inbox):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, story = inbox
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    results: list[list[dict]] = []
+    errors: list[BaseException] = []
+
+    def trigger():
+        try:
+            results.append(inbox_flow(inbox=uri))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=trigger) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+
+    assert not errors
+    statuses = sorted(r["status"] for rs in results for r in rs)
+    assert statuses in (["done"], ["done", "skipped"])  # the loser saw the file claimed, or already gone
+    assert len(_manifests(client, bucket)) == 1
+    assert _keys(client, bucket, "storyboards/inbox/") == []
+    assert len(_keys(client, bucket, "storyboards/done/")) == 2  # the storyboard and its result.json
+
+
+def test_a_run_whose_claimant_died_after_the_manifest_is_moved_without_running_again(inbox):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, story = inbox
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    run_id = "20260101T000000Z-dead00"
+    client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/manifest.json", Body=b"{}")
+    _claim(client, bucket, "a.yaml", story, {
+        "status": "running", "run_id": run_id, "claimed_at": datetime.now(timezone.utc).isoformat(),
+        "flow_run_id": None, "output": f"s3://{bucket}/out", "manifest_key": f"inbox-story/{run_id}/manifest.json",
+        "manifest": f"s3://{bucket}/out/inbox-story/{run_id}/manifest.json",
+    })
+
+    [result] = inbox_flow(inbox=uri)
+
+    assert result["status"] == "done" and result["run_id"] == run_id
+    assert _manifests(client, bucket) == [f"out/inbox-story/{run_id}/manifest.json"]
+    assert _keys(client, bucket, "storyboards/inbox/") == []
+    assert f"storyboards/done/{run_id}-a.yaml" in _keys(client, bucket, "storyboards/done/")
+
+
+def test_a_claim_held_by_a_live_claimant_is_left_alone(inbox):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, story = inbox
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    _claim(client, bucket, "a.yaml", story, {
+        "status": "running", "run_id": "20260101T000000Z-live00", "flow_run_id": None,
+        "claimed_at": datetime.now(timezone.utc).isoformat(),
+    })
+
+    [result] = inbox_flow(inbox=uri)
+
+    assert result["status"] == "skipped"
+    assert _keys(client, bucket, "storyboards/inbox/") == ["storyboards/inbox/a.yaml"]
+    assert _manifests(client, bucket) == []
+
+
+def test_a_claim_whose_flow_run_ended_without_finishing_is_taken_over_with_the_same_run_id(inbox):
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from flows.inbox import inbox_flow
+
+    @flow
+    def crashed_trigger() -> str:
+        return flow_run.get_id()
+
+    client, bucket, uri, story = inbox
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    run_id = "20260101T000000Z-taken0"
+    # the dead claimant had started writing its run folder: the takeover resumes it rather than refusing it
+    client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/reference.jpg", Body=b"partial")
+    old = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
+    _claim(client, bucket, "a.yaml", story, {
+        "status": "running", "run_id": run_id, "flow_run_id": crashed_trigger(), "claimed_at": old,
+    })
+
+    [result] = inbox_flow(inbox=uri)
+
+    assert result["status"] == "done" and result["run_id"] == run_id and result["attempt"] == 1
+    assert _manifests(client, bucket) == [f"out/inbox-story/{run_id}/manifest.json"]
+    assert _keys(client, bucket, "storyboards/inbox/") == []
+
+
+def test_a_local_inbox_resolves_relative_paths_against_the_inbox_folder(tmp_path, photo_bytes):
+    from flows.inbox import inbox_flow
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "x.jpg").write_bytes(photo_bytes)
+    (tmp_path / "inbox" / "a.yaml").write_text(STORY.format(reference="x.jpg", output="../out"))
+    (tmp_path / "inbox" / "b.yaml").write_text("name: b\nscenes: 3\n")
+
+    results = {r["name"]: r for r in inbox_flow(inbox=str(tmp_path))}
+
+    assert results["a.yaml"]["status"] == "done" and results["b.yaml"]["status"] == "failed"
+    run_id = results["a.yaml"]["run_id"]
+    assert (tmp_path / "out" / "inbox-story" / run_id / "manifest.json").is_file()
+    assert (tmp_path / "done" / f"{run_id}-a.yaml").is_file()
+    assert (tmp_path / "failed" / "b.yaml").is_file()
+    assert "b.yaml" in (tmp_path / "failed" / "b.yaml.error.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["x.jpg"]
+
+
+# -- the claim primitive -----------------------------------------------------------------------------------------
+
+
+def _race(store, key: str, contenders: int = 12, **kw) -> list[int]:
+    from tasks.claims import create_once
+
+    barrier = threading.Barrier(contenders)
+    won: list[int] = []
+    errors: list[BaseException] = []
+
+    def contend(i: int):
+        try:
+            barrier.wait()
+            if create_once(store, key, json.dumps({"who": i}).encode(), **kw):
+                won.append(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    return won
+
+
+@pytest.mark.parametrize("conditional", [None, False], ids=["if-none-match", "election"])
+def test_concurrent_claims_on_s3_have_exactly_one_winner(s3_env, conditional):
+    from fastimagic.store import open_store
+    from tasks.claims import create_once, supports_conditional_writes
+
+    store = open_store(f"s3://{s3_env}/storyboards")
+    if conditional is None:
+        assert supports_conditional_writes(store)  # SeaweedFS honours If-None-Match: *
+    for round_ in range(3):
+        key = f"claims/a.yaml-{round_}/0000.json"
+        won = _race(store, key, conditional=conditional)
+        assert len(won) == 1
+        assert json.loads(store.get_bytes(key)) == {"who": won[0]}
+        assert not create_once(store, key, b"{}", conditional=conditional)
+
+
+def test_concurrent_claims_on_a_local_folder_have_exactly_one_winner(tmp_path):
+    from fastimagic.store import open_store
+
+    store = open_store(str(tmp_path))
+    won = _race(store, "claims/a.yaml-x/0000.json", contenders=16)
+    assert len(won) == 1
+    assert json.loads(store.get_bytes("claims/a.yaml-x/0000.json")) == {"who": won[0]}
+    assert store.list() == ["claims/a.yaml-x/0000.json"]  # no temporary files left behind
