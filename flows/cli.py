@@ -79,9 +79,9 @@ def cmd_run(args) -> int:
 def cmd_caption(args) -> int:
     from fastimagic.caption import load_captioner
     from fastimagic.images import load_reference
-    from fastimagic.store import read_uri
+    from tasks.storage import read
 
-    image = load_reference(read_uri(args.image), args.image)
+    image = load_reference(read(args.image), args.image)
     print(load_captioner(args.model)(image))
     return EXIT_OK
 

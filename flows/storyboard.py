@@ -17,7 +17,7 @@ from fastimagic.errors import InputError
 from fastimagic.images import load_reference
 from fastimagic.models import model_identity
 from fastimagic.selection import choose_best
-from fastimagic.store import NotFound, read_uri
+from fastimagic.store import NotFound
 from fastimagic.storyboard import Scene, Storyboard, load_storyboard
 from tasks.pipeline import (
     caption_reference,
@@ -30,7 +30,7 @@ from tasks.pipeline import (
     write_run_outputs,
     write_scene_outputs,
 )
-from tasks.storage import output_store
+from tasks.storage import output_store, read
 
 # Presigned links handed to people (CLI output, artifacts) expire after this many seconds.
 LINK_EXPIRES_SECONDS = 24 * 3600
@@ -38,7 +38,7 @@ LINK_EXPIRES_SECONDS = 24 * 3600
 
 def read_storyboard(storyboard: str, *, output: str | None = None, model: str | None = None) -> Storyboard:
     """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides."""
-    text = read_uri(storyboard).decode("utf-8", errors="replace") if storyboard.startswith("s3://") else None
+    text = read(storyboard).decode("utf-8", errors="replace") if storyboard.startswith("s3://") else None
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
     board = load_storyboard(storyboard, text=text, overrides=overrides or None)
     if board.scorer_name is None:
@@ -64,7 +64,7 @@ def preflight(board: Storyboard) -> None:
     model_identity(board.model.resolved, allow_pickle=board.allow_pickle)
     uri = board.reference.resolved
     try:
-        data = read_uri(uri)
+        data = read(uri)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
     load_reference(data, uri)

@@ -30,10 +30,10 @@ from fastimagic.images import fit, load_reference
 from fastimagic.models import cached_base_model, model_identity
 from fastimagic.scoring import load_scorer
 from fastimagic.selection import auto_forget_decision, pick
-from fastimagic.store import LocalStore, NotFound, StoreError, read_uri
+from fastimagic.store import LocalStore, NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
-from tasks.storage import output_store
+from tasks.storage import output_store, read
 
 GPU = "gpu"
 STORAGE_RETRIES = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.3)
@@ -54,7 +54,7 @@ def _finetune_config(board: Storyboard) -> FinetuneConfig:
 def fetch_reference(board: Storyboard) -> dict:
     """The reference image's bytes, checked to decode; ``{"bytes", "sha256", "uri"}``."""
     uri = board.reference.resolved
-    data = read_uri(uri)
+    data = read(uri)
     load_reference(data, uri)  # refuse a broken image before any model is loaded
     return {"bytes": data, "sha256": hashlib.sha256(data).hexdigest(), "uri": uri}
 
@@ -209,7 +209,7 @@ def _reference_image(board: Storyboard):
     """The reference image fitted to the storyboard's size, read once per process (fidelity scores need it)."""
     uri = board.reference.resolved
     if uri not in _REFERENCES:
-        image = load_reference(read_uri(uri), uri)
+        image = load_reference(read(uri), uri)
         _REFERENCES[uri] = fit(image, board.width, board.height)
     return _REFERENCES[uri]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fastimagic.store import Store, StoreError, open_store
+from fastimagic.store import Store, StoreError, open_store, read_uri
 
 # Name of a Prefect AwsCredentials or MinIOCredentials block to use for s3:// URIs (else the AWS_* variables).
 CREDENTIALS_BLOCK_ENV = "FASTIMAGIC_S3_CREDENTIALS_BLOCK"
@@ -46,3 +46,8 @@ def output_store(uri: str, block_name: str | None = None) -> Store:
     """The store at ``uri`` (local folder or s3://bucket/prefix), with credentials resolved as above."""
     session = boto3_session(block_name) if uri.startswith("s3://") else None
     return open_store(uri, session=session)
+
+
+def read(uri: str) -> bytes:
+    """One object or file (``s3://bucket/key`` or a path), with the same credentials as :func:`output_store`."""
+    return read_uri(uri, session=boto3_session() if str(uri).startswith("s3://") else None)
