@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from fastimagic import keyframes as kf
 from fastimagic.errors import FastImagicError, InputError
 from fastimagic.tuning import META_FILE
-from flows.storyboard import SceneRenders, finish_run, read_storyboard, start_run
+from flows.storyboard import RENDER_THREADS, SceneRenders, finish_run, read_storyboard, start_run
 from tasks.pipeline import caption_reference, fetch_reference, finetune_once, tuning_key
 from tasks.storage import output_store
 
@@ -47,7 +47,7 @@ def finetune_flow(storyboard: str, run_prefix: str, output: str | None = None, m
     return result
 
 
-@flow(name="render-scene", log_prints=True, flow_run_name="{scene_id}")
+@flow(name="render-scene", log_prints=True, flow_run_name="{scene_id}", task_runner=RENDER_THREADS)
 def render_scene_flow(
     storyboard: str,
     scene_id: str,

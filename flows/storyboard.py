@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from fastimagic import keyframes as kf
 from fastimagic.errors import InputError
@@ -175,7 +176,13 @@ def finish_run(
     }
 
 
-@flow(name="storyboard", log_prints=True)
+# Renders in one process take turns on the one warm model (its lock), so two threads (one rendering, one writing)
+# lose nothing; Prefect's default pool would start a thread per submitted render, and each thread that has run
+# torch keeps ~2-3 MiB of native memory until the flow ends (measured: +128 MiB over 40 scenes, +3 MiB with 2).
+RENDER_THREADS = ThreadPoolTaskRunner(max_workers=2)
+
+
+@flow(name="storyboard", log_prints=True, task_runner=RENDER_THREADS)
 def storyboard_flow(
     storyboard: str,
     output: str | None = None,
