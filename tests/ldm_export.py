@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from fastimagic.models import make_scheduler
+
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -235,21 +237,6 @@ def export_single_file(
     return path
 
 
-def sd1_scheduler():
-    """The DDIM scheduler SD 1.x pipelines ship with."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 def save_diffusers_folder(components: dict, folder: Path) -> Path:
     """Write ``components`` as a standard diffusers StableDiffusionPipeline folder and return it.
 
@@ -263,7 +250,7 @@ def save_diffusers_folder(components: dict, folder: Path) -> Path:
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
         unet=components["unet"],
-        scheduler=sd1_scheduler(),
+        scheduler=make_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
