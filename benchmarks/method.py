@@ -34,8 +34,9 @@ def _photo():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import reference_photo_bytes
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root), str(root / "tests")]
+    from conftest import reference_photo_bytes
 
     return load_reference(reference_photo_bytes(), "photo")
 

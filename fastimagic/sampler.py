@@ -14,6 +14,7 @@ from fastimagic.models import BaseModel
 # Rough activation memory per latent pixel for one guided image (two UNet passes) of an SD 1.x UNet under bf16
 # autocast with SDPA attention, plus headroom. Used only to pick a batch size when none is given.
 _BYTES_PER_LATENT_PIXEL = 160_000
+VAE_DECODE_BATCH = 4
 
 
 def auto_batch_size(model: BaseModel, width: int, height: int, cap: int = 32) -> int:
@@ -21,7 +22,7 @@ def auto_batch_size(model: BaseModel, width: int, height: int, cap: int = 32) ->
     if model.device.type != "cuda":
         return 8
     free, _ = torch.cuda.mem_get_info(model.device)
-    per_image = (width // 8) * (height // 8) * _BYTES_PER_LATENT_PIXEL // 64
+    per_image = (width // 8) * (height // 8) * _BYTES_PER_LATENT_PIXEL  # ~0.65 GB at 512x512
     return max(1, min(cap, int(free * 0.8) // max(per_image, 1)))
 
 
@@ -75,6 +76,7 @@ def sample(
                 uncond, text = pred.chunk(2)
                 pred = uncond + guidance * (text - uncond)
             latents = scheduler.step(pred, t, latents).prev_sample
-        decoded = model.vae.decode((latents / model.latent_scale).to(model.vae.dtype)).sample
-        out.append(decoded.float().cpu())
+        # The VAE decoder's activations at full resolution dwarf the UNet's: decode a few images at a time.
+        for part in (latents / model.latent_scale).to(model.vae.dtype).split(VAE_DECODE_BATCH):
+            out.append(model.vae.decode(part).sample.float().cpu())
     return torch.cat(out)

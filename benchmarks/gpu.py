@@ -1,0 +1,683 @@
+"""GPU benchmark: the issue's speed targets, measured on an SD 1.5-architecture model with random weights.
+
+Nothing is downloaded. The UNet is :data:`fastimagic.models.SD15_UNET_CONFIG`, the VAE is SD 1.5's AutoencoderKL
+config and the text encoder is CLIP ViT-L/14's text tower (768 wide, 12 layers, 12 heads, 49408-token vocabulary),
+all with seeded random weights, put together by the loader's own ``_assemble`` (fp32 UNet master weights,
+channels_last on CUDA, VAE and text encoder in the compute dtype). The tokenizer is the tiny byte-level CLIP BPE
+of :mod:`fastimagic.tiny`, because the real vocabulary cannot be downloaded: prompts split into different tokens,
+but every prompt is padded to 77 tokens either way, so the text encoder does exactly the same compute. Random
+weights do not change the speed of any kernel here; the images are noise.
+
+Prints one JSON line per figure (stdout; progress goes to stderr):
+
+    device          the GPU, torch/diffusers versions, date
+    equivalence     each speed switch (--compile, --channels-last, --cudnn-benchmark) against none, on a tiny-model
+                    keyframe: the largest 8-bit pixel difference
+    finetune        fastimagic.finetune.finetune, 40 steps at batch 10, 512 px, no early stop: steady seconds (after
+                    a separate 1-step warm-up call, whose time is first_call_seconds) and peak CUDA memory
+    sample          Editor.render: 50-step DDIM with guidance 7.5 at 512 px, VAE decode and PIL conversion included,
+                    best images/second over a sweep of batch sizes (images per UNet call, x2 for guidance)
+    forget_switch   Editor.forget("encoderattn") then Editor.forget("decoderattn"): median seconds of one switch
+    storyboard      the real Prefect flow (flows.storyboard.storyboard_flow) on a 5-scene x 4-seed x 8-gamma
+                    storyboard (160 keyframes, 50 steps, 512 px) whose model is a diffusers folder saved from the
+                    random components, written to a local folder; seconds = model load + flow
+
+Each figure carries ``target`` and ``meets_target`` (true/false on a CUDA run, null with --tiny or on CPU).
+
+Run: ``python benchmarks/gpu.py`` on a CUDA machine (estimated at about 5 minutes on an H200, most of it the
+storyboard; not yet measured);
+``python benchmarks/gpu.py --tiny`` runs the same code on the tiny model on CPU in well under a minute (CI).
+Options: ``--only finetune,sample`` selects figures; ``--compile``, ``--channels-last`` (VAE; CUDA only),
+``--cudnn-benchmark`` switch speed-ups on for every figure (checked by the equivalence figure first). See
+docs/performance.md for what each figure includes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FIGURES = ("equivalence", "finetune", "sample", "forget_switch", "storyboard")
+SWITCHES = ("channels_last", "cudnn_benchmark", "compile")
+
+# The issue's targets, for one H200.
+TARGETS = {
+    "finetune": {"seconds_max": 4.0, "peak_gib_max": 20.0},
+    "sample": {"images_per_second_min": 5.0},
+    "forget_switch": {"seconds_max": 0.1},
+    "storyboard": {"seconds_max": 60.0},
+}
+
+SOURCE_PROMPT = "a photo of two friends standing on the beach"
+PROMPT = "a photo of two friends dancing on the beach"
+SCENE_PROMPTS = (
+    "a photo of two friends walking on the beach",
+    "a photo of two friends dancing on the beach",
+    "a photo of two friends sitting on the beach at sunset",
+    "a photo of two friends running in the rain",
+    "a photo of two friends standing on the beach at night",
+)
+# One strategy per scene, so the storyboard switches forgetting between scenes as a real one does.
+SCENE_FORGETS = ("none", "encoderattn", "decoderattn", "none", "encoderattn")
+
+# SD 1.5's VAE (AutoencoderKL) and text encoder (CLIP ViT-L/14 text tower).
+SD15_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one benchmark run: the issue's (``FULL``) or the CI smoke run on the tiny model (``TINY``)."""
+
+    model: str  # "sd15" or "tiny"
+    resolution: int
+    finetune_steps: int
+    finetune_batch: int
+    sample_steps: int
+    sample_batches: tuple[int, ...]
+    forget_repeat: int
+    story_scenes: int
+    story_seeds: int
+    story_gammas: tuple[float, ...]
+
+
+FULL = Plan("sd15", 512, 40, 10, 50, (1, 4, 8, 16, 32), 21, 5, 4, (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5))
+TINY = Plan("tiny", 64, 4, 10, 4, (1, 4), 5, 2, 2, (0.9, 1.2))
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+_STARTED = time.perf_counter()
+
+
+def note(message: str) -> None:
+    print(f"[gpu.py {time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def prefect_env(home: Path) -> None:
+    """Point Prefect at its own embedded server and database under ``home``; call before importing prefect."""
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def reference_png(size: int) -> bytes:
+    """A drawn reference picture (sky, sun, hill, tree) as PNG bytes; with random weights any picture will do."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (110, 160, 230))
+    d = ImageDraw.Draw(img)
+    d.ellipse((size * 0.6, size * 0.1, size * 0.8, size * 0.3), fill=(250, 220, 60))
+    d.polygon([(0, size), (size * 0.4, size * 0.5), (size, size)], fill=(60, 140, 70))
+    d.rectangle((size * 0.2, size * 0.6, size * 0.3, size * 0.85), fill=(120, 70, 40))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def storyboard_yaml(
+    *,
+    name: str,
+    reference: str,
+    model: str,
+    output: str,
+    resolution: int,
+    scenes: int,
+    seeds: int,
+    gammas: tuple[float, ...],
+    steps: int,
+    finetune_steps: int,
+    finetune_batch: int = 10,
+) -> str:
+    """A storyboard: ``scenes`` scenes x ``seeds`` seeds x ``gammas`` (one forgetting strategy each), no scoring."""
+    from fastimagic.storyboard import Storyboard
+
+    lines = [
+        f"name: {name}",
+        f"reference: {reference}",
+        f"model: {model}",
+        f"resolution: {resolution}",
+        f"source_prompt: {SOURCE_PROMPT}",
+        f"finetune: {{steps: {finetune_steps}, min_steps: {finetune_steps}, batch_size: {finetune_batch}}}",
+        f"output: {output}",
+    ]
+    # Scoring loads CLIP L/14, which cannot be downloaded here, and is not part of "reference to keyframes".
+    if "scorer" in Storyboard.model_fields:
+        lines.append("scorer: none")
+    gamma_list = ", ".join(f"{g:g}" for g in gammas)
+    lines += [
+        "defaults:",
+        f"  seeds: {seeds}",
+        f"  steps: {steps}",
+        "  guidance: 7.5",
+        f"  edit: {{subtract: {{gamma: [{gamma_list}]}}}}",
+        "scenes:",
+    ]
+    for i in range(scenes):
+        prompt = SCENE_PROMPTS[i % len(SCENE_PROMPTS)]
+        lines.append(f"  - {{id: scene-{i + 1}, prompt: {prompt}, forget: {SCENE_FORGETS[i % len(SCENE_FORGETS)]}}}")
+    return "\n".join(lines) + "\n"
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def build_components(kind: str, device: str, seed: int = 0) -> dict:
+    """Fresh unet/vae/text_encoder/tokenizer with seeded random weights: ``sd15`` (built on ``device``) or ``tiny``."""
+    import torch
+
+    from fastimagic import tiny
+
+    if kind == "tiny":
+        return tiny.build_components(seed)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastimagic.models import SD15_UNET_CONFIG
+
+    tokenizer = tiny.clip_tokenizer()
+    torch.manual_seed(seed)
+    # Initialising 1.1 billion parameters is quick on the GPU and slow on the CPU: build where they will run.
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                **SD15_TEXT_CONFIG,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def assemble(kind: str, device: str, seed: int = 0):
+    """A :class:`fastimagic.models.BaseModel` from :func:`build_components`, through the loader's ``_assemble``."""
+    from fastimagic.models import _assemble, pick_device
+
+    dev, dtype = pick_device(device)
+    return _assemble(build_components(kind, device, seed), f"benchmark:{kind}-random-{seed}", dev, dtype)
+
+
+def apply_switches(model, switches: list[str], compile_mode: str) -> None:
+    """Turn speed switches on for ``model``. None changes parameter names, so tunings and forgetting still apply.
+
+    channels_last: the VAE (``_assemble`` already makes the UNet channels_last on CUDA). CUDA only: on CPU, torch
+    2.13 segfaults in GroupNorm's channels_last backward when the input needs no grad, which is what the first
+    norm of down_blocks.0 sees in fine-tuning once a channels_last latent reaches it. cudnn_benchmark:
+    process-wide. compile: ``nn.Module.compile`` on the UNet, in place (``torch.compile(unet)`` would wrap it and
+    rename every parameter ``_orig_mod.*``); weights are graph inputs, so in-place tuning/forgetting edits are seen.
+    """
+    import torch
+
+    if "channels_last" in switches:
+        model.vae.to(memory_format=torch.channels_last)
+    if "cudnn_benchmark" in switches:
+        torch.backends.cudnn.benchmark = True
+    if "compile" in switches:
+        import torch._dynamo
+
+        # Fine-tune (train mode, batch 10) and every sampling batch size each need their own graph.
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        model.unet.compile(mode=None if compile_mode == "default" else compile_mode)
+
+
+def free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn):
+    """(result, seconds) of ``fn()``, with the device synchronised before and after."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def verdict(plan: Plan, device, checks: list[bool]) -> bool | None:
+    if plan.model == "tiny" or device.type != "cuda":
+        return None
+    return all(checks)
+
+
+# --- figures ------------------------------------------------------------------------------------------------------
+
+
+def figure_device(plan: Plan, device, switches: list[str]) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "figure": "device",
+        "gpu": gpu,
+        "device": str(device),
+        "model": "tiny (random)" if plan.model == "tiny" else "SD 1.5 architecture (random weights)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "switches": switches,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _frames_uint8(frames) -> list:
+    import numpy as np
+
+    return [np.asarray(f.image, dtype=np.int16) for f in frames]
+
+
+def _max_diff(a: list, b: list) -> int:
+    return int(max(abs(x - y).max() for x, y in zip(a, b)))
+
+
+def figure_equivalence(device, switches: list[str], compile_mode: str, image) -> dict:
+    """Render tiny-model keyframes (two gammas; forgetting none, encoderattn, none again) without and
+    with each switch, from the same tuning; also fine-tune 2 steps under each switch and compare the losses."""
+    import torch
+
+    from fastimagic.editor import Editor
+    from fastimagic.finetune import FinetuneConfig, finetune
+    from fastimagic.models import load_base_model
+
+    config = FinetuneConfig(steps=2, min_steps=2, batch_size=2)
+    size = 64
+
+    def keyframes(model, tuning):
+        with Editor(model, tuning) as editor:
+            edits = [{"mode": "subtract", "gamma": g} for g in (1.0, 1.3)]
+            frames = []
+            # Two strategies on one model: a compiled UNet must see the in-place forgetting edits.
+            for forget in ("none", "encoderattn", "none"):
+                frames += editor.render(PROMPT, seeds=[0], edits=edits, forget=forget, steps=4, max_batch=2)
+        return _frames_uint8(frames)
+
+    benchmark_flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        plain = load_base_model("tiny", device=str(device))
+        tuning = finetune(plain, image, SOURCE_PROMPT, config, width=size, height=size)
+        baseline = keyframes(plain, tuning)
+        repeat = _max_diff(baseline, keyframes(plain, tuning))
+        del plain
+        groups = [[s] for s in switches] + ([list(switches)] if len(switches) > 1 else [])
+        per_switch = {}
+        for group in groups:
+            model = load_base_model("tiny", device=str(device))
+            apply_switches(model, group, compile_mode)
+            switched_tuning = finetune(model, image, SOURCE_PROMPT, config, width=size, height=size)
+            loss_diff = max(abs(a - b) for a, b in zip(tuning.losses, switched_tuning.losses))
+            per_switch["+".join(group)] = {
+                "max_pixel_diff": _max_diff(baseline, keyframes(model, tuning)),
+                "finetune_loss_max_abs_diff": round(loss_diff, 6),
+            }
+            torch.backends.cudnn.benchmark = False
+            del model
+            free(device)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_flag
+    return {
+        "figure": "equivalence",
+        "model": "tiny",
+        "resolution": size,
+        "switches": switches,
+        "max_pixel_diff": max([repeat] + [v["max_pixel_diff"] for v in per_switch.values()]),
+        "baseline_repeat_max_pixel_diff": repeat,
+        "per_switch": per_switch,
+    }
+
+
+def figure_finetune(model, image, plan: Plan):
+    import torch
+
+    from fastimagic.finetune import FinetuneConfig, finetune
+
+    device, size = model.device, plan.resolution
+    steps, batch = plan.finetune_steps, plan.finetune_batch
+    warm = FinetuneConfig(steps=1, min_steps=1, batch_size=batch)
+    _, first = timed(device, lambda: finetune(model, image, SOURCE_PROMPT, warm, width=size, height=size))
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    config = FinetuneConfig(steps=steps, min_steps=steps, batch_size=batch)  # min_steps = steps: no early stop
+    tuning, seconds = timed(device, lambda: finetune(model, image, SOURCE_PROMPT, config, width=size, height=size))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    target = TARGETS["finetune"]
+    record = {
+        "figure": "finetune",
+        "seconds": round(seconds, 3),
+        "first_call_seconds": round(first, 3),
+        "seconds_per_step": round(seconds / len(tuning.losses), 4),
+        "steps": len(tuning.losses),
+        "batch": batch,
+        "resolution": size,
+        "peak_gib": round(peak, 2) if peak is not None else None,
+        "trained_parameters": tuning.trained_parameters,
+        "target": target,
+        "meets_target": verdict(
+            plan, device, [seconds <= target["seconds_max"], peak is not None and peak <= target["peak_gib_max"]]
+        ),
+    }
+    return record, tuning
+
+
+def figure_sample(model, tuning, plan: Plan) -> dict:
+    import torch
+
+    from fastimagic.editor import Editor
+    from fastimagic.sampler import auto_batch_size
+
+    device, size = model.device, plan.resolution
+    oom = getattr(torch, "OutOfMemoryError", RuntimeError)
+    sweep = {}
+    with Editor(model, tuning) as editor:
+        for batch in plan.sample_batches:
+
+            def render(steps: int, batch: int = batch):
+                return editor.render(
+                    PROMPT,
+                    seeds=list(range(batch)),
+                    edits=[{"mode": "subtract", "gamma": 1.0}],
+                    steps=steps,
+                    guidance=7.5,
+                    max_batch=batch,
+                )
+
+            try:
+                render(2)  # warm-up with the same shapes (allocator, cuDNN/compile for this batch size)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                frames, seconds = timed(device, lambda: render(plan.sample_steps))
+            except oom:
+                sweep[str(batch)] = "out of memory"
+                free(device)
+                break
+            assert len(frames) == batch
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            sweep[str(batch)] = {
+                "images_per_second": round(batch / seconds, 3),
+                "seconds": round(seconds, 3),
+                "peak_gib": round(peak, 2) if peak is not None else None,
+            }
+            note(f"sample batch {batch}: {batch / seconds:.2f} images/s")
+            free(device)
+    measured = {int(b): v for b, v in sweep.items() if isinstance(v, dict)}
+    best = max(measured, key=lambda b: measured[b]["images_per_second"])
+    ips = measured[best]["images_per_second"]
+    target = TARGETS["sample"]
+    return {
+        "figure": "sample",
+        "images_per_second": ips,
+        "batch": best,
+        "steps": plan.sample_steps,
+        "guidance": 7.5,
+        "resolution": size,
+        "sweep": sweep,
+        "auto_batch": auto_batch_size(model, size, size),
+        "target": target,
+        "meets_target": verdict(plan, device, [ips >= target["images_per_second_min"]]),
+    }
+
+
+def figure_forget_switch(model, tuning, plan: Plan) -> dict:
+    from fastimagic.editor import Editor
+
+    device = model.device
+    times: dict[str, list[float]] = {"encoderattn": [], "decoderattn": []}
+    touched = {}
+    # What the storyboard flow pays once per render task: put the tuning into the UNet, and take it out again.
+    editor, apply_seconds = timed(device, lambda: Editor(model, tuning))
+    _, close_seconds = timed(device, editor.close)
+    with Editor(model, tuning) as editor:
+        editor.forget("encoderattn")
+        editor.forget("decoderattn")  # warm-up; from here every call undoes one strategy and applies the other
+        for _ in range(plan.forget_repeat):
+            for strategy in times:
+                report, seconds = timed(device, lambda strategy=strategy: editor.forget(strategy))
+                times[strategy].append(seconds)
+                touched[strategy] = report.parameters
+    seconds = statistics.median(times["encoderattn"] + times["decoderattn"])
+    target = TARGETS["forget_switch"]
+    return {
+        "figure": "forget_switch",
+        "seconds": round(seconds, 5),
+        "median_seconds": {s: round(statistics.median(t), 5) for s, t in times.items()},
+        "max_seconds": round(max(times["encoderattn"] + times["decoderattn"]), 5),
+        "switches_timed": 2 * plan.forget_repeat,
+        "parameters_forgotten": touched,
+        "editor_apply_tuning_seconds": round(apply_seconds, 5),
+        "editor_close_seconds": round(close_seconds, 5),
+        "target": target,
+        "meets_target": verdict(plan, device, [seconds <= target["seconds_max"]]),
+    }
+
+
+def figure_storyboard(plan: Plan, device, switches: list[str], compile_mode: str, work: Path) -> dict:
+    """The real flow from a storyboard file whose model is a diffusers folder of the random components."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ldm_export import save_diffusers_folder  # the tests' recipe for a diffusers folder from components
+
+    folder = work / "model"
+    parts = build_components(plan.model, str(device))
+    save_diffusers_folder(parts, folder)
+    del parts
+    free(device)
+    (work / "reference.png").write_bytes(reference_png(plan.resolution))
+    story = work / "story.yaml"
+    story.write_text(
+        storyboard_yaml(
+            name="gpu-benchmark",
+            reference="reference.png",
+            model="./model",
+            output="./keyframes",
+            resolution=plan.resolution,
+            scenes=plan.story_scenes,
+            seeds=plan.story_seeds,
+            gammas=plan.story_gammas,
+            steps=plan.sample_steps,
+            finetune_steps=plan.finetune_steps,
+            finetune_batch=plan.finetune_batch,
+        )
+    )
+    expected = plan.story_scenes * plan.story_seeds * len(plan.story_gammas)
+
+    from prefect import flow
+
+    from fastimagic import models
+    from flows.storyboard import storyboard_flow
+
+    @flow(name="warm-up")
+    def warm_up() -> int:
+        return 1
+
+    # Prefect's embedded server starts with the first flow run of the process: keep that out of the figure.
+    _, prefect_start = timed(device, warm_up)
+    # Load the model the way the flow's tasks do (cached_base_model: one warm model per process), so the speed
+    # switches can be applied to it; its load time is part of the figure.
+    warm, load = timed(device, lambda: models.cached_base_model(str(folder.resolve())))
+    apply_switches(warm, switches, compile_mode)
+    result, flow_seconds = timed(device, lambda: storyboard_flow(storyboard=str(story)))
+    prewarmed = any(m is warm for m in models._WARM.values())
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    written = [Path(result["manifest"]).parent / k["key"] for k in manifest["keyframes"]]
+    if result["keyframes"] != expected or not all(p.is_file() for p in written):
+        raise RuntimeError(f"storyboard wrote {result['keyframes']} keyframes, expected {expected}")
+    seconds = load + flow_seconds
+    target = TARGETS["storyboard"]
+    models._WARM.clear()
+    return {
+        "figure": "storyboard",
+        "seconds": round(seconds, 3),
+        "keyframes": result["keyframes"],
+        "scenes": plan.story_scenes,
+        "seeds": plan.story_seeds,
+        "gammas": len(plan.story_gammas),
+        "steps": plan.sample_steps,
+        "resolution": plan.resolution,
+        "finetune_steps": plan.finetune_steps,
+        "model_load_seconds": round(load, 3),
+        "flow_seconds": round(flow_seconds, 3),
+        "prefect_startup_seconds": round(prefect_start, 3),
+        "model_prewarmed": prewarmed,
+        "flow_timings": manifest.get("timings"),
+        "keyframes_per_second": round(result["keyframes"] / seconds, 3),
+        "target": target,
+        "meets_target": verdict(plan, device, [seconds <= target["seconds_max"]]),
+    }
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="the tiny model on CPU with small counts (CI smoke run)")
+    ap.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated figures: {', '.join(FIGURES)}")
+    ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (nn.Module.compile, in place)")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (max-autotune takes minutes to compile)",
+    )
+    ap.add_argument("--channels-last", action="store_true", help="channels_last VAE (the UNet already is, on CUDA)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--batches", default=None, help="sampling batch sizes to sweep, e.g. 1,4,8,16,32")
+    ap.add_argument("--keep", default=None, help="keep the storyboard's work folder (model, keyframes) here")
+    args = ap.parse_args(argv)
+    args.figures = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = [f for f in args.figures if f not in FIGURES]
+    if unknown:
+        ap.error(f"--only: unknown figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    args.switches = [s for s in SWITCHES if getattr(args, s)]
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    if "channels_last" in args.switches and not args.device.startswith("cuda"):
+        ap.error("--channels-last is for CUDA: on CPU, torch 2.13 crashes in GroupNorm's channels_last backward")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = TINY if args.tiny else FULL
+    if args.batches:
+        plan = replace(plan, sample_batches=tuple(int(b) for b in args.batches.split(",")))
+    if args.device == "cpu":
+        # The storyboard flow picks its device itself: hide any GPU so that it, too, runs on the CPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="fastimagic-gpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    prefect_env(work / "prefect")
+
+    import torch
+
+    from fastimagic.images import load_reference
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu.py: no CUDA device here; run `python benchmarks/gpu.py --tiny` on CPU", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    emit(figure_device(plan, device, args.switches))
+    image = load_reference(reference_png(plan.resolution), "reference.png")
+    try:
+        if "equivalence" in args.figures:
+            note("equivalence (tiny model)")
+            emit(figure_equivalence(device, args.switches, args.compile_mode, image))
+        wanted = {"finetune", "sample", "forget_switch"} & set(args.figures)
+        if wanted:
+            note(f"building the {plan.model} model on {device}")
+            model = assemble(plan.model, args.device)
+            apply_switches(model, args.switches, args.compile_mode)
+            tuning = None
+            if "finetune" in args.figures:
+                note("finetune")
+                record, tuning = figure_finetune(model, image, plan)
+                emit(record)
+            if tuning is None:  # the other figures need some tuning to apply: a 1-step one will do
+                from fastimagic.finetune import FinetuneConfig, finetune
+
+                config = FinetuneConfig(steps=1, min_steps=1, batch_size=plan.finetune_batch)
+                tuning = finetune(model, image, SOURCE_PROMPT, config, width=plan.resolution, height=plan.resolution)
+            if "sample" in args.figures:
+                note("sample")
+                emit(figure_sample(model, tuning, plan))
+            if "forget_switch" in args.figures:
+                note("forget_switch")
+                emit(figure_forget_switch(model, tuning, plan))
+            del model, tuning
+            free(device)
+        if "storyboard" in args.figures:
+            note("storyboard")
+            emit(figure_storyboard(plan, device, args.switches, args.compile_mode, work))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The benchmarks still run: ``benchmarks/gpu.py --tiny`` and ``benchmarks/method.py`` as a user runs them.
+
+Only the shape of their output is checked (exit status, figure names, keys), never a time: the numbers belong in
+docs/performance.md, not in assertions. Both scripts run at once to keep the wall time down on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = {
+    "gpu": [sys.executable, "benchmarks/gpu.py", "--tiny"],
+    "method": [sys.executable, "benchmarks/method.py", "--steps", "4", "--repeat", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, subprocess.CompletedProcess]:
+    env = dict(os.environ)
+    # method.py imports tests/conftest.py, which imports tests/s3server.py as a top-level module.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env.pop("PREFECT_API_URL", None)  # gpu.py runs its own embedded Prefect server in a temporary home
+    procs = {
+        name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, cmd in COMMANDS.items()
+    }
+    done = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=600)
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return done
+
+
+def _figures(stdout: str) -> dict[str, dict]:
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {r["figure"]: r for r in records}
+
+
+def test_gpu_benchmark_tiny_prints_every_figure_as_one_json_line(outputs):
+    run = outputs["gpu"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = _figures(run.stdout)
+    assert list(figures) == ["device", "equivalence", "finetune", "sample", "forget_switch", "storyboard"]
+    assert {"gpu", "torch", "diffusers", "date"} <= set(figures["device"])
+    assert figures["equivalence"]["max_pixel_diff"] == 0  # no switch on: two renders of one keyframe agree
+    assert {"seconds", "first_call_seconds", "steps", "batch", "resolution", "peak_gib"} <= set(figures["finetune"])
+    assert figures["finetune"]["steps"] == 4 and figures["finetune"]["resolution"] == 64
+    assert {"images_per_second", "batch", "steps", "resolution", "sweep"} <= set(figures["sample"])
+    assert set(figures["sample"]["sweep"]) == {"1", "4"}
+    assert figures["forget_switch"]["seconds"] > 0
+    assert figures["storyboard"]["keyframes"] == 2 * 2 * 2
+    assert figures["storyboard"]["model_prewarmed"] is True  # the flow used the model the figure loaded
+    for name in ("finetune", "sample", "forget_switch", "storyboard"):
+        assert figures[name]["meets_target"] is None  # targets are for a GPU, not the tiny model
+        assert figures[name]["target"]
+
+
+def test_method_benchmark_prints_its_ratios(outputs):
+    run = outputs["method"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    values = dict(pair.split("=", 1) for line in run.stdout.splitlines() for pair in line.split())
+    for key in ("batched_vs_per_image_speedup", "forget_inplace_vs_deepcopy_speedup", "finetune_seconds_per_step"):
+        assert float(values[key]) > 0
