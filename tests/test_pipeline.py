@@ -124,3 +124,34 @@ def _check_prefect_records(state):
             any_=[flow_run_id])))
         progress = [a for a in artifacts if a.type == "progress"]
         assert progress and progress[0].data == 100.0
+
+
+def test_without_a_source_prompt_blip_captions_the_reference(tmp_path, photo_bytes):
+    from flows.storyboard import storyboard_flow
+
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    (tmp_path / "story.yaml").write_text(
+        "name: captioned\nreference: ref.jpg\nmodel: tiny\nresolution: 64\nfinetune: {steps: 2, min_steps: 2}\n"
+        "defaults: {seeds: 1, steps: 2, edit: {subtract: {gamma: [1.0]}}}\n"
+        "scenes: [{id: a, prompt: A photo of a bird flying}]\noutput: out\n"
+    )
+    result = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
+    manifest = json.loads(open(result["manifest"]).read())
+    assert manifest["caption"]  # the tiny BLIP's words
+    assert manifest["source_prompt"] == f"A photo of {manifest['caption']}"
+
+
+def test_an_explicit_source_prompt_never_loads_blip(tmp_path, monkeypatch):
+    import tasks.pipeline as pipeline
+    from fastimagic.storyboard import load_storyboard
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("BLIP must not be loaded when source_prompt is given")
+
+    monkeypatch.setattr(pipeline, "load_captioner", refuse)
+    (tmp_path / "s.yaml").write_text("name: x\nreference: r.jpg\nsource_prompt: a bird\nscenes: [{id: a, prompt: b}]\n")
+    board = load_storyboard(tmp_path / "s.yaml")
+    assert pipeline.caption_reference.fn(board, {"bytes": b"", "uri": "r.jpg"}) == {
+        "source_prompt": "a bird",
+        "caption": None,
+    }
