@@ -71,8 +71,10 @@ def cmd_run(args) -> int:
         )
     print(f"\n{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
-    expires = " (presigned link, expires in 24 h)" if result["index_url"].startswith("http") else ""
-    print(f"browse:   {result['index_url']}{expires}")
+    print(f"browse:   {result['index_url']}")
+    if result["index_url"].startswith("http"):
+        print("          (presigned, expires in 24 h; for a private bucket, `fastimagic open "
+              f"{result['run_uri']}` makes a page whose images are presigned too)")
     return EXIT_OK
 
 
