@@ -59,6 +59,8 @@ def cmd_run(args) -> int:
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
     preflight(board)
     _prefect_env()
+    if sys.stderr.isatty():
+        os.environ.setdefault("FASTIMAGIC_PROGRESS", "1")  # tasks.pipeline draws the fine-tune bar
     from flows.storyboard import storyboard_flow
 
     run_id = args.resume or args.run_id

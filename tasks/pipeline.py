@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import time
 
 from PIL import Image
@@ -36,6 +38,7 @@ from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 
 GPU = "gpu"
+PROGRESS_ENV = "FASTIMAGIC_PROGRESS"
 STORAGE_RETRIES = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.3)
 
 _TUNINGS: dict[str, Tuning] = {}  # process cache: a render worker fetches each tuning once
@@ -90,7 +93,9 @@ def _progress(total: int):
 
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description="fine-tune progress (steps)")
-    bar = tqdm(total=total, desc="fine-tune", unit="step", leave=True, disable=None)
+    # A terminal bar when the CLI runs the flow in a terminal (it sets FASTIMAGIC_PROGRESS); workers log lines.
+    bar = tqdm(total=total, desc="fine-tune", unit="step", leave=True, disable=not os.environ.get(PROGRESS_ENV),
+               ncols=min(100, shutil.get_terminal_size().columns or 80))
 
     def callback(step: int, steps: int, loss: float) -> None:
         bar.update(1)
