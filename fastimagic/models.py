@@ -17,7 +17,6 @@ unless ``allow_pickle=True``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -401,18 +400,3 @@ def unet_shapes(which: str = "sd15") -> dict[str, torch.Size]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     return {n: p.shape for n, p in unet.named_parameters()}
-
-
-def model_summary(model: BaseModel) -> dict:
-    """Plain facts about a loaded model, for manifests and logs."""
-    return {
-        "identity": model.identity,
-        "device": str(model.device),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
-        "cross_attention_dim": int(model.unet.config.cross_attention_dim),
-    }
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -17,7 +17,6 @@ import mimetypes
 import os
 import re
 import secrets
-import unicodedata
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -33,7 +32,6 @@ __all__ = [
     "open_store",
     "read_uri",
     "safe_key",
-    "slugify",
     "split_s3_uri",
 ]
 
@@ -95,19 +93,6 @@ def _safe_prefix(prefix: str, *, where: str = "") -> str:
     if isinstance(prefix, str) and prefix.endswith("/") and len(prefix) > 1:
         return safe_key(prefix[:-1], where=where) + "/"
     return safe_key(prefix, where=where)
-
-
-def slugify(text: str) -> str:
-    """Turn any text into a ``[a-z0-9-]`` slug usable as one key segment or folder name.
-
-    Unicode is NFKD-normalised and reduced to ASCII (``"Café"`` -> ``"cafe"``), every other run of characters becomes
-    one ``-``, dashes are stripped from both ends, the result is at most 64 characters, and it is never empty
-    (falls back to ``"x"``).
-    """
-    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii").lower()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")
-    slug = slug[:64].rstrip("-")
-    return slug or "x"
 
 
 def _check_bucket(bucket: str, uri: str) -> str:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import time
 
@@ -33,7 +32,7 @@ from fastimagic.models import cached_base_model, model_identity
 from fastimagic.scoring import load_scorer
 from fastimagic.selection import auto_forget_decision, pick
 from fastimagic.store import LocalStore, NotFound, StoreError
-from fastimagic.storyboard import Scene, Storyboard
+from fastimagic.storyboard import Scene, Storyboard, slugify
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 
@@ -386,5 +385,6 @@ def publish_summary(run: dict, output: str, run_prefix: str, expires: int) -> No
         picks = " ".join(link(f"#{p['rank']}", p["key"]) for p in sc["picks"]) or "–"
         prompt = sc["prompt"].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {sc['id']} | {prompt} | {sc['keyframes']} | {picks} | {link('sheet', sc['contact_sheet'])} |")
-    key = "keyframes-" + re.sub(r"[^a-z0-9-]+", "-", run["storyboard"]["name"].lower()).strip("-")[:40]
-    create_markdown_artifact("\n".join(lines), key=key or "keyframes", description="keyframes of this run")
+    # artifact keys allow lowercase letters, digits and dashes only
+    key = "keyframes-" + slugify(run["storyboard"]["name"], max_length=40).replace("_", "-")
+    create_markdown_artifact("\n".join(lines), key=key, description="keyframes of this run")

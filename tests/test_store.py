@@ -19,7 +19,6 @@ from fastimagic.store import (
     open_store,
     read_uri,
     safe_key,
-    slugify,
     split_s3_uri,
 )
 
@@ -117,23 +116,6 @@ def test_safe_key_allows_ordinary_keys_and_list_prefixes(store):
     for prefix in ("../", "/", "a//", "a/../"):
         with pytest.raises(StoreError):
             store.list(prefix)
-
-
-@pytest.mark.parametrize(
-    ("text", "slug"),
-    [
-        ("Scene 1/../x", "scene-1-x"),
-        ("Café ☕", "cafe"),
-        ("", "x"),
-        ("☕☕", "x"),
-        ("--Hello,  World!--", "hello-world"),
-        ("\uff26\uff55\uff4c\uff4c \uff57\uff49\uff44\uff54\uff48", "full-width"),  # full-width letters
-        ("a" * 63 + "-b" + "c" * 10, "a" * 63),
-    ],
-)
-def test_slugify(text: str, slug: str):
-    assert slugify(text) == slug
-    assert len(slug) <= 64
 
 
 def test_presigned_url_is_fetchable_and_expires(store):
