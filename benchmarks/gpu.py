@@ -13,7 +13,7 @@ Prints one JSON line per figure (stdout; progress goes to stderr):
     device          the GPU, torch/diffusers versions, date
     equivalence     each speed switch (--compile, --channels-last, --cudnn-benchmark) against none, on a tiny-model
                     keyframe: the largest 8-bit pixel difference
-    finetune        fastimagic.finetune.finetune, 40 steps at batch 10, 512 px, no early stop: steady seconds (after
+    finetune        fastimagic.finetuning.finetune, 40 steps at batch 10, 512 px, no early stop: steady seconds (after
                     a separate 1-step warm-up call, whose time is first_call_seconds) and peak CUDA memory
     sample          Editor.render: 50-step DDIM with guidance 7.5 at 512 px, VAE decode and PIL conversion included,
                     best images/second over a sweep of batch sizes (images per UNet call, x2 for guidance)
@@ -236,7 +236,7 @@ def build_components(kind: str, device: str, seed: int = 0) -> dict:
 
 
 def assemble(kind: str, device: str, seed: int = 0):
-    """A :class:`fastimagic.models.BaseModel` from :func:`build_components`, through the loader's ``_assemble``."""
+    """A :class:`fastimagic.models.Components` from :func:`build_components`, through the loader's ``_assemble``."""
     from fastimagic.models import _assemble, pick_device
 
     dev, dtype = pick_device(device)
@@ -341,7 +341,7 @@ def figure_equivalence(device, switches: list[str], compile_mode: str, image) ->
     import torch
 
     from fastimagic.editor import Editor
-    from fastimagic.finetune import FinetuneConfig, finetune
+    from fastimagic.finetuning import FinetuneConfig, finetune
     from fastimagic.models import load_base_model
 
     config = FinetuneConfig(steps=2, min_steps=2, batch_size=2)
@@ -394,7 +394,7 @@ def figure_equivalence(device, switches: list[str], compile_mode: str, image) ->
 def figure_finetune(model, image, plan: Plan):
     import torch
 
-    from fastimagic.finetune import FinetuneConfig, finetune
+    from fastimagic.finetuning import FinetuneConfig, finetune
 
     device, size = model.device, plan.resolution
     steps, batch = plan.finetune_steps, plan.finetune_batch
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                 record, tuning = figure_finetune(model, image, plan)
                 emit(record)
             if tuning is None:  # the other figures need some tuning to apply: a 1-step one will do
-                from fastimagic.finetune import FinetuneConfig, finetune
+                from fastimagic.finetuning import FinetuneConfig, finetune
 
                 config = FinetuneConfig(steps=1, min_steps=1, batch_size=plan.finetune_batch)
                 tuning = finetune(model, image, SOURCE_PROMPT, config, width=plan.resolution, height=plan.resolution)

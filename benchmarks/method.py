@@ -19,7 +19,7 @@ import time
 import torch
 
 from fastimagic.editor import Editor
-from fastimagic.finetune import FinetuneConfig, finetune
+from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.forgetting import forgotten_names
 from fastimagic.images import load_reference
 from fastimagic.models import load_base_model

@@ -75,7 +75,7 @@ def run_flow(story: Path) -> tuple[float, int]:
 def run_direct(reference: Path, out: Path, *, scenes: int, seeds: int, gammas, steps: int, ft_steps: int):
     """(seconds, keyframes) of the same work through fastimagic alone, as a notebook would do it."""
     from fastimagic.editor import Editor
-    from fastimagic.finetune import FinetuneConfig, finetune
+    from fastimagic.finetuning import FinetuneConfig, finetune
     from fastimagic.images import load_reference
     from fastimagic.models import load_base_model
 

@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_base_model": "fastimagic.models",
-    "BaseModel": "fastimagic.models",
+    "Components": "fastimagic.models",
     "pick_device": "fastimagic.models",
-    "finetune": "fastimagic.finetune",
-    "FinetuneConfig": "fastimagic.finetune",
+    "finetune": "fastimagic.finetuning",
+    "FinetuneConfig": "fastimagic.finetuning",
     "Tuning": "fastimagic.tuning",
     "Editor": "fastimagic.editor",
     "Keyframe": "fastimagic.editor",

@@ -22,7 +22,7 @@ from fastimagic import images
 from fastimagic.errors import InputError
 from fastimagic.forgetting import Forgetting, StrategyReport, canonical
 from fastimagic.merge import merge
-from fastimagic.models import BaseModel
+from fastimagic.models import Components
 from fastimagic.sampler import sample
 from fastimagic.tuning import Tuning
 
@@ -64,7 +64,7 @@ class Keyframe:
 class Editor:
     """A base model with a tuning applied in place. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, model: BaseModel, tuning: Tuning):
+    def __init__(self, model: Components, tuning: Tuning):
         if tuning.model_identity != model.identity:
             raise InputError(
                 f"tuning {tuning.key} was fine-tuned on '{tuning.model_identity}', not on '{model.identity}'"

@@ -74,7 +74,7 @@ def pick_device(device: str | None = None, dtype: str | torch.dtype | None = Non
 
 
 @dataclass
-class BaseModel:
+class Components:
     """The frozen components of an SD 1.x model, on one device.
 
     The UNet keeps float32 master weights (fine-tuning updates them; compute runs under autocast in ``dtype``);
@@ -201,7 +201,7 @@ def load_base_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
-) -> BaseModel:
+) -> Components:
     """Load a Stable Diffusion 1.x base model from ``spec`` (``tiny``, repo id, diffusers folder or single file).
 
     ``config``: for single-file checkpoints, the diffusers folder or cached repo id that supplies configs and the
@@ -224,7 +224,7 @@ def load_base_model(
     return _assemble(parts, identity, dev, compute_dtype)
 
 
-_WARM: dict[tuple, BaseModel] = {}
+_WARM: dict[tuple, Components] = {}
 _WARM_LOCK = threading.Lock()
 
 
@@ -235,7 +235,7 @@ def cached_base_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
-) -> BaseModel:
+) -> Components:
     """:func:`load_base_model`, once per process and model identity: render workers keep the base model warm.
 
     Only the most recent model stays loaded (a GPU worker rarely holds two SD UNets at once).
@@ -248,7 +248,7 @@ def cached_base_model(
         return _WARM[key]
 
 
-def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dtype) -> Components:
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
@@ -259,7 +259,7 @@ def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dty
         m.to(device)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
-    return BaseModel(
+    return Components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastimagic import images
-from fastimagic.models import BaseModel
+from fastimagic.models import Components
 
 # Rough activation memory per latent pixel for one guided image (two UNet passes) of an SD 1.x UNet under bf16
 # autocast with SDPA attention, plus headroom. Used only to pick a batch size when none is given.
@@ -17,7 +17,7 @@ _BYTES_PER_LATENT_PIXEL = 160_000
 VAE_DECODE_BATCH = 4
 
 
-def auto_batch_size(model: BaseModel, width: int, height: int, cap: int = 32) -> int:
+def auto_batch_size(model: Components, width: int, height: int, cap: int = 32) -> int:
     """How many images to push through the UNet at once: from free GPU memory on CUDA, else 8."""
     if model.device.type != "cuda":
         return 8
@@ -34,7 +34,7 @@ def initial_latents(seed: int, width: int, height: int, channels: int = 4) -> to
 
 @torch.no_grad()
 def sample(
-    model: BaseModel,
+    model: Components,
     embeddings: torch.Tensor,
     seeds: list[int],
     *,

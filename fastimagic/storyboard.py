@@ -66,7 +66,7 @@ SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Same list as fastimagic.models.PICKLE_SUFFIXES, written out because that module imports torch.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-# fastimagic.finetune.BLOCK_PRESETS holds what each preset trains; its module imports torch.
+# fastimagic.finetuning.BLOCK_PRESETS holds what each preset trains; its module imports torch.
 BLOCK_PRESETS = ("paper", "reference")
 # UNet2DConditionModel children that hold parameters, and how many down/up blocks SD 1.x has.
 _UNET_BLOCKS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
@@ -436,7 +436,7 @@ def _model_source(value: Any, info: ValidationInfo, *, allow_pickle: bool) -> Mo
 
 
 class FinetuneSettings(_Frozen):
-    """How the one fine-tune runs; the defaults are the paper's. Same fields as ``fastimagic.finetune.FinetuneConfig``.
+    """How the one fine-tune runs; the defaults are the paper's. Same fields as ``fastimagic.finetuning.FinetuneConfig``.
 
     steps: most optimiser steps. batch_size: copies of the image latent per step. min_steps / loss_threshold: stop
     early after ``min_steps`` once the loss is below ``loss_threshold``. text_lr / unet_lr: learning rates for the

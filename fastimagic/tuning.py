@@ -56,7 +56,7 @@ def content_key(
 
 @dataclass
 class Tuning:
-    """The result of :func:`fastimagic.finetune.finetune`. See the module docstring."""
+    """The result of :func:`fastimagic.finetuning.finetune`. See the module docstring."""
 
     key: str
     source_prompt: str

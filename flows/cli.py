@@ -91,7 +91,7 @@ def cmd_caption(args) -> int:
 
 
 def cmd_strategies(args) -> int:
-    from fastimagic.finetune import BLOCK_PRESETS
+    from fastimagic.finetuning import BLOCK_PRESETS
     from fastimagic.forgetting import ALIASES, STRATEGIES, describe
     from fastimagic.models import unet_shapes
 

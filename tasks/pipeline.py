@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from fastimagic import keyframes as kf
 from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.editor import Editor
-from fastimagic.finetune import FinetuneConfig, finetune
+from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.images import fit, load_reference
 from fastimagic.models import cached_base_model, model_identity
 from fastimagic.scoring import load_scorer

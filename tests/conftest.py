@@ -72,7 +72,7 @@ def tiny_model():
 def tuning(tiny_model, photo, photo_bytes):
     import hashlib
 
-    from fastimagic.finetune import FinetuneConfig, finetune
+    from fastimagic.finetuning import FinetuneConfig, finetune
 
     return finetune(
         tiny_model,

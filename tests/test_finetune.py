@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastimagic.errors import FinetuneError, InputError
-from fastimagic.finetune import BLOCK_PRESETS, FinetuneConfig, finetune, trained_parameter_names
+from fastimagic.finetuning import BLOCK_PRESETS, FinetuneConfig, finetune, trained_parameter_names
 
 
 def test_finetune_lowers_the_loss_on_a_real_photo(tuning):

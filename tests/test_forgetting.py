@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastimagic.errors import InputError
-from fastimagic.finetune import BLOCK_PRESETS, trained_parameter_names
+from fastimagic.finetuning import BLOCK_PRESETS, trained_parameter_names
 from fastimagic.forgetting import ALIASES, STRATEGIES, Forgetting, canonical, describe
 
 

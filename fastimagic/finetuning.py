@@ -20,7 +20,7 @@ from PIL import Image
 
 from fastimagic import images
 from fastimagic.errors import FinetuneError, InputError
-from fastimagic.models import BaseModel
+from fastimagic.models import Components
 from fastimagic.tuning import Tuning, content_key
 
 # Which UNet blocks are trained. "paper": encoder blocks 0-2 and decoder blocks 1-3 (§3.2).
@@ -77,7 +77,7 @@ def trained_parameter_names(unet: torch.nn.Module, blocks: tuple[str, ...]) -> l
 
 
 @torch.no_grad()
-def encode_image(model: BaseModel, image: Image.Image, width: int, height: int, generator: torch.Generator):
+def encode_image(model: Components, image: Image.Image, width: int, height: int, generator: torch.Generator):
     """The scaled VAE latent ``[1, 4, H/8, W/8]`` of ``image`` fitted to ``width`` x ``height``."""
     x = images.to_tensor(images.fit(image, width, height)).to(model.device, model.dtype)
     dist = model.vae.encode(x).latent_dist
@@ -86,7 +86,7 @@ def encode_image(model: BaseModel, image: Image.Image, width: int, height: int, 
 
 
 def finetune(
-    model: BaseModel,
+    model: Components,
     image: Image.Image,
     source_prompt: str,
     config: FinetuneConfig = FinetuneConfig(),
