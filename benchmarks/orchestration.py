@@ -109,7 +109,7 @@ def run_direct(reference: Path, out: Path, *, scenes: int, seeds: int, gammas, s
                     guidance=7.5,
                 )
                 for f in frames:
-                    f.image.save(folder / f"{seed}-g{f.edit['gamma']:.2f}-{forget}.png")
+                    f.image.save(folder / f"{seed}-{f.edit.label()}-{forget}.png")
                     count += 1
     return time.perf_counter() - t, count
 

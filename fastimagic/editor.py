@@ -6,14 +6,15 @@ number of tunings in turn.
 
 >>> with Editor(model, tuning) as editor:                                   # doctest: +SKIP
 ...     frames = editor.render("two people dancing on the beach", seeds=[0, 1],
-...                            edits=[{"mode": "subtract", "gamma": g} for g in (0.8, 1.0, 1.2)],
+...                            edits=[Subtract(g) for g in (0.8, 1.0, 1.2)],
 ...                            forget="encoderattn")
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -21,7 +22,7 @@ from PIL import Image
 from fastimagic import images
 from fastimagic.errors import InputError
 from fastimagic.forgetting import Forgetting, StrategyReport, canonical
-from fastimagic.merge import merge
+from fastimagic.merge import Edit, as_edit, merge
 from fastimagic.models import Components
 from fastimagic.sampler import sample
 from fastimagic.tuning import Tuning
@@ -36,7 +37,7 @@ class Keyframe:
     image: Image.Image
     prompt: str
     seed: int
-    edit: dict
+    edit: Edit
     forget: str
     sigma: float
     guidance: float
@@ -44,13 +45,12 @@ class Keyframe:
     width: int
     height: int
     negative_prompt: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
         return {
             "prompt": self.prompt,
             "seed": self.seed,
-            "edit": dict(self.edit),
+            "edit": self.edit.as_dict(),
             "forget": self.forget,
             "sigma": self.sigma,
             "guidance": self.guidance,
@@ -110,7 +110,7 @@ class Editor:
         prompt: str,
         *,
         seeds: list[int],
-        edits: list[dict],
+        edits: Sequence[Edit | Mapping],
         forget: str = "none",
         sigma: float = 0.0,
         guidance: float = 7.5,
@@ -122,8 +122,15 @@ class Editor:
     ) -> list[Keyframe]:
         """Render every (seed, edit) combination for ``prompt`` under one forgetting strategy.
 
-        ``edits``: merge settings, ``{"mode": "subtract", "gamma": g}`` or ``{"mode": "project", "alpha": a,
-        "beta": b}``. Width and height default to the tuning's. Keyframes come back seed-major, then edit order.
+        ``seeds``: one keyframe per seed and edit; each seed's initial noise is drawn on the CPU, so a keyframe is
+        the same alone or batched. ``edits``: merge settings, :class:`~fastimagic.merge.Subtract` /
+        :class:`~fastimagic.merge.Project` or their manifest form (``{"mode": "subtract", "gamma": g}``).
+        ``forget``: the forgetting strategy, applied in place for this call. ``sigma``: how much of the learned
+        weights a forgotten tensor keeps (0 forgets completely). ``guidance``: classifier-free guidance scale (1
+        turns it off). ``steps``: DDIM steps. ``negative_prompt``: the unconditional prompt (default empty).
+        ``width`` / ``height``: pixels, multiples of 8; default the tuning's. ``max_batch``: most images per UNet
+        call (default: what fits, see :func:`fastimagic.sampler.auto_batch_size`). Keyframes come back seed-major,
+        then in edit order.
         """
         if self._closed:
             raise RuntimeError("editor is closed")
@@ -135,6 +142,7 @@ class Editor:
         if cut:
             log.warning("prompt is longer than the text encoder's 77 tokens; ignored: %r", cut)
         target = self.model.encode_prompts([prompt])
+        edits = [as_edit(e) for e in edits]
         merged = [merge(self._source, target, e) for e in edits]
         combos = [(s, i) for s in seeds for i in range(len(edits))]
         embeddings = torch.cat([merged[i] for _, i in combos])
@@ -156,7 +164,7 @@ class Editor:
                 image=img,
                 prompt=prompt,
                 seed=int(s),
-                edit=dict(edits[i]),
+                edit=edits[i],
                 forget=strategy,
                 sigma=float(sigma),
                 guidance=float(guidance),

@@ -23,10 +23,13 @@ import io
 import json
 import math
 import secrets
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from urllib.parse import quote as _quote
 
 from PIL import Image, ImageDraw, ImageOps
+
+from fastimagic.merge import Edit, as_edit
 
 MANIFEST = "manifest.json"
 INDEX = "index.html"
@@ -41,17 +44,10 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
-def edit_label(edit: dict) -> str:
-    """A short file-name-safe label for merge settings: ``g1.10`` or ``a0.80-b1.20``."""
-    if edit["mode"] == "subtract":
-        return f"g{edit['gamma']:.2f}"
-    return f"a{edit['alpha']:.2f}-b{edit['beta']:.2f}"
-
-
-def keyframe_name(seed: int, edit: dict, forget: str, sigma: float = 0.0) -> str:
+def keyframe_name(seed: int, edit: Edit | Mapping, forget: str, sigma: float = 0.0) -> str:
     """``<seed>-<edit>-<forget>.png``; '+' in strategy names becomes '_' so the key needs no URL escaping."""
     forget_part = forget.replace("+", "_") + (f"-s{sigma:.2f}" if sigma else "")
-    return f"{seed}-{edit_label(edit)}-{forget_part}.png"
+    return f"{seed}-{as_edit(edit).label()}-{forget_part}.png"
 
 
 def scene_prefix(scene_id: str) -> str:
@@ -101,7 +97,7 @@ def contact_sheet(tiles: list[tuple], tile: int = 192, columns: int | None = Non
 
 def tile_label(record: dict) -> str:
     """Two lines: seed, edit and forgetting; then scores and pick rank when present."""
-    first = f"s{record['seed']} {edit_label(record['edit'])} {record['forget']}"
+    first = f"s{record['seed']} {as_edit(record['edit']).label()} {record['forget']}"
     sc = record.get("scores")
     if not sc:
         return first
@@ -172,7 +168,7 @@ def index_html(run: dict, link=None) -> bytes:
         for k in (k for k in run["keyframes"] if k["scene"] == scene["id"]):
             parts.append(
                 f'<tr><td><a href="{quote(k["key"])}">{e(k["key"].rsplit("/", 1)[-1])}</a></td>'
-                f"<td>{k['seed']}</td><td>{e(edit_label(k['edit']))}</td><td>{e(k['forget'])}</td>"
+                f"<td>{k['seed']}</td><td>{e(as_edit(k['edit']).label())}</td><td>{e(k['forget'])}</td>"
                 f"<td>{_scores_cell(k)}</td><td>{k.get('pick') or ''}</td></tr>"
             )
         parts.append("</table></section>")

@@ -16,7 +16,7 @@ be replaced by thresholds on metrics like CLIP score and LPIPS score". These are
   - ``"clip_image"``: cosine similarity of the CLIP image embeddings of the keyframe and the reference, in
     ``[-1, 1]``; 1 = same embedding. **Higher = more similar.** The fallback everywhere else.
 
-  :func:`similarity_key` / :func:`more_similar` hide the direction.
+  :func:`fastimagic.picking.similarity_key` hides the direction.
 
 ``load_scorer("tiny")`` builds a tiny random CLIP offline for tests; its numbers are meaningless but finite and
 deterministic.
@@ -34,7 +34,6 @@ import torch
 from PIL import Image
 
 from fastimagic.errors import InputError
-from fastimagic.selection import more_similar, similarity_key  # noqa: F401  (re-exported: the metric's direction)
 
 DEFAULT_SCORER = "openai/clip-vit-large-patch14"
 # A seed whose random text and image towers give positive cosines for ordinary prompts, so the tiny CLIP score
@@ -159,7 +158,7 @@ class Scorer:
         """Per-keyframe scores, in the order of ``images``: ``{"clip", "fidelity", "fidelity_metric"}``.
 
         Zip the result with the keyframe records (``record["scores"] = s``) to store it in a manifest and to pass
-        the records to :func:`fastimagic.selection.pick`.
+        the records to :func:`fastimagic.picking.pick`.
         """
         clip = self.text_alignment(images, prompt)
         fidelity, metric = self.fidelity(images, reference)

@@ -12,7 +12,6 @@ as ``session=``.
 from __future__ import annotations
 
 import abc
-import ipaddress
 import mimetypes
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from fastimagic.config import BUCKET_RULE, bucket_problem, split_s3
 from fastimagic.errors import FastImagicError
 
 __all__ = [
@@ -40,8 +40,6 @@ _TMP_SUFFIX = ".fastimagic-tmp"
 # SigV4 presigned URLs live at most 7 days.
 _MAX_URL_EXPIRES_S = 7 * 24 * 3600
 _KEY_RULE = "keys are relative paths of non-empty '/'-separated segments, without '..', '.', '\\' or control characters"
-_BUCKET_RULE = "bucket names are 3-63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit"
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class StoreError(FastImagicError):
@@ -96,36 +94,25 @@ def _safe_prefix(prefix: str, *, where: str = "") -> str:
 
 
 def _check_bucket(bucket: str, uri: str) -> str:
-    if not bucket:
-        raise StoreError(f"{uri}: missing bucket name, expected s3://bucket/prefix; {_BUCKET_RULE}")
-    problem = ""
-    if not _BUCKET_RE.fullmatch(bucket):
-        problem = "is not a valid bucket name"
-    elif ".." in bucket or ".-" in bucket or "-." in bucket:
-        problem = "has '..', '.-' or '-.'"
-    elif bucket.startswith("xn--") or bucket.endswith("-s3alias"):
-        problem = "uses a reserved prefix or suffix"
-    else:
-        try:
-            ipaddress.IPv4Address(bucket)
-            problem = "looks like an IP address"
-        except ValueError:
-            pass
+    problem = bucket_problem(bucket)
     if problem:
-        raise StoreError(f"{uri}: bucket {bucket!r} {problem}; {_BUCKET_RULE}")
+        raise StoreError(f"{uri}: bucket {bucket!r} {problem}; {BUCKET_RULE}")
     return bucket
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into ``(bucket, key)``; the key may be empty (``s3://bucket``).
 
-    Raises :class:`StoreError` naming the URI if it is not ``s3://`` or the bucket name breaks S3's naming rules.
-    The key is returned as written (a trailing ``/`` is kept); callers check it with :func:`safe_key`.
+    Raises :class:`StoreError` naming the URI if it is not ``s3://`` or the bucket name breaks S3's naming rules
+    (:func:`fastimagic.config.split_s3`, the rule the storyboard schema applies too). The key is returned as
+    written (a trailing ``/`` is kept); callers check it with :func:`safe_key`.
     """
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
+    if not isinstance(uri, str):
         raise StoreError(f"{uri}: not an S3 URI, expected s3://bucket/prefix")
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return _check_bucket(bucket, uri), key
+    try:
+        return split_s3(uri)
+    except ValueError as e:
+        raise StoreError(f"{uri}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

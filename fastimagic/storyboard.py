@@ -15,12 +15,10 @@
         prompt: a photo of a dog sitting
         edit: {project: {alpha: [1.0, 1.2], beta: [0.0, 0.5]}}
 
-:func:`load_storyboard` reads it and checks everything before any model is loaded. It reports every problem at
-once, one line each, as ``FILE:LINE FIELD.PATH: message``, and raises :class:`StoryboardError` carrying them.
-
-YAML is read with the safe loader only (``yaml.safe_load``'s constructors; tags that could build Python objects
-are refused), plus one change: a number written without a dot such as ``1e-3`` is a float, as in YAML 1.2, and
-not the string YAML 1.1 makes of it. Line numbers come from the composed node tree.
+This module is the schema: the models a person writes, their defaults and the rules on their values. Reading a
+file (YAML, line numbers, one message per problem) is :func:`fastimagic.storyboard_yaml.load_storyboard`. The
+validators here raise pydantic errors at field paths; the loader turns them into ``FILE:LINE FIELD.PATH: message``.
+Path, URI and model-name rules come from :mod:`fastimagic.config`, which the runtime applies too.
 """
 
 from __future__ import annotations
@@ -30,14 +28,10 @@ import math
 import os
 import posixpath
 import re
-import typing
-import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable
 from itertools import product
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -51,53 +45,28 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fastimagic.errors import InputError
+from fastimagic import config
+from fastimagic.autoforget import AUTO, Thresholds
+from fastimagic.config import (
+    BLOCK_PRESETS,
+    DEFAULT_MAX_KEYFRAMES,
+    DEFAULT_MAX_SEEDS,
+    DEFAULT_MAX_SIDE,
+    MAX_SEED,
+    MIN_SIDE,
+    UNET_BLOCKS,
+    UNET_LEVELS,
+    slugify,
+)
 from fastimagic.forgetting import ALIASES, STRATEGIES
+from fastimagic.merge import Edit as MergeEdit
+from fastimagic.merge import Project, Subtract
 
-FORGET_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)
-FORGET_ALIASES: dict[str, str] = dict(ALIASES)
-
-DEFAULT_MAX_SEEDS = 64
-DEFAULT_MAX_KEYFRAMES = 10_000
-DEFAULT_MAX_SIDE = 2048
-MIN_SIDE = 64  # the smallest image whose latent keeps a spatial extent at every UNet level
-MAX_SEED = 2**32 - 1
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-# Same list as fastimagic.models.PICKLE_SUFFIXES, written out because that module imports torch.
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-# fastimagic.finetuning.BLOCK_PRESETS holds what each preset trains; its module imports torch.
-BLOCK_PRESETS = ("paper", "reference")
-# UNet2DConditionModel children that hold parameters, and how many down/up blocks SD 1.x has.
-_UNET_BLOCKS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
-_UNET_LEVELS = 4
 _RANGE_KEYS = ("from", "to", "step")
 _RANGE_TOLERANCE = 1e-9
 _DECIMALS = 6
-_MAX_YAML_NODES = 100_000  # anchors and aliases can make a small file expand to billions of values
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # AWS's rules are stricter; S3-compatible stores vary
-_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BLOCK_NAME = re.compile(r"[a-z_]+(\.[a-z0-9_]+)*")
-
-
-class StoryboardError(InputError):
-    """The storyboard has problems. ``problems`` holds one ``FILE:LINE FIELD.PATH: message`` line for each."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-    def __reduce__(self):  # keep the lines separate across pickling (orchestrators ship exceptions)
-        return (type(self), (self.problems,))
-
-
-def slugify(text: str, max_length: int = 64) -> str:
-    """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-_")
-    return slug[:max_length].rstrip("-_")
 
 
 # --- messages -------------------------------------------------------------------------------------------------
@@ -107,7 +76,7 @@ class _Bad(Exception):
     """One problem with one value, found by a helper below; the validator that called it says where."""
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """A value as a person wrote it in YAML, for 'got ...' in messages."""
     if value is None:
         return "an empty value"
@@ -125,7 +94,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {str(value)[:40]}"
 
 
-def _unknown_key(key: Any, allowed: typing.Iterable[str]) -> str:
+def unknown_key(key: Any, allowed: Iterable[str]) -> str:
     allowed = list(allowed)
     close = difflib.get_close_matches(str(key), allowed, n=1)
     if close:
@@ -138,97 +107,30 @@ def _problem(message: str) -> PydanticCustomError:
     return PydanticCustomError("storyboard", "{message}", {"message": message})
 
 
-def _problems(found: list[tuple[tuple, str]]) -> ValidationError:
-    """Several problems at once, at locations relative to the value being validated (pydantic prefixes them)."""
-    return ValidationError.from_exception_data(
-        "storyboard", [InitErrorDetails(type=_problem(msg), loc=loc, input=None) for loc, msg in found]
-    )
+def _problems(found: list) -> ValidationError:
+    """Several problems at once, at locations relative to the value being validated (pydantic prefixes them).
+
+    Each item is ``(location, message)``, or a pydantic error dict carried over from a nested validation (see
+    :func:`_carried`), which keeps its own type so that the loader words it like any other.
+    """
+    details = []
+    for item in found:
+        if isinstance(item, tuple):
+            loc, msg = item
+            details.append(InitErrorDetails(type=_problem(msg), loc=loc, input=None))
+        elif item["type"] == "storyboard":
+            details.append(InitErrorDetails(type=_problem(item["msg"]), loc=item["loc"], input=item.get("input")))
+        else:
+            detail = InitErrorDetails(type=item["type"], loc=item["loc"], input=item.get("input"))
+            if item.get("ctx"):
+                detail["ctx"] = item["ctx"]
+            details.append(detail)
+    return ValidationError.from_exception_data("storyboard", details)
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if found := _model_in(arg):
-            return found
-    return None
-
-
-def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys a person may write in the mapping at ``loc`` inside ``model``."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
-        inner = _model_in(field.annotation) if field else None
-        if inner is None:
-            return []
-        model = inner
-    keys = [f.alias or n for n, f in model.model_fields.items()]
-    return [*keys, "defaults"] if model is Storyboard else keys
-
-
-def _explain(errors: list[dict], root: type[BaseModel], prefix: tuple = ()) -> list[tuple[tuple, str]]:
-    """Pydantic errors as (location, sentence), leaving out 'is required' where a misspelt key already says it."""
-    misspelt = set()
-    for err in errors:
-        if err["type"] == "extra_forbidden":
-            parent = tuple(err["loc"][:-1])
-            misspelt.update(
-                (*parent, k) for k in difflib.get_close_matches(str(err["loc"][-1]), _keys_at(root, parent), n=1)
-            )
-    return [_located(e, root, prefix) for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in misspelt)]
-
-
-def _located(err: dict, root: type[BaseModel], prefix: tuple = ()) -> tuple[tuple, str]:
-    """One pydantic error as (location, sentence); ``root`` is the model the error's location starts from."""
-    loc = tuple(err["loc"])
-    if err["type"] == "invalid_key":  # the location ends with the offending key itself
-        return (*prefix, *loc[:-1]), f"key {_describe(loc[-1])} must be text; put it in quotes"
-    return (*prefix, *loc), _message(err, root)
-
-
-_BOUNDS = {
-    "greater_than_equal": ("at least", "ge"),
-    "greater_than": ("more than", "gt"),
-    "less_than_equal": ("at most", "le"),
-    "less_than": ("less than", "lt"),
-}
-
-
-def _message(err: dict, root: type[BaseModel]) -> str:
-    kind, ctx, got = err["type"], err.get("ctx") or {}, _describe(err.get("input"))
-    if kind == "storyboard":
-        return err["msg"]
-    if kind == "missing":
-        return "is required"
-    if kind == "extra_forbidden":
-        return _unknown_key(err["loc"][-1], _keys_at(root, tuple(err["loc"][:-1])))
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"must be a whole number (got {got})"
-    if kind in ("float_type", "float_parsing"):
-        return f"must be a number (got {got})"
-    if kind == "finite_number":
-        return f"must be a finite number (got {got})"
-    if kind == "string_type":
-        hint = "; put it in quotes to mean the text" if isinstance(err.get("input"), (int, float)) else ""
-        return f"must be text (got {got}){hint}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"must be true or false (got {got})"
-    if kind in _BOUNDS:
-        word, key = _BOUNDS[kind]
-        bound = ctx[key]
-        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-        return f"must be {word} {bound} (got {got})"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"must be a mapping of settings (got {got})"
-    if kind in ("tuple_type", "list_type"):
-        return f"must be a list (got {got})"
-    if kind == "string_too_short":
-        return "must not be empty"
-    if kind == "recursion_loop":
-        return "contains itself (a YAML alias inside its own anchor)"
-    return err["msg"]
+def _carried(errors: list[dict], prefix: tuple = ()) -> list[dict]:
+    """Errors of a nested validation (a scene, the defaults), moved under ``prefix``."""
+    return [{**err, "loc": (*prefix, *err["loc"])} for err in errors]
 
 
 # --- values ---------------------------------------------------------------------------------------------------
@@ -236,13 +138,13 @@ def _message(err: dict, root: type[BaseModel]) -> str:
 
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"must be a number (got {_describe(value)})")
+        raise _Bad(f"must be a number (got {describe_value(value)})")
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise _Bad(f"must be a finite number (got {_describe(value)})")
+        raise _Bad(f"must be a finite number (got {describe_value(value)})")
     return number
 
 
@@ -252,7 +154,7 @@ def _rounded(number: float) -> float:
 
 def _expand_range(spec: dict, max_count: int) -> tuple[float, ...]:
     """``{from, to, step}`` as its values, ``to`` included within a 1e-9 tolerance."""
-    found = [((key,), _unknown_key(key, _RANGE_KEYS)) for key in spec if key not in _RANGE_KEYS]
+    found = [((key,), unknown_key(key, _RANGE_KEYS)) for key in spec if key not in _RANGE_KEYS]
     numbers = {}
     for key in _RANGE_KEYS:
         if key not in spec:
@@ -266,7 +168,7 @@ def _expand_range(spec: dict, max_count: int) -> tuple[float, ...]:
         raise _problems(found)
     start, stop, step = numbers["from"], numbers["to"], numbers["step"]
     if step <= 0:
-        raise _problems([(("step",), f"must be more than 0 (got {_describe(spec['step'])})")])
+        raise _problems([(("step",), f"must be more than 0 (got {describe_value(spec['step'])})")])
     if stop < start:
         raise _problems([((), f"the range goes down (from {start!r} to {stop!r}); put the smaller number in 'from'")])
     steps = (stop - start + _RANGE_TOLERANCE) / step
@@ -289,7 +191,7 @@ def _edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
             return (_rounded(_number(value)),)
         except _Bad:
             usage = "must be a number, a list of numbers or a range like {from: 0.8, to: 1.5, step: 0.1}"
-            raise _problem(f"{usage} (got {_describe(value)})") from None
+            raise _problem(f"{usage} (got {describe_value(value)})") from None
     if not value:
         raise _problem("list at least one value")
     found, values = [], {}  # a dict keeps the order
@@ -317,13 +219,11 @@ def _base(info: ValidationInfo) -> str:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key); the key may be empty."""
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise _Bad(f"s3 URI '{uri}' names no bucket; write s3://BUCKET/KEY")
-    if not _BUCKET.fullmatch(bucket):
-        raise _Bad(f"s3 bucket name '{bucket}' is not valid (letters, digits, '.', '-' and '_')")
-    return bucket, key
+    """``s3://bucket/key`` -> (bucket, key) under the runtime's bucket rules; the key may be empty."""
+    try:
+        return config.split_s3(uri)
+    except ValueError as e:
+        raise _Bad(f"s3 URI '{uri}': {e}") from None
 
 
 def _resolve(value: str, base: str, *, need_key: bool) -> str:
@@ -335,7 +235,7 @@ def _resolve(value: str, base: str, *, need_key: bool) -> str:
         if need_key and not key:
             raise _Bad(f"s3 URI '{value}' names no key; write s3://{bucket}/path/to/file")
         return value
-    if _URL_SCHEME.match(value):
+    if config.URL_SCHEME.match(value):
         raise _Bad(f"'{value}': only local paths and s3:// URIs are supported")
     if value.startswith("~"):
         return os.path.normpath(os.path.expanduser(value))
@@ -372,16 +272,12 @@ class Location(_Frozen):
     given: str
     resolved: str
 
-    @property
-    def is_s3(self) -> bool:
-        return self.resolved.startswith("s3://")
-
 
 def _location(value: Any, info: ValidationInfo, *, need_key: bool) -> Location:
     if isinstance(value, Location):
         return value
     if not isinstance(value, str):
-        raise _problem(f"must be a path or an s3:// URI (got {_describe(value)})")
+        raise _problem(f"must be a path or an s3:// URI (got {describe_value(value)})")
     try:
         return Location(given=value, resolved=_resolve(value, _base(info), need_key=need_key))
     except _Bad as e:
@@ -407,36 +303,26 @@ def _model_source(value: Any, info: ValidationInfo, *, allow_pickle: bool) -> Mo
     if isinstance(value, ModelSource):
         return value
     if not isinstance(value, str):
-        raise _Bad(f"must be a hub repo id, a local path or 'tiny' (got {_describe(value)})")
+        raise _Bad(f"must be a hub repo id, a local path or 'tiny' (got {describe_value(value)})")
     if not value:
         raise _Bad("must not be empty")
-    if value == "tiny":
-        return TINY
-    if _URL_SCHEME.match(value):
-        raise _Bad(f"'{value}': models load from a hub repo id, a local folder or a local checkpoint file, not a URL")
     base = _base(info)
-    suffix = os.path.splitext(value)[1].lower()
-    looks_local = value.startswith((".", "/", "~")) or suffix in CHECKPOINT_SUFFIXES or value.count("/") > 1
-    if not looks_local and not base.startswith("s3://"):
-        looks_local = os.path.exists(os.path.join(base, value))
-    if not looks_local:
-        if _HUB_ID.fullmatch(value) and ".." not in value:
-            return ModelSource(given=value, kind="hub", resolved=value)
-        raise _Bad(
-            f"'{value}' is not a hub repo id like 'org/name', a local path (start it with ./ or /),"
-            " a .safetensors checkpoint or 'tiny'"
-        )
+    try:
+        kind = config.model_kind(value, base)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    if kind in ("tiny", "hub"):
+        return ModelSource(given=value, kind=kind, resolved=value)
     resolved = _resolve(value, base, need_key=True)
     if resolved.startswith("s3://"):
         raise _Bad(f"'{value}' is relative to an s3:// storyboard; models load from local paths or hub repo ids")
-    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+    if config.is_pickle(value) and not allow_pickle:
         raise _Bad("pickle checkpoints can run code; set allow_pickle: true to load it anyway")
-    kind = "single_file" if suffix in CHECKPOINT_SUFFIXES else "folder"
     return ModelSource(given=value, kind=kind, resolved=resolved)
 
 
 class FinetuneSettings(_Frozen):
-    """How the one fine-tune runs; the defaults are the paper's. Same fields as ``fastimagic.finetuning.FinetuneConfig``.
+    """How the one fine-tune runs. Same fields as :class:`fastimagic.finetuning.FinetuneConfig`.
 
     steps: most optimiser steps. batch_size: copies of the image latent per step. min_steps / loss_threshold: stop
     early after ``min_steps`` once the loss is below ``loss_threshold``. text_lr / unet_lr: learning rates for the
@@ -467,20 +353,20 @@ class FinetuneSettings(_Frozen):
             )
         if not isinstance(value, (list, tuple)) or not value:
             presets = ", ".join(BLOCK_PRESETS)
-            raise _problem(f"must be a preset ({presets}) or a list of UNet blocks (got {_describe(value)})")
+            raise _problem(f"must be a preset ({presets}) or a list of UNet blocks (got {describe_value(value)})")
         found, seen = [], set()
         for i, name in enumerate(value):
             if not isinstance(name, str) or not _BLOCK_NAME.fullmatch(name):
-                found.append(((i,), f"must be a UNet block name like down_blocks.0 (got {_describe(name)})"))
+                found.append(((i,), f"must be a UNet block name like down_blocks.0 (got {describe_value(name)})"))
                 continue
             root, _, rest = name.partition(".")
-            if root not in _UNET_BLOCKS:
-                close = difflib.get_close_matches(root, _UNET_BLOCKS, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"the UNet has {', '.join(_UNET_BLOCKS)}"
+            if root not in UNET_BLOCKS:
+                close = difflib.get_close_matches(root, UNET_BLOCKS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"the UNet has {', '.join(UNET_BLOCKS)}"
                 found.append(((i,), f"unknown UNet block '{name}' ({hint})"))
             elif root in ("down_blocks", "up_blocks") and rest.split(".")[0].isdigit():
-                if int(rest.split(".")[0]) >= _UNET_LEVELS:
-                    found.append(((i,), f"'{name}': SD 1.x has {root}.0 to {root}.{_UNET_LEVELS - 1}"))
+                if int(rest.split(".")[0]) >= UNET_LEVELS:
+                    found.append(((i,), f"'{name}': SD 1.x has {root}.0 to {root}.{UNET_LEVELS - 1}"))
             if name in seen:
                 found.append(((i,), f"'{name}' is listed twice"))
             seen.add(name)
@@ -489,7 +375,7 @@ class FinetuneSettings(_Frozen):
         return tuple(value)
 
 
-class Subtract(_Frozen):
+class SubtractSweep(_Frozen):
     """Vector subtraction, ``e = e_src + gamma * (e_tgt - e_src)``, for each gamma (see :mod:`fastimagic.merge`)."""
 
     gamma: tuple[float, ...]
@@ -497,7 +383,7 @@ class Subtract(_Frozen):
     _values = field_validator("gamma", mode="before")(_edit_values)
 
 
-class Project(_Frozen):
+class ProjectSweep(_Frozen):
     """Vector projection, ``e = alpha * e_src + beta * e_edit`` (e_edit: e_tgt orthogonal to e_src), for each pair."""
 
     alpha: tuple[float, ...]
@@ -509,8 +395,8 @@ class Project(_Frozen):
 class Edit(_Frozen):
     """How a scene merges e_src with its prompt's embedding: exactly one of ``subtract`` or ``project``."""
 
-    subtract: Subtract | None = None
-    project: Project | None = None
+    subtract: SubtractSweep | None = None
+    project: ProjectSweep | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -533,22 +419,20 @@ class Edit(_Frozen):
     def mode(self) -> Literal["subtract", "project"]:
         return "subtract" if self.subtract is not None else "project"
 
-    def combos(self) -> list[dict]:
-        """Every merge this edit asks for: ``{"mode": "subtract", "gamma": g}`` or ``{"mode": "project", ...}``."""
+    def combos(self) -> list[MergeEdit]:
+        """Every merge this edit asks for, in render order: a :class:`~fastimagic.merge.Subtract` per gamma, or a
+        :class:`~fastimagic.merge.Project` per (alpha, beta) pair."""
         if self.subtract is not None:
-            return [{"mode": "subtract", "gamma": g} for g in self.subtract.gamma]
+            return [Subtract(g) for g in self.subtract.gamma]
         assert self.project is not None
-        return [{"mode": "project", "alpha": a, "beta": b} for a, b in product(self.project.alpha, self.project.beta)]
+        return [Project(a, b) for a, b in product(self.project.alpha, self.project.beta)]
 
 
 DEFAULT_EDIT = Edit.model_validate({"subtract": {"gamma": {"from": 0.8, "to": 1.5, "step": 0.1}}})
 
 
-AUTO = "auto"  # forget: auto — render without forgetting, re-render with a strategy if the result overfits
-
-
 class Select(_Frozen):
-    """Which keyframes of a scene to pick for the video stage, by score (see :mod:`fastimagic.selection`).
+    """Which keyframes of a scene to pick for the video stage, by score (see :mod:`fastimagic.picking`).
 
     top: how many picks. min_clip: least CLIP text alignment (0-100). max_lpips: most LPIPS distance to the
     reference (when LPIPS is the fidelity metric). min_fidelity: least CLIP image similarity to the reference
@@ -561,18 +445,9 @@ class Select(_Frozen):
     min_fidelity: Annotated[_Float, Field(ge=-1, le=1)] | None = None
 
 
-class AutoForget(_Frozen):
-    """Thresholds of ``forget: auto``: a first pass overfits when its best CLIP score is under ``clip`` while it
-    stays close to the reference (CLIP image similarity at least ``clip_image``, or LPIPS at most ``lpips``)."""
-
-    clip: Annotated[_Float, Field(ge=0, le=100)] = 27.0
-    clip_image: Annotated[_Float, Field(ge=-1, le=1)] = 0.9
-    lpips: Annotated[_Float, Field(ge=0)] = 0.2
-
-
 def _forget_name(name: Any) -> str:
     if not isinstance(name, str):
-        raise _Bad(f"must be a strategy name (got {_describe(name)})")
+        raise _Bad(f"must be a strategy name (got {describe_value(name)})")
     if name in STRATEGIES:
         return name
     if name in ALIASES:
@@ -601,7 +476,7 @@ class Scene(_Frozen):
     guidance: Annotated[_Float, Field(ge=1, le=30)] = 7.5
     steps: Annotated[_Int, Field(ge=1, le=1000)] = 50
     select: Select | None = None
-    auto: AutoForget = AutoForget()
+    auto: Thresholds = Thresholds()  # when forget: auto counts a scene as overfitted
 
     @property
     def auto_forget(self) -> bool:
@@ -611,7 +486,7 @@ class Scene(_Frozen):
     @classmethod
     def _id(cls, value: Any) -> str:
         if not isinstance(value, str):
-            raise _problem(f"scene id must be text like 'beach-walk' (got {_describe(value)})")
+            raise _problem(f"scene id must be text like 'beach-walk' (got {describe_value(value)})")
         if not SLUG.fullmatch(value):
             slug = slugify(value)
             if slug:
@@ -640,13 +515,14 @@ class Scene(_Frozen):
                 raise _problem(f"{value} seeds is more than max_seeds ({cap}){raise_cap}")
             return tuple(range(value))
         if not isinstance(value, (list, tuple)):
-            raise _problem(f"must be a count like 4 or a list of seeds like [0, 7, 42] (got {_describe(value)})")
+            raise _problem(f"must be a count like 4 or a list of seeds like [0, 7, 42] (got {describe_value(value)})")
         if not value:
             raise _problem("list at least one seed")
         found, seen = [], set()
         for i, seed in enumerate(value):
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-                found.append(((i,), f"a seed must be a whole number from 0 to {MAX_SEED} (got {_describe(seed)})"))
+                got = describe_value(seed)
+                found.append(((i,), f"a seed must be a whole number from 0 to {MAX_SEED} (got {got})"))
             elif seed in seen:
                 found.append(((i,), f"seed {seed} is listed twice"))
             seen.add(seed if isinstance(seed, int) else None)
@@ -669,7 +545,7 @@ class Scene(_Frozen):
             except _Bad as e:
                 raise _problem(str(e)) from None
         if not isinstance(value, (list, tuple)):
-            raise _problem(f"must be a strategy name or a list of them (got {_describe(value)})")
+            raise _problem(f"must be a strategy name or a list of them (got {describe_value(value)})")
         if not value:
             raise _problem("list at least one strategy (none keeps every learned weight)")
         found, names = [], {}  # a dict keeps the order
@@ -762,7 +638,7 @@ class Storyboard(_Frozen):
     @field_validator("resolution", mode="before")
     @classmethod
     def _resolution(cls, value: Any, info: ValidationInfo) -> tuple[int, int]:
-        usage = f"must be a size like 512 or '768x512' (got {_describe(value)})"
+        usage = f"must be a size like 512 or '768x512' (got {describe_value(value)})"
         if isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value):
             (width, height), labels = value, ("width", "height")
         elif isinstance(value, int) and not isinstance(value, bool):
@@ -824,18 +700,27 @@ class Storyboard(_Frozen):
         # or another scene is broken too.
         if not isinstance(data, dict):
             return handler(data)
-        found: list[tuple[tuple, str]] = []
+        found: list = []
         top = {k: v for k, v in data.items() if k not in ("scenes", "defaults")}
         board = None
         try:
             board = handler(top)  # first the top level alone: the scenes need its limits
         except ValidationError as e:
-            found += _explain(e.errors(), cls)
+            found += _carried(e.errors())
         limits = {
             name: getattr(board, name) if board else _raw_limit(data, name, default)
             for name, default in (("max_seeds", DEFAULT_MAX_SEEDS), ("max_keyframes", DEFAULT_MAX_KEYFRAMES))
         }
         scenes = _scenes(data, {**(info.context or {}), **limits}, found)
+        needs_scores = [s.id for s in scenes if s.auto_forget or s.select is not None]
+        if board is not None and board.scorer == "none" and needs_scores:
+            found.append(
+                (
+                    ("scorer",),
+                    f"scorer: none, but scenes {', '.join(needs_scores)} use forget: auto or select, which need"
+                    " scores; set scorer: auto",
+                )
+            )
         if found:
             raise _problems(found)
         # Once more with the scenes, so that Storyboard(...) fills in itself (validated Scenes are kept as they are).
@@ -875,11 +760,11 @@ def _raw_limit(data: dict, name: str, default: int) -> int:
     return value if type(value) is int and value >= 1 else default
 
 
-def _scenes(data: dict, context: dict, found: list[tuple[tuple, str]]) -> tuple[Scene, ...]:
+def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
     """Validate ``defaults`` and ``scenes``; append problems to ``found``; return the scenes that validated."""
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
-        found.append((("defaults",), f"must be a mapping of scene fields (got {_describe(defaults)})"))
+        found.append((("defaults",), f"must be a mapping of scene fields (got {describe_value(defaults)})"))
         defaults = {}
     if "id" in defaults:
         found.append((("defaults", "id"), "a default id makes no sense; give each scene its own"))
@@ -888,14 +773,14 @@ def _scenes(data: dict, context: dict, found: list[tuple[tuple, str]]) -> tuple[
         try:
             Scene.model_validate({"id": "defaults", "prompt": "defaults", **inherited}, context=context)
         except ValidationError as e:
-            found += _explain(e.errors(), Scene, ("defaults",))
+            found += _carried(e.errors(), ("defaults",))
 
     raw = data.get("scenes")
     if raw is None:
         found.append((("scenes",), "is required: list at least one scene, each with an id and a prompt"))
         return ()
     if not isinstance(raw, (list, tuple)):
-        found.append((("scenes",), f"must be a list of scenes (got {_describe(raw)})"))
+        found.append((("scenes",), f"must be a list of scenes (got {describe_value(raw)})"))
         return ()
     if not raw:
         found.append((("scenes",), "list at least one scene"))
@@ -905,7 +790,8 @@ def _scenes(data: dict, context: dict, found: list[tuple[tuple, str]]) -> tuple[
         if isinstance(item, Scene):
             scenes.append(item)
         elif not isinstance(item, dict):
-            found.append((("scenes", i), f"a scene must be a mapping with an id and a prompt (got {_describe(item)})"))
+            got = describe_value(item)
+            found.append((("scenes", i), f"a scene must be a mapping with an id and a prompt (got {got})"))
         else:
             try:
                 scenes.append(Scene.model_validate({**inherited, **item}, context=context))
@@ -914,7 +800,7 @@ def _scenes(data: dict, context: dict, found: list[tuple[tuple, str]]) -> tuple[
                 own = [
                     err for err in e.errors() if not (err["loc"] and err["loc"][0] in inherited.keys() - item.keys())
                 ]
-                found += _explain(own, Scene, ("scenes", i))
+                found += _carried(own, ("scenes", i))
         scene_id = item.id if isinstance(item, Scene) else item.get("id") if isinstance(item, dict) else None
         if isinstance(scene_id, str) and SLUG.fullmatch(scene_id):
             if scene_id in first_index:
@@ -936,201 +822,3 @@ def _scenes(data: dict, context: dict, found: list[tuple[tuple, str]]) -> tuple[
             )
         )
     return tuple(scenes)
-
-
-# --- YAML -----------------------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, reading ``1e-3`` (no dot) as a float like YAML 1.2 instead of as text."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_SAFE_TAGS = {tag for tag in _Loader.yaml_constructors if tag} | {_MERGE_TAG, "tag:yaml.org,2002:value"}
-
-
-def _format_path(loc: tuple) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return text
-
-
-def _short_tag(tag: str) -> str:
-    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
-
-
-class _TooBig(Exception):
-    pass
-
-
-class _Tree:
-    """Walks the composed YAML: line of every field path, refused tags, duplicate keys."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.lines: dict[tuple, int] = {}
-        self.problems: list[tuple[int, str]] = []
-        self.refused_tags = False
-        self._seen: set[int] = set()
-        self._visits = 0
-
-    def visit(self, node: yaml.Node, path: tuple | None, on_path: frozenset = frozenset()) -> None:
-        self._visits += 1
-        if self._visits > _MAX_YAML_NODES:
-            raise _TooBig
-        if id(node) in on_path:  # a recursive alias
-            return
-        first = id(node) not in self._seen
-        self._seen.add(id(node))
-        line = node.start_mark.line + 1
-        if path is not None:
-            self.lines.setdefault(path, line)
-        if first and node.tag not in _SAFE_TAGS:
-            self.refused_tags = True
-            tag = _short_tag(node.tag)
-            self.problems.append((line, f"{self.source}:{line}: YAML tag '{tag}' is not allowed (plain YAML only)"))
-        on_path = on_path | {id(node)}
-        if isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.visit(item, None if path is None else (*path, i), on_path)
-        elif isinstance(node, yaml.MappingNode):
-            keys: dict[tuple[str, str], int] = {}
-            merged = []
-            for key, value in node.value:
-                self.visit(key, None, on_path)
-                if key.tag == _MERGE_TAG:
-                    merged.append(value)
-                    continue
-                child = None
-                if isinstance(key, yaml.ScalarNode):
-                    child = None if path is None else (*path, key.value)
-                    key_line = key.start_mark.line + 1
-                    if child is not None:
-                        self.lines.setdefault(child, key_line)
-                    if first and (key.tag, key.value) in keys:
-                        where = _format_path(child) if child else key.value
-                        self.problems.append(
-                            (
-                                key_line,
-                                f"{self.source}:{key_line} {where}: duplicate key '{key.value}'"
-                                f" (first at line {keys[key.tag, key.value]})",
-                            )
-                        )
-                    keys.setdefault((key.tag, key.value), key_line)
-                self.visit(value, child, on_path)
-            for value in merged:  # merged keys count only where the mapping does not set them itself
-                for part in value.value if isinstance(value, yaml.SequenceNode) else [value]:
-                    self.visit(part, path, on_path)
-
-    def line_of(self, loc: tuple) -> int:
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in self.lines:
-                return self.lines[loc[:n]]
-        return 1
-
-
-def _yaml_problem(source: str, text: str, err: yaml.YAMLError) -> tuple[int, str]:
-    if isinstance(err, yaml.MarkedYAMLError) and (err.problem_mark or err.context_mark):
-        mark = err.problem_mark or err.context_mark
-        what = err.problem or err.context or "not valid YAML"
-        if err.problem and err.context:
-            where = f" at line {err.context_mark.line + 1}" if err.context_mark else ""
-            what = f"{err.problem} ({err.context}{where})"
-        line = mark.line + 1
-    else:
-        position = getattr(err, "position", None)
-        line = text[:position].count("\n") + 1 if isinstance(position, int) else 1
-        what = str(err).splitlines()[0] if str(err) else "not valid YAML"
-    return line, f"{source}:{line}: YAML syntax error: {what}"
-
-
-def _parse(text: str, source: str) -> tuple[Any, _Tree | None, list[tuple[int, str]]]:
-    """YAML text -> (data, the walked node tree, problems). Data is None when the problems stop validation."""
-    try:
-        loader = _Loader(text)  # checks the characters already
-    except yaml.YAMLError as e:
-        return None, None, [_yaml_problem(source, text, e)]
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, None, [(1, f"{source}:1: the storyboard is empty; it needs name, reference and scenes")]
-        tree = _Tree(source)
-        try:
-            tree.visit(root, ())
-        except _TooBig:
-            message = f"expands to more than {_MAX_YAML_NODES} values through aliases; write it out plainly"
-            return None, None, [(1, f"{source}:1: {message}")]
-        if tree.refused_tags:
-            return None, tree, tree.problems
-        return loader.construct_document(root), tree, tree.problems
-    except yaml.YAMLError as e:
-        return None, None, [_yaml_problem(source, text, e)]
-    except RecursionError:
-        return None, None, [(1, f"{source}:1: the YAML is nested too deeply")]
-    finally:
-        loader.dispose()
-
-
-def _folder_of(source: str) -> str:
-    if source.startswith("s3://"):
-        bucket, key = _split_s3(source)
-        folder = posixpath.dirname(key)
-        return f"s3://{bucket}/{folder}" if folder else f"s3://{bucket}"
-    return os.path.dirname(os.path.abspath(os.path.expanduser(source)))
-
-
-def load_storyboard(
-    path: str | os.PathLike, *, text: str | None = None, overrides: Mapping[str, Any] | None = None
-) -> Storyboard:
-    """Read and validate a storyboard; raise :class:`StoryboardError` listing every problem found.
-
-    ``path`` is a local file, or (with ``text``) any name, typically the ``s3://`` URI the text was fetched from:
-    it names the file in messages and relative paths resolve against its folder (local or s3). ``text``: the YAML
-    itself, when the caller already has it. ``overrides``: top-level fields that replace the file's (a CLI's
-    ``--output``, say; make relative paths absolute first, or they resolve against the storyboard's folder).
-    ``source_text`` stays the file as written. Nothing is downloaded and no referenced file is opened here.
-    """
-    source = os.fspath(path)
-    try:
-        base = _folder_of(source)
-    except _Bad as e:
-        raise StoryboardError([f"{source}: {e}"]) from None
-    if text is None:
-        if source.startswith("s3://"):
-            raise StoryboardError([f"{source}: fetch the text first and pass it as text=; only local files are read"])
-        try:
-            text = Path(source).read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise StoryboardError([f"{source}: not UTF-8 text (bad byte at offset {e.start})"]) from None
-        except OSError as e:
-            raise StoryboardError([f"{source}: cannot read the storyboard: {e.strerror or e}"]) from None
-
-    data, tree, problems = _parse(text, source)
-    board = None
-    if tree is not None and not tree.refused_tags:
-        if not isinstance(data, dict):
-            problems.append((1, f"{source}:1: the storyboard must be a mapping of settings (got {_describe(data)})"))
-        else:
-            overrides = dict(overrides or {})
-            try:
-                board = Storyboard.model_validate({**data, **overrides}, context={"base": base})
-            except ValidationError as e:
-                for loc, message in _explain(e.errors(), Storyboard):
-                    line, where = tree.line_of(loc), _format_path(loc)
-                    if loc and loc[0] in overrides:  # not the file's fault: no line to point at
-                        problems.append((0, f"{source}: overridden {where}: {message}"))
-                    else:
-                        problems.append((line, f"{source}:{line}{' ' + where if where else ''}: {message}"))
-    if problems or board is None:
-        ordered = [message for _, message in sorted(problems, key=lambda p: p[0])]
-        raise StoryboardError(list(dict.fromkeys(ordered)))
-    board._source = source
-    board._source_text = text
-    return board

@@ -34,7 +34,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_validate(args) -> int:
-    from fastimagic.storyboard import load_storyboard
+    from fastimagic.storyboard_yaml import load_storyboard
 
     board = load_storyboard(args.file)
     print(
@@ -148,7 +148,7 @@ def cmd_open(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from fastimagic.storyboard import load_storyboard
+    from fastimagic.storyboard_yaml import load_storyboard
 
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
     if not args.file.startswith("s3://"):

@@ -45,7 +45,7 @@ from prefect import flow, get_run_logger
 from fastimagic import keyframes as kf
 from fastimagic.errors import FastImagicError
 from fastimagic.store import NotFound, Store
-from fastimagic.storyboard import load_storyboard
+from fastimagic.storyboard_yaml import load_storyboard
 from tasks.claims import create_once
 from tasks.storage import output_store
 

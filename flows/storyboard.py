@@ -19,7 +19,8 @@ from fastimagic.images import load_reference
 from fastimagic.models import model_identity
 from fastimagic.selection import choose_best
 from fastimagic.store import NotFound
-from fastimagic.storyboard import Scene, Storyboard, load_storyboard
+from fastimagic.storyboard import Scene, Storyboard
+from fastimagic.storyboard_yaml import load_storyboard
 from tasks.pipeline import (
     caption_reference,
     decide_forgetting,

@@ -32,7 +32,8 @@ from fastimagic.models import cached_base_model, model_identity
 from fastimagic.scoring import load_scorer
 from fastimagic.selection import auto_forget_decision, pick
 from fastimagic.store import LocalStore, NotFound, StoreError
-from fastimagic.storyboard import Scene, Storyboard, slugify
+from fastimagic.config import slugify
+from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 

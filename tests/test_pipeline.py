@@ -143,7 +143,7 @@ def test_without_a_source_prompt_blip_captions_the_reference(tmp_path, photo_byt
 
 def test_an_explicit_source_prompt_never_loads_blip(tmp_path, monkeypatch):
     import tasks.pipeline as pipeline
-    from fastimagic.storyboard import load_storyboard
+    from fastimagic.storyboard_yaml import load_storyboard
 
     def refuse(*args, **kwargs):
         raise AssertionError("BLIP must not be loaded when source_prompt is given")

@@ -12,7 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from fastimagic.errors import InputError
-from fastimagic.scoring import DEFAULT_SCORER, Scorer, _embeddings, load_lpips, load_scorer, more_similar
+from fastimagic.picking import similarity_key
+from fastimagic.scoring import DEFAULT_SCORER, Scorer, _embeddings, load_lpips, load_scorer
 
 
 def _noise(seed: int, size=(64, 48)) -> Image.Image:
@@ -72,7 +73,7 @@ def test_the_reference_itself_is_the_most_similar(scorer, images):
     assert metric == "clip_image"
     assert fidelity[3] == pytest.approx(1.0, abs=1e-5)
     assert max(range(len(images)), key=fidelity.__getitem__) == 3
-    assert more_similar(metric, fidelity[3], fidelity[0])
+    assert similarity_key(metric, fidelity[3]) > similarity_key(metric, fidelity[0])
 
 
 def test_empty_input_gives_empty_scores(scorer, images):
@@ -147,7 +148,7 @@ def test_lpips_fidelity_is_reported_as_lpips_lower_is_more_similar(scorer, image
     assert metric == "lpips" == with_lpips.fidelity_metric
     assert values[1] == pytest.approx(0.0, abs=1e-6)
     assert min(range(len(images)), key=values.__getitem__) == 1
-    assert more_similar("lpips", values[1], values[0])
+    assert similarity_key("lpips", values[1]) > similarity_key("lpips", values[0])
     assert [with_lpips.fidelity([im], images[1])[0][0] for im in images] == pytest.approx(values, abs=1e-6)
     assert {s["fidelity_metric"] for s in with_lpips.score(images, "a dog", images[1])} == {"lpips"}
 

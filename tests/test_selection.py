@@ -8,19 +8,16 @@ import sys
 
 import pytest
 
-from fastimagic.selection import (
-    DEFAULT_CLIP_IMAGE_THRESHOLD,
-    DEFAULT_CLIP_THRESHOLD,
-    DEFAULT_LPIPS_THRESHOLD,
+from fastimagic.autoforget import (
     Thresholds,
     auto_forget_decision,
     choose_best,
     forgetting_for_prompt,
     looks_overfitted,
-    more_similar,
-    pick,
+    render_scene,
     summarize,
 )
+from fastimagic.picking import pick, scene_picks, similarity_key
 
 
 def record(seed: int, gamma: float, clip: float, fidelity: float, metric: str = "clip_image", forget="none") -> dict:
@@ -121,13 +118,9 @@ def test_looks_overfitted_reads_lpips_as_a_distance():
     assert not looks_overfitted([score(22.0, 0.45, "lpips"), score(23.0, 0.50, "lpips")], clip_threshold=27.0)
 
 
-def test_default_thresholds_are_named_constants():
+def test_default_thresholds_are_one_set():
     t = Thresholds()
-    assert (t.clip, t.clip_image, t.lpips) == (
-        DEFAULT_CLIP_THRESHOLD,
-        DEFAULT_CLIP_IMAGE_THRESHOLD,
-        DEFAULT_LPIPS_THRESHOLD,
-    )
+    assert (t.clip, t.clip_image, t.lpips) == (27.0, 0.9, 0.2)
     assert 25.0 <= t.clip <= 28.0 and t.fidelity("clip_image") == 0.9 and t.fidelity("lpips") == 0.2
 
 
@@ -163,7 +156,7 @@ def test_auto_forget_takes_thresholds_as_a_dict_and_records_them():
     first_pass = [score(28.0, 0.12, "lpips")]
     decision = auto_forget_decision(first_pass, "a dog jumping", {"clip": 30.0, "lpips": 0.15})
     assert decision["overfitted"] is True
-    assert decision["thresholds"] == {"clip": 30.0, "clip_image": DEFAULT_CLIP_IMAGE_THRESHOLD, "lpips": 0.15}
+    assert decision["thresholds"] == {"clip": 30.0, "clip_image": Thresholds().clip_image, "lpips": 0.15}
     assert "mean lpips 0.120 <= 0.15" in decision["reason"]
 
 
@@ -224,13 +217,58 @@ def test_choose_best_accepts_records_and_ignores_empty_strategies():
         choose_best({"encoderattn": []})
 
 
-def test_more_similar_knows_each_metrics_direction():
-    assert more_similar("clip_image", 0.95, 0.80)
-    assert more_similar("lpips", 0.10, 0.30)
+def test_similarity_key_knows_each_metrics_direction():
+    assert similarity_key("clip_image", 0.95) > similarity_key("clip_image", 0.80)
+    assert similarity_key("lpips", 0.10) > similarity_key("lpips", 0.30)
     with pytest.raises(ValueError, match="unknown fidelity metric"):
-        more_similar("ssim", 0.1, 0.2)
+        similarity_key("ssim", 0.1)
 
 
 def test_selection_does_not_import_torch():
-    code = "import sys, fastimagic.selection; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fastimagic.autoforget, fastimagic.picking; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- render -> decide -> re-render, once per scene ----
+
+
+class Renders:
+    """A stand-in renderer: records which strategies were asked for and scores each keyframe from a table."""
+
+    def __init__(self, scores: dict[str, tuple[float, float]]):
+        self.scores, self.calls = scores, []
+
+    def __call__(self, strategies: tuple[str, ...]) -> list[dict]:
+        self.calls.append(strategies)
+        return [record(seed, 1.0, *self.scores[name], forget=name) for name in strategies for seed in (0, 1)]
+
+
+def test_render_scene_with_a_list_renders_once_without_deciding():
+    render = Renders({"none": (24.0, 0.95), "encoder": (25.0, 0.9)})
+    records, decision = render_scene(("none", "encoder"), "a dog jumping", Thresholds(), render)
+    assert render.calls == [("none", "encoder")] and decision is None and len(records) == 4
+
+
+def test_render_scene_auto_rerenders_an_overfitted_scene_and_keeps_the_best_strategy():
+    render = Renders({"none": (22.0, 0.96), "encoderattn": (29.0, 0.8)})
+    records, decision = render_scene(("auto",), "a photo of a dog jumping", Thresholds(), render)
+    assert render.calls == [("none",), ("encoderattn",)]
+    assert decision["overfitted"] and decision["chosen"] == "encoderattn"
+    assert [r["forget"] for r in records] == ["none", "none", "encoderattn", "encoderattn"]
+
+
+def test_render_scene_auto_keeps_a_scene_that_does_not_overfit():
+    render = Renders({"none": (30.0, 0.96)})
+    records, decision = render_scene(("auto",), "a photo of a dog jumping", Thresholds(clip=27.0), render)
+    assert render.calls == [("none",)] and decision["chosen"] == "none" and not decision["overfitted"]
+
+
+def test_scene_picks_come_from_the_chosen_strategy_only():
+    class Select:
+        top, min_clip, max_lpips, min_fidelity = 2, None, None, None
+
+    records = [record(0, 1.0, 31.0, 0.9, forget="none"), record(0, 1.0, 29.0, 0.8, forget="encoderattn"),
+               record(1, 1.0, 28.0, 0.8, forget="encoderattn")]
+    assert [p["forget"] for p in scene_picks(records, Select(), chosen="encoderattn")] == ["encoderattn"] * 2
+    assert scene_picks(records, Select())[0]["forget"] == "none"
+    assert scene_picks(records, None) == []

@@ -14,16 +14,10 @@ from pydantic import ValidationError
 
 from fastimagic import forgetting
 from fastimagic.errors import InputError
-from fastimagic.storyboard import (
-    FORGET_ALIASES,
-    FORGET_STRATEGIES,
-    Edit,
-    Scene,
-    Storyboard,
-    StoryboardError,
-    load_storyboard,
-    slugify,
-)
+from fastimagic.config import slugify
+from fastimagic.merge import Project, Subtract
+from fastimagic.storyboard import Edit, Scene, Storyboard
+from fastimagic.storyboard_yaml import StoryboardError, load_storyboard
 
 GAMMAS = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
 HEAD = "name: demo\nreference: ref.png\n"  # two lines, so a scene list starting after it begins on line 3
@@ -122,14 +116,9 @@ def test_defaults_are_inherited_and_a_scene_value_wins_with_edit_replaced_whole(
     run, sit = board.scenes
     assert run.seeds == (0, 1, 2, 3) and run.forget == ("encoderattn", "decoderattn") and run.guidance == 5.0
     assert run.negative_prompt == "blurry" and sit.negative_prompt == "blurry"
-    assert run.edit.combos() == [
-        {"mode": "project", "alpha": 1.0, "beta": 0.0},
-        {"mode": "project", "alpha": 1.0, "beta": 0.5},
-        {"mode": "project", "alpha": 1.2, "beta": 0.0},
-        {"mode": "project", "alpha": 1.2, "beta": 0.5},
-    ]
+    assert run.edit.combos() == [Project(1.0, 0.0), Project(1.0, 0.5), Project(1.2, 0.0), Project(1.2, 0.5)]
     assert sit.seeds == (7, 42) and sit.guidance == 9.5 and sit.forget == ("encoderattn", "decoderattn")
-    assert sit.edit.project is None and sit.edit.combos() == [{"mode": "subtract", "gamma": 1.1}]
+    assert sit.edit.project is None and sit.edit.combos() == [Subtract(1.1)]
     assert run.keyframe_count() == 4 * 4 * 2 and sit.keyframe_count() == 2 * 1 * 2
     assert board.keyframe_count() == 32 + 4
 
@@ -410,8 +399,8 @@ def test_home_and_absolute_paths_are_kept_absolute(tmp_path):
     ("value", "message"),
     [
         ("''", "must not be empty"),
-        ("s3://", "s3 URI 's3://' names no bucket; write s3://BUCKET/KEY"),
-        ("s3:///key.png", "s3 URI 's3:///key.png' names no bucket; write s3://BUCKET/KEY"),
+        ("s3://", "s3 URI 's3://': missing bucket name; write s3://BUCKET/KEY"),
+        ("s3:///key.png", "s3 URI 's3:///key.png': missing bucket name; write s3://BUCKET/KEY"),
         ("s3://bucket", "s3 URI 's3://bucket' names no key; write s3://bucket/path/to/file"),
         ("s3://bucket/", "s3 URI 's3://bucket/' names no key; write s3://bucket/path/to/file"),
         ("https://x.org/a.png", "'https://x.org/a.png': only local paths and s3:// URIs are supported"),
@@ -427,8 +416,8 @@ def test_s3_reference_and_output_are_kept(tmp_path):
     board = load(
         tmp_path, "name: demo\nreference: s3://photos/dogs/a.jpg\noutput: s3://frames\nscenes: [{id: a, prompt: p}]\n"
     )
-    assert board.reference.resolved == "s3://photos/dogs/a.jpg" and board.reference.is_s3
-    assert board.output.resolved == "s3://frames" and board.output.is_s3
+    assert board.reference.resolved == "s3://photos/dogs/a.jpg"
+    assert board.output.resolved == "s3://frames"
 
 
 def test_a_storyboard_read_from_s3_resolves_relative_paths_in_its_s3_folder():
@@ -456,7 +445,7 @@ def test_overrides_replace_top_level_fields_and_are_named_in_messages(tmp_path):
     assert board.source_text == path.read_text()
     with pytest.raises(StoryboardError) as info:
         load_storyboard(path, overrides={"output": "s3://"})
-    assert info.value.problems == [f"{path}: overridden output: s3 URI 's3://' names no bucket; write s3://BUCKET/KEY"]
+    assert info.value.problems == [f"{path}: overridden output: s3 URI 's3://': missing bucket name; write s3://BUCKET/KEY"]
 
 
 def test_an_s3_storyboard_needs_its_text():
@@ -689,7 +678,7 @@ def test_projection_combos_are_the_cartesian_product(tmp_path):
         + "scenes: [{id: a, prompt: p, edit: {project: {alpha: {from: 1, to: 1.2, step: 0.1}, beta: [0, -0.5]}}}]\n",
     )
     combos = board.scenes[0].edit.combos()
-    assert [(c["alpha"], c["beta"]) for c in combos] == [
+    assert [(c.alpha, c.beta) for c in combos] == [
         (1.0, 0.0),
         (1.0, -0.5),
         (1.1, 0.0),
@@ -697,7 +686,7 @@ def test_projection_combos_are_the_cartesian_product(tmp_path):
         (1.2, 0.0),
         (1.2, -0.5),
     ]
-    assert {c["mode"] for c in combos} == {"project"}
+    assert {c.mode for c in combos} == {"project"}
 
 
 @pytest.mark.parametrize(
@@ -732,8 +721,7 @@ def test_bad_edits(tmp_path, edit, message):
 
 def test_strategy_names_come_from_the_forgetting_module():
     assert (
-        FORGET_STRATEGIES
-        == tuple(forgetting.STRATEGIES)
+        tuple(forgetting.STRATEGIES)
         == (
             "none",
             "encoder",
@@ -746,7 +734,7 @@ def test_strategy_names_come_from_the_forgetting_module():
             "decoderattn+decoder2",
         )
     )
-    assert FORGET_ALIASES == forgetting.ALIASES
+    assert Scene(id="a", prompt="p", forget=list(forgetting.ALIASES)).forget == tuple(forgetting.ALIASES.values())
 
 
 def test_forget_takes_a_name_or_a_list_and_aliases_become_canonical(tmp_path):
@@ -831,7 +819,7 @@ def test_slugify():
 
 
 def test_importing_the_schema_does_not_import_prefect():
-    code = "import sys, fastimagic.storyboard; sys.exit('prefect' in sys.modules)"
+    code = "import sys, fastimagic.storyboard_yaml; sys.exit('prefect' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
 
@@ -842,7 +830,7 @@ def test_validating_a_storyboard_does_not_import_torch(tmp_path):
     import sys
 
     code = (
-        "import sys, fastimagic.storyboard;"
+        "import sys, fastimagic.storyboard_yaml;"
         "print(sorted(m for m in ('torch', 'diffusers', 'prefect') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -24,7 +24,7 @@ def test_a_keyframe_is_the_same_alone_or_in_a_batch(tiny_model, tuning):
             ed.render("a photo of a bird flying", seeds=[f.seed], edits=[f.edit], steps=10, max_batch=1)[0]
             for f in batch
         ]
-    assert [(f.seed, f.edit["gamma"]) for f in batch] == [(s, g["gamma"]) for s in (3, 4) for g in GAMMAS]
+    assert [(f.seed, f.edit.gamma) for f in batch] == [(s, g["gamma"]) for s in (3, 4) for g in GAMMAS]
     assert _max_level_diff(batch, alone) <= 1
 
 

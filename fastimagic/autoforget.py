@@ -1,34 +1,61 @@
-"""Choosing keyframes and forgetting strategies from scores, as the paper's appendix 6.6 does by eye.
+"""When to forget (paper §3.4 and appendix 6.6): the paper's by-eye workflow as thresholds on scores.
 
-The paper's workflow: render several gammas per scene without forgetting; if the results overfit (they
-reconstruct the reference but ignore the prompt), render again with a forgetting strategy: ``encoderattn`` for
-structure, pose and action edits, ``decoderattn`` for appearance and texture edits, both when undecided. The paper
-notes the human decisions "can also be replaced by thresholds on metrics like CLIP score and LPIPS score"; this
-module is those thresholds, over the scores of :mod:`fastimagic.scoring` (``{"clip", "fidelity",
-"fidelity_metric"}`` per keyframe).
+:mod:`fastimagic.forgetting` says *which* learned weights each strategy puts back; this module says *when*, for a
+scene written ``forget: auto``:
 
-Pure Python (no torch), so a video stage can pick keyframes from a manifest without loading any model.
+1. render the scene without forgetting;
+2. if its keyframes reconstruct the reference but ignore the prompt (:func:`looks_overfitted`, over the scores of
+   :mod:`fastimagic.scoring`), render it again with ``encoderattn`` for structure, pose and action edits,
+   ``decoderattn`` for appearance and texture edits, both when the prompt does not decide
+   (:func:`forgetting_for_prompt`);
+3. keep the strategy whose best keyframe scores best (:func:`choose_best`).
+
+:func:`render_scene` is those three steps around a ``render`` callable, so the same code runs in a notebook and in
+the orchestrated flow. The paper notes the human decisions "can also be replaced by thresholds on metrics like CLIP
+score and LPIPS score": :class:`Thresholds` holds the one set, and the storyboard's ``auto:`` field is that class.
+
+Pure Python (no torch).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated
 
-# Starting points for SD 1.x keyframes scored with CLIP ViT-L/14 (CLIP score = 100 * cosine) and LPIPS-AlexNet;
-# calibrate them on your own references. An unedited reconstruction of a photo scores about 0.9-0.97 CLIP image
-# similarity and under 0.2 LPIPS against it, a successful edit of the same subject about 0.75-0.88 and 0.3-0.6;
-# images that match their prompt score about 27-33 CLIP score, ones that ignore the edit words a few points less.
-DEFAULT_CLIP_THRESHOLD = 27.0
-DEFAULT_CLIP_IMAGE_THRESHOLD = 0.9
-DEFAULT_LPIPS_THRESHOLD = 0.2
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+from fastimagic.picking import one_metric, scores_of, similarity_key
+
+AUTO = "auto"  # forget: auto
+
+_Float = Annotated[float, Strict()]
+
+
+class Thresholds(BaseModel):
+    """When a scene counts as overfitted: its best CLIP score is under ``clip`` while its keyframes stay close to the
+    reference (mean CLIP image similarity at least ``clip_image``, or mean LPIPS at most ``lpips``).
+
+    Starting points for SD 1.x keyframes scored with CLIP ViT-L/14 (CLIP score = 100 * cosine) and LPIPS-AlexNet;
+    calibrate them on your own references. An unedited reconstruction of a photo scores about 0.9-0.97 CLIP image
+    similarity and under 0.2 LPIPS against it, a successful edit of the same subject about 0.75-0.88 and 0.3-0.6;
+    images that match their prompt score about 27-33 CLIP score, ones that ignore the edit words a few points less.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    clip: Annotated[_Float, Field(ge=0, le=100)] = 27.0
+    clip_image: Annotated[_Float, Field(ge=-1, le=1)] = 0.9
+    lpips: Annotated[_Float, Field(ge=0)] = 0.2
+
+    def fidelity(self, metric: str) -> float:
+        """The threshold for fidelity ``metric`` (``clip_image`` or ``lpips``)."""
+        similarity_key(metric, 0.0)
+        return float(getattr(self, metric))
+
 
 ENCODER_STRATEGY = "encoderattn"
 DECODER_STRATEGY = "decoderattn"
-
-# Which way is "more like the reference" for each fidelity metric.
-_HIGHER_IS_MORE_SIMILAR = {"clip_image": True, "lpips": False}
 
 # Edits of structure, pose, action, position and viewpoint: the UNet encoder (down_blocks) holds these, so the
 # paper forgets its learned attention (encoderattn). Verbs are given in their base form; their -s/-ed/-ing forms
@@ -142,59 +169,6 @@ def forgetting_for_prompt(prompt: str) -> list[str]:
     return [ENCODER_STRATEGY, DECODER_STRATEGY]
 
 
-# ---- scores ----
-
-
-def similarity_key(metric: str, value: float) -> float:
-    """A number that grows as a keyframe gets more similar to the reference, whatever fidelity ``metric`` is."""
-    if metric not in _HIGHER_IS_MORE_SIMILAR:
-        raise ValueError(f"unknown fidelity metric {metric!r}; allowed: {', '.join(_HIGHER_IS_MORE_SIMILAR)}")
-    return float(value) if _HIGHER_IS_MORE_SIMILAR[metric] else -float(value)
-
-
-def more_similar(metric: str, a: float, b: float) -> bool:
-    """True when fidelity value ``a`` means more similar to the reference than ``b`` (both measured by ``metric``)."""
-    return similarity_key(metric, a) > similarity_key(metric, b)
-
-
-def _scores_of(item: Mapping) -> Mapping:
-    # A keyframe record carrying "scores", or a scores dict itself.
-    scores = item.get("scores", item)
-    missing = [k for k in ("clip", "fidelity", "fidelity_metric") if k not in scores]
-    if missing:
-        name = item.get("key", "a keyframe")
-        raise ValueError(f"{name}: no {', '.join(missing)} in its scores; score it first (Scorer.score)")
-    return scores
-
-
-def _one_metric(scores: Sequence[Mapping]) -> str:
-    metrics = sorted({s["fidelity_metric"] for s in scores})
-    if len(metrics) != 1:
-        raise ValueError(f"candidates mix fidelity metrics ({', '.join(metrics)}); score them with one scorer")
-    similarity_key(metrics[0], 0.0)  # validates the name
-    return metrics[0]
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a scene counts as overfitted: best CLIP score under ``clip`` while fidelity passes the metric's bar.
-
-    ``clip``: CLIP score (0-100). ``clip_image``: CLIP image similarity at or above which a keyframe reconstructs
-    the reference. ``lpips``: LPIPS distance at or below which it does.
-    """
-
-    clip: float = DEFAULT_CLIP_THRESHOLD
-    clip_image: float = DEFAULT_CLIP_IMAGE_THRESHOLD
-    lpips: float = DEFAULT_LPIPS_THRESHOLD
-
-    def fidelity(self, metric: str) -> float:
-        similarity_key(metric, 0.0)
-        return float(getattr(self, metric))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def summarize(scores: Sequence[Mapping]) -> dict:
     """``{"count", "best_clip", "fidelity_metric", "best_fidelity", "mean_fidelity"}`` of a scene's candidates.
 
@@ -202,8 +176,8 @@ def summarize(scores: Sequence[Mapping]) -> dict:
     """
     if not scores:
         raise ValueError("no candidates to summarise")
-    scores = [_scores_of(s) for s in scores]
-    metric = _one_metric(scores)
+    scores = [scores_of(s) for s in scores]
+    metric = one_metric(scores)
     values = [float(s["fidelity"]) for s in scores]
     return {
         "count": len(scores),
@@ -221,20 +195,22 @@ def _reconstructs(metric: str, mean_fidelity: float, threshold: float) -> bool:
 def looks_overfitted(
     scores: Sequence[Mapping],
     *,
-    clip_threshold: float = DEFAULT_CLIP_THRESHOLD,
+    clip_threshold: float | None = None,
     fidelity_threshold: float | None = None,
 ) -> bool:
     """True when a scene's candidates reconstruct the reference but ignore the prompt.
 
     That is: their *mean* fidelity is at or past ``fidelity_threshold`` in the metric's direction (CLIP image
-    similarity >= it, or LPIPS <= it; default :data:`DEFAULT_CLIP_IMAGE_THRESHOLD` / :data:`DEFAULT_LPIPS_THRESHOLD`
-    by the metric the scores carry) **and** even the best candidate's CLIP score stays under ``clip_threshold``.
+    similarity >= it, or LPIPS <= it) **and** even the best candidate's CLIP score stays under ``clip_threshold``.
+    Either threshold left out is :class:`Thresholds`' default (for the metric the scores carry).
     ``scores``: score dicts or keyframe records carrying them.
     """
     summary = summarize(scores)
     metric = summary["fidelity_metric"]
     if fidelity_threshold is None:
         fidelity_threshold = Thresholds().fidelity(metric)
+    if clip_threshold is None:
+        clip_threshold = Thresholds().clip
     return summary["best_clip"] < clip_threshold and _reconstructs(metric, summary["mean_fidelity"], fidelity_threshold)
 
 
@@ -250,7 +226,7 @@ def auto_forget_decision(
     if thresholds is None:
         thresholds = Thresholds()
     elif isinstance(thresholds, Mapping):
-        thresholds = Thresholds(**thresholds)
+        thresholds = Thresholds.model_validate(thresholds)
     summary = summarize(first_pass_scores)
     metric = summary["fidelity_metric"]
     fidelity_threshold = thresholds.fidelity(metric)
@@ -258,7 +234,7 @@ def auto_forget_decision(
         first_pass_scores, clip_threshold=thresholds.clip, fidelity_threshold=fidelity_threshold
     )
     structure, appearance = edit_words(prompt)
-    relation = ">=" if _HIGHER_IS_MORE_SIMILAR[metric] else "<="
+    relation = ">=" if similarity_key(metric, 1.0) > 0 else "<="
     clip_text = f"best CLIP score {summary['best_clip']:.2f}"
     fidelity_text = f"mean {metric} {summary['mean_fidelity']:.3f}"
     strategies: list[str] = []
@@ -289,14 +265,14 @@ def auto_forget_decision(
         "scores": summary,
         "strategies": strategies,
         "edit_words": {"structure": structure, "appearance": appearance},
-        "thresholds": thresholds.as_dict(),
+        "thresholds": thresholds.model_dump(),
         "reason": reason,
     }
 
 
 def _best_candidate_key(scores: Sequence[Mapping]) -> tuple[float, float]:
     # (best CLIP score, similarity of the candidate that has it): compared across strategies.
-    metric = _one_metric(scores)
+    metric = one_metric(scores)
     best = max(scores, key=lambda s: (float(s["clip"]), similarity_key(metric, s["fidelity"])))
     return float(best["clip"]), similarity_key(metric, best["fidelity"])
 
@@ -308,46 +284,37 @@ def choose_best(candidates_by_strategy: Mapping[str, Sequence[Mapping]]) -> str:
     Values are lists of score dicts or keyframe records carrying them; include ``"none"`` (the first pass) to let
     it win. Strategies with no candidates are ignored. All candidates must share one fidelity metric.
     """
-    scored = {name: [_scores_of(c) for c in cands] for name, cands in candidates_by_strategy.items() if cands}
+    scored = {name: [scores_of(c) for c in cands] for name, cands in candidates_by_strategy.items() if cands}
     if not scored:
         raise ValueError("no candidates to choose a forgetting strategy from")
-    _one_metric([s for cands in scored.values() for s in cands])
+    one_metric([s for cands in scored.values() for s in cands])
     keys = {name: _best_candidate_key(cands) for name, cands in scored.items()}
     order = list(scored)
     return min(order, key=lambda name: (-keys[name][0], -keys[name][1], order.index(name)))
 
 
-def pick(
-    records: Sequence[Mapping],
-    *,
-    top: int | None = None,
-    min_clip: float | None = None,
-    max_lpips: float | None = None,
-    min_fidelity: float | None = None,
-) -> list[dict]:
-    """The best keyframes of ``records`` (each carrying ``"scores"``), best first, each a copy with ``"rank"`` 1..K.
+def render_scene(
+    forget: Sequence[str],
+    prompt: str,
+    thresholds: Thresholds,
+    render: Callable[[tuple[str, ...]], list[dict]],
+) -> tuple[list[dict], dict | None]:
+    """Render one scene under its forgetting choice: ``(keyframe records, the auto decision or None)``.
 
-    Filters: ``min_clip`` (CLIP score, 0-100), ``max_lpips`` (only for records scored with ``"lpips"``),
-    ``min_fidelity`` (CLIP image similarity, only for records scored with ``"clip_image"``); ``None`` disables one.
-    Order: CLIP score descending, then fidelity (more similar to the reference first), then seed ascending, then
-    the records' own order (the render order of the edits). ``top``: keep at most this many (``None``: all).
-    Deterministic: the same records give the same picks.
+    ``render(strategies)`` renders every keyframe of the scene under each strategy and returns their records
+    (carrying ``scores`` for ``forget: auto``). A list of strategies renders once. ``("auto",)`` renders without
+    forgetting, decides with :func:`auto_forget_decision`, renders again with the strategies it names if the scene
+    overfits, and records the strategy :func:`choose_best` keeps as the decision's ``chosen``.
     """
-    if top is not None and top < 1:
-        raise ValueError(f"top must be at least 1 (or None for all), got {top}")
-    kept = []
-    for index, record in enumerate(records):
-        scores = _scores_of(record)
-        metric = scores["fidelity_metric"]
-        clip, fidelity = float(scores["clip"]), float(scores["fidelity"])
-        if min_clip is not None and clip < min_clip:
-            continue
-        if max_lpips is not None and metric == "lpips" and fidelity > max_lpips:
-            continue
-        if min_fidelity is not None and metric == "clip_image" and fidelity < min_fidelity:
-            continue
-        kept.append(((-clip, -similarity_key(metric, fidelity), record.get("seed", 0), index), record))
-    kept.sort(key=lambda item: item[0])
-    if top is not None:
-        kept = kept[:top]
-    return [{**record, "rank": rank} for rank, (_, record) in enumerate(kept, start=1)]
+    if tuple(forget) != (AUTO,):
+        return render(tuple(forget)), None
+    first = render(("none",))
+    decision = auto_forget_decision(first, prompt, thresholds)
+    decision["chosen"] = "none"
+    if not decision["strategies"]:
+        return first, decision
+    strategies = tuple(decision["strategies"])
+    again = render(strategies)
+    by_strategy = {"none": first} | {name: [r for r in again if r["forget"] == name] for name in strategies}
+    decision["chosen"] = choose_best(by_strategy)
+    return first + again, decision

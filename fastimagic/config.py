@@ -1,0 +1,123 @@
+"""Plain facts shared by the storyboard schema and the runtime: constants and the rules for paths, URIs and models.
+
+Torch-free and Prefect-free, so that validating a storyboard costs no heavy import, and so that ``fastimagic
+validate`` and ``fastimagic run`` apply one rule, not two copies that drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import unicodedata
+
+# --- the fine-tune ---------------------------------------------------------------------------------------------
+
+# Which UNet blocks the fine-tune trains. "reference": what the released Forgedit code trains (encoder blocks 1-3,
+# decoder blocks 1-3; the published TEdBench figures come from it). "paper": what the paper's text says (encoder
+# blocks 0-2, decoder blocks 1-3). The deepest levels' neighbours and the mid block stay frozen in both.
+BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
+    "reference": ("down_blocks.1", "down_blocks.2", "down_blocks.3", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
+}
+# UNet2DConditionModel children that hold parameters, and how many down/up levels SD 1.x has.
+UNET_BLOCKS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
+UNET_LEVELS = 4
+
+# --- images and caps -------------------------------------------------------------------------------------------
+
+MIN_SIDE = 64  # the smallest image whose latent keeps a spatial extent at every UNet level
+SIDE_MULTIPLE = 8  # the VAE downsamples by 8
+MAX_SEED = 2**32 - 1
+DEFAULT_MAX_SEEDS = 64
+DEFAULT_MAX_KEYFRAMES = 10_000
+DEFAULT_MAX_SIDE = 2048
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+TINY_MODEL = "tiny"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # loading these can run code
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def model_kind(spec: str, base: str | None = None) -> str:
+    """What a ``model:`` value names, from its text: ``tiny``, ``hub`` (an ``org/name`` repo id), ``single_file``
+    (a checkpoint file) or ``folder`` (a diffusers folder). ``base``: the folder relative paths resolve against;
+    a bare ``org/name`` that exists there is a folder, not a repo id.
+
+    Raises :class:`ValueError` (the message is a sentence about ``spec``) for a URL or a value that is neither.
+    """
+    if spec == TINY_MODEL:
+        return "tiny"
+    if URL_SCHEME.match(spec):
+        raise ValueError(
+            f"'{spec}': models load from a hub repo id, a local folder or a local checkpoint file, not a URL"
+        )
+    suffix = os.path.splitext(spec)[1].lower()
+    local = spec.startswith((".", "/", "~")) or suffix in CHECKPOINT_SUFFIXES or spec.count("/") > 1
+    if not local and base is not None and not base.startswith("s3://"):
+        local = os.path.exists(os.path.join(base, spec))
+    if local:
+        return "single_file" if suffix in CHECKPOINT_SUFFIXES else "folder"
+    if _HUB_ID.fullmatch(spec) and ".." not in spec:
+        return "hub"
+    raise ValueError(
+        f"'{spec}' is not a hub repo id like 'org/name', a local path (start it with ./ or /),"
+        " a .safetensors checkpoint or 'tiny'"
+    )
+
+
+def is_pickle(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in PICKLE_SUFFIXES
+
+
+# --- S3 URIs ---------------------------------------------------------------------------------------------------
+
+BUCKET_RULE = "bucket names are 3-63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit"
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """Why ``bucket`` breaks S3's naming rules (MinIO enforces the same), or None when it is a valid name."""
+    if not bucket:
+        return "is missing"
+    if not _BUCKET_RE.fullmatch(bucket):
+        return "is not a valid bucket name"
+    if ".." in bucket or ".-" in bucket or "-." in bucket:
+        return "has '..', '.-' or '-.'"
+    if bucket.startswith("xn--") or bucket.endswith("-s3alias"):
+        return "uses a reserved prefix or suffix"
+    try:
+        ipaddress.IPv4Address(bucket)
+        return "looks like an IP address"
+    except ValueError:
+        return None
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``; the key may be empty and is returned as written.
+
+    Raises :class:`ValueError` with a sentence (not naming ``uri``; callers prefix it) when the bucket is missing or
+    breaks the naming rules.
+    """
+    if not uri.startswith("s3://"):
+        raise ValueError("not an S3 URI, expected s3://bucket/prefix")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError("missing bucket name; write s3://BUCKET/KEY")
+    problem = bucket_problem(bucket)
+    if problem:
+        raise ValueError(f"bucket '{bucket}' {problem}; {BUCKET_RULE}")
+    return bucket, key
+
+
+# --- names ---------------------------------------------------------------------------------------------------
+
+
+def slugify(text: str, max_length: int = 64) -> str:
+    """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-_")
+    return slug[:max_length].rstrip("-_")
