@@ -19,7 +19,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _rss_mib() -> tuple[float, float]:
@@ -43,9 +42,9 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from conftest import reference_photo_bytes
     from prefect.client.orchestration import get_client
 
+    from fastimagic.tiny import reference_photo_bytes
     from flows.storyboard import storyboard_flow
 
     (work / "ref.jpg").write_bytes(reference_photo_bytes())

@@ -31,12 +31,7 @@ SEEDS = [0, 1]
 
 
 def _photo():
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(root), str(root / "tests")]
-    from conftest import reference_photo_bytes
+    from fastimagic.tiny import reference_photo_bytes
 
     return load_reference(reference_photo_bytes(), "photo")
 

@@ -195,3 +195,31 @@ def build_blip(seed: int = TINY_SEED):
         model = BlipForConditionalGeneration(config)
     model.eval()
     return model, processor
+
+
+# --- a reference photo for tests, benchmarks and the demo ----------------------------------------------------------
+
+# TEdBench originals, when the project's shared data sits beside the checkout (they are not ours to ship).
+TEDBENCH_ORIGINALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tedbench" / "originals"
+
+
+def drawn_photo(width: int = 320, height: int = 240) -> bytes:
+    """A JPEG drawn here: a sky, a sun, a hill and a tree trunk (when no real photo is at hand)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (110, 160, 230))
+    d = ImageDraw.Draw(img)
+    d.ellipse((width * 0.6, height * 0.1, width * 0.8, height * 0.35), fill=(250, 220, 60))
+    d.polygon([(0, height), (width * 0.4, height * 0.5), (width, height)], fill=(60, 140, 70))
+    d.rectangle((width * 0.2, height * 0.6, width * 0.3, height * 0.85), fill=(120, 70, 40))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def reference_photo_bytes(name: str = "bird.jpeg") -> bytes:
+    """A real TEdBench photo when the shared data is present, else :func:`drawn_photo`."""
+    p = TEDBENCH_ORIGINALS / name
+    return p.read_bytes() if p.is_file() else drawn_photo()

@@ -20,7 +20,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -147,26 +146,3 @@ class Tuning:
             losses=list(meta.get("losses", [])),
             seconds=float(meta.get("seconds", 0.0)),
         )
-
-    def save(self, folder: str | Path) -> Path:
-        """Write the artifact into ``folder`` (created if needed); metadata last, so its presence means complete."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in self.to_files().items():
-            tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(folder / name)
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Tuning:
-        """Read a folder written by :meth:`save`, verifying its checksum."""
-        folder = Path(folder)
-
-        def get(name: str) -> bytes:
-            try:
-                return (folder / name).read_bytes()
-            except OSError as e:
-                raise CorruptTuning(f"{folder}: cannot read {name} ({e.strerror})") from None
-
-        return cls.read(get, where=str(folder))

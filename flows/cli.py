@@ -4,6 +4,7 @@
     fastimagic run FILE [--output URI] [--model M] run the storyboard flow here (Prefect's embedded server)
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
     fastimagic strategies [--model tiny|sd15]     each forgetting strategy and what it touches
+    fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
     fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
 
 Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure.
@@ -44,18 +45,30 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-def _absolute(value: str | None) -> str | None:
+def _absolute_output(value: str | None) -> str | None:
     """CLI overrides are relative to the current folder (storyboard fields are relative to the storyboard)."""
-    if not value or value.startswith("s3://") or value == "tiny":
+    if not value or value.startswith("s3://"):
         return value
-    p = Path(value).expanduser()
-    return str(p.resolve()) if (p.exists() or value.startswith((".", "/", "~")) or "/" not in value) else value
+    return str(Path(value).expanduser().resolve())
+
+
+def _absolute_model(value: str | None) -> str | None:
+    """A model override: a local folder or file becomes absolute; ``tiny`` and hub ids stay as they are."""
+    from fastimagic.config import model_kind
+
+    if not value:
+        return value
+    try:
+        local = model_kind(value, os.getcwd()) in ("folder", "single_file")
+    except ValueError:
+        return value  # the storyboard's validation says what is wrong with it, with the field
+    return str(Path(value).expanduser().resolve()) if local else value
 
 
 def cmd_run(args) -> int:
-    from flows.storyboard import preflight, read_storyboard
+    from flows.run import preflight, read_storyboard
 
-    output, model = _absolute(args.output), _absolute(args.model)
+    output, model = _absolute_output(args.output), _absolute_model(args.model)
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
     preflight(board)
     _prefect_env()
@@ -91,7 +104,7 @@ def cmd_caption(args) -> int:
 
 
 def cmd_strategies(args) -> int:
-    from fastimagic.finetuning import BLOCK_PRESETS
+    from fastimagic.config import BLOCK_PRESETS
     from fastimagic.forgetting import ALIASES, STRATEGIES, describe
     from fastimagic.models import unet_shapes
 
@@ -115,7 +128,7 @@ def cmd_open(args) -> int:
     too (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
-    from flows.storyboard import LINK_EXPIRES_SECONDS, read_storyboard
+    from flows.run import LINK_EXPIRES_SECONDS, read_storyboard
     from tasks.storage import output_store
 
     target = args.run

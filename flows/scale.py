@@ -1,6 +1,7 @@
 """Scale-out: the fine-tune and each scene run as flow runs of their own deployments on the GPU work pool.
 
-The storyboard flow (``scale_out=True``) stays light and can run on any worker:
+The storyboard flow (``scale_out=True``, the :class:`ScaleOut` backend of :func:`flows.run.run_storyboard`) stays
+light and can run on any worker:
 
 1. it runs the ``finetune`` deployment once (skipped when the tuning for the content key is already stored) and
    waits; the fine-tune flow stores the tuning under ``tunings/<key>/`` and its summary in the run folder;
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 
 from prefect import flow, get_run_logger
 
 from fastimagic import keyframes as kf
 from fastimagic.errors import FastImagicError, InputError
+from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
+from fastimagic.storyboard import Storyboard
 from fastimagic.tuning import META_FILE
-from flows.storyboard import RENDER_THREADS, SceneRenders, finish_run, read_storyboard, start_run
+from flows.run import RENDER_THREADS, read_storyboard, render_scene
 from tasks.pipeline import caption_reference, fetch_reference, finetune_once, tuning_key
 from tasks.storage import output_store
 
@@ -42,7 +46,7 @@ def finetune_flow(storyboard: str, run_prefix: str, output: str | None = None, m
     reference = fetch_reference(board)
     prompts = caption_reference(board, reference)
     tuning = finetune_once(board, reference, prompts, board.output.resolved)
-    result = {"tuning": tuning, "prompts": prompts}
+    result = {"tuning": tuning.as_dict(), "prompts": asdict(prompts)}
     output_store(board.output.resolved).child(run_prefix).put_bytes(FINETUNE_RESULT, kf.dumps(result))
     return result
 
@@ -62,10 +66,8 @@ def render_scene_flow(
     scene = next((s for s in board.scenes if s.id == scene_id), None)
     if scene is None:
         raise InputError(f"{storyboard}: no scene '{scene_id}'")
-    renders = SceneRenders(board, tuning_key, board.output.resolved, run_prefix, resume)
-    renders.start(scene)
-    summary, _ = renders.finish(scene)
-    return summary
+    summary, _, _ = render_scene(board, scene, tuning_key, run_prefix, resume)
+    return summary.as_dict()
 
 
 def _wait(flow_run_id, poll_seconds: float = 2.0):
@@ -80,95 +82,64 @@ def _wait(flow_run_id, poll_seconds: float = 2.0):
             time.sleep(poll_seconds)
 
 
-def scaled_out_run(storyboard: str, *, output=None, model=None, run_id=None, resume=False) -> dict:
-    """The storyboard flow's body when ``scale_out=True`` (called inside that flow)."""
-    from prefect.deployments import run_deployment
+class ScaleOut:
+    """Tune and render as flow runs of the ``finetune`` and ``render-scene`` deployments (the GPU work pool)."""
 
-    logger = get_run_logger()
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume)
-    run_store = store.child(run_prefix)
-    params = {"storyboard": storyboard, "output": output, "model": model}
-    reference = fetch_reference(board)
+    def __init__(self, *, output: str | None = None, model: str | None = None):
+        self.overrides = {"output": output, "model": model}
 
-    t = time.perf_counter()
-    stored = None
-    if board.source_prompt:  # the content key is known without captioning: skip the GPU hop when stored
-        key = tuning_key(board, reference, board.source_prompt)
-        if store.child(f"tunings/{key}").exists(META_FILE):
-            stored = {
-                "tuning": {"key": key, "reused": True},
-                "prompts": {"source_prompt": board.source_prompt, "caption": None},
-            }
-            logger.info("tuning %s is stored: no fine-tune flow run", key)
-    if stored is None:
-        ft = run_deployment(FINETUNE_DEPLOYMENT, parameters={**params, "run_prefix": run_prefix}, timeout=None)
+    def tune(self, board: Storyboard, reference: Reference, run_prefix: str) -> tuple[SourcePrompt, TuningRef]:
+        from prefect.deployments import run_deployment
+
+        if board.source_prompt:  # the content key is known without captioning: skip the GPU hop when stored
+            key = tuning_key(board, reference, board.source_prompt)
+            if output_store(board.output.resolved).child(f"tunings/{key}").exists(META_FILE):
+                get_run_logger().info("tuning %s is stored: no fine-tune flow run", key)
+                return SourcePrompt(board.source_prompt), TuningRef(key=key, reused=True)
+        params = {"storyboard": board.source, **self.overrides, "run_prefix": run_prefix}
+        ft = run_deployment(FINETUNE_DEPLOYMENT, parameters=params, timeout=None)
         if not ft.state or not ft.state.is_completed():
             raise FastImagicError(f"fine-tune flow run {ft.name} ended {ft.state.name if ft.state else 'unknown'}")
+        run_store = output_store(board.output.resolved).child(run_prefix)
         stored = json.loads(run_store.get_bytes(FINETUNE_RESULT))
-    tuning, prompts = stored["tuning"], stored["prompts"]
-    timings["finetune_seconds"] = time.perf_counter() - t
+        return SourcePrompt(**stored["prompts"]), TuningRef.from_dict(stored["tuning"])
 
-    t = time.perf_counter()
+    def scenes(
+        self, board: Storyboard, tuning_key: str, run_prefix: str, resume: bool
+    ) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
+        from prefect.deployments import run_deployment
 
-    def submit(scene_id: str, resume_scene: bool):
-        return run_deployment(
-            RENDER_DEPLOYMENT,
-            parameters={
-                **params,
+        def submit(scene_id: str, resume_scene: bool):
+            parameters = {
+                "storyboard": board.source,
+                **self.overrides,
                 "scene_id": scene_id,
-                "tuning_key": tuning["key"],
+                "tuning_key": tuning_key,
                 "run_prefix": run_prefix,
                 "resume": resume_scene,
-            },
-            timeout=0,  # start them all, then wait
-        )
-
-    pending = {scene.id: submit(scene.id, resume) for scene in board.scenes}
-    for attempt in range(1, SCENE_ATTEMPTS + 1):
-        failed = {}
-        for scene_id, fr in pending.items():
-            final = _wait(fr.id)
-            if not final.state.is_completed():
-                failed[scene_id] = final
-        if not failed:
-            break
-        names = ", ".join(f"{s} ({f.state.name})" for s, f in failed.items())
-        if attempt == SCENE_ATTEMPTS:
-            raise FastImagicError(f"scenes did not complete after {SCENE_ATTEMPTS} attempts: {names}")
-        logger.warning("scene flow runs did not complete: %s; submitting them again (resume)", names)
-        pending = {scene_id: submit(scene_id, True) for scene_id in failed}
-    timings["render_seconds"] = time.perf_counter() - t
-
-    scenes, records = [], []
-    for scene in board.scenes:
-        prefix = kf.scene_prefix(scene.id)
-        m = json.loads(run_store.get_bytes(f"{prefix}/{kf.MANIFEST}"))
-        scenes.append(
-            {
-                "id": scene.id,
-                "prompt": scene.prompt,
-                "manifest": f"{prefix}/{kf.MANIFEST}",
-                "contact_sheet": f"{prefix}/{kf.CONTACT_SHEET}",
-                "keyframes": len(m["keyframes"]),
-                "picks": m.get("picks", []),
-                "auto": m.get("auto"),
             }
-        )
-        records += m["keyframes"]
-    timings["total_seconds"] = time.perf_counter() - started
-    return finish_run(
-        board,
-        storyboard,
-        store,
-        run_id,
-        run_prefix,
-        reference=reference,
-        prompts=prompts,
-        tuning=tuning,
-        scenes=scenes,
-        records=records,
-        kept=None,
-        timings=timings,
-    )
+            return run_deployment(RENDER_DEPLOYMENT, parameters=parameters, timeout=0)  # start all, then wait
+
+        pending = {scene.id: submit(scene.id, resume) for scene in board.scenes}
+        for attempt in range(1, SCENE_ATTEMPTS + 1):
+            failed = {}
+            for scene_id, fr in pending.items():
+                final = _wait(fr.id)
+                if not final.state.is_completed():
+                    failed[scene_id] = final
+            if not failed:
+                break
+            names = ", ".join(f"{s} ({f.state.name})" for s, f in failed.items())
+            if attempt == SCENE_ATTEMPTS:
+                raise FastImagicError(f"scenes did not complete after {SCENE_ATTEMPTS} attempts: {names}")
+            get_run_logger().warning("scene flow runs did not complete: %s; submitting them again (resume)", names)
+            pending = {scene_id: submit(scene_id, True) for scene_id in failed}
+
+        run_store = output_store(board.output.resolved).child(run_prefix)
+        summaries, records = [], []
+        for scene in board.scenes:
+            prefix = kf.scene_prefix(scene.id)
+            manifest = json.loads(run_store.get_bytes(f"{prefix}/{kf.MANIFEST}"))
+            summaries.append(SceneSummary.of(manifest, f"{prefix}/{kf.MANIFEST}", f"{prefix}/{kf.CONTACT_SHEET}"))
+            records += manifest["keyframes"]
+        return summaries, records, 0

@@ -11,11 +11,11 @@ Policy lives in the decorators:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
+import threading
 import time
 
 from PIL import Image
@@ -25,14 +25,23 @@ from prefect.tasks import exponential_backoff
 
 from fastimagic import keyframes as kf
 from fastimagic.caption import load_captioner, source_prompt_from_caption
+from fastimagic.config import slugify
 from fastimagic.editor import Editor
 from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.images import fit, load_reference
+from fastimagic.manifests import (
+    KeyframeRecord,
+    Reference,
+    SceneSummary,
+    SourcePrompt,
+    TuningRef,
+    keyframe_record,
+    scene_manifest,
+)
 from fastimagic.models import cached_base_model, model_identity
+from fastimagic.picking import scene_picks
 from fastimagic.scoring import load_scorer
-from fastimagic.selection import auto_forget_decision, pick
 from fastimagic.store import LocalStore, NotFound, StoreError
-from fastimagic.config import slugify
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
@@ -42,6 +51,7 @@ PROGRESS_ENV = "FASTIMAGIC_PROGRESS"
 STORAGE_RETRIES = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.3)
 
 _TUNINGS: dict[str, Tuning] = {}  # process cache: a render worker fetches each tuning once
+_TUNINGS_LOCK = threading.Lock()  # two render threads asking at once still fetch it once
 
 
 def _model(board: Storyboard):
@@ -54,30 +64,30 @@ def _finetune_config(board: Storyboard) -> FinetuneConfig:
 
 
 @task(name="fetch reference", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def fetch_reference(board: Storyboard) -> dict:
-    """The reference image's bytes, checked to decode; ``{"bytes", "sha256", "uri"}``."""
+def fetch_reference(board: Storyboard) -> Reference:
+    """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
     data = read(uri)
     load_reference(data, uri)  # refuse a broken image before any model is loaded
-    return {"bytes": data, "sha256": hashlib.sha256(data).hexdigest(), "uri": uri}
+    return Reference.of(data, uri)
 
 
 @task(name="caption", cache_policy=NO_CACHE, tags=[GPU])
-def caption_reference(board: Storyboard, reference: dict) -> dict:
-    """``{"source_prompt", "caption"}``: the storyboard's source prompt, or a BLIP caption (BLIP loaded only then)."""
+def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
+    """The storyboard's source prompt, or a BLIP caption of the reference (BLIP is loaded only then)."""
     if board.source_prompt:
-        return {"source_prompt": board.source_prompt, "caption": None}
+        return SourcePrompt(board.source_prompt)
     captioner = load_captioner("tiny" if board.model.kind == "tiny" else "Salesforce/blip-image-captioning-base")
-    caption = captioner(load_reference(reference["bytes"], reference["uri"]))
+    caption = captioner(load_reference(reference.data, reference.uri))
     prompt = source_prompt_from_caption(caption, [s.prompt for s in board.scenes])
     get_run_logger().info("BLIP caption: %r -> source prompt %r", caption, prompt)
-    return {"source_prompt": prompt, "caption": caption}
+    return SourcePrompt(prompt, caption)
 
 
-def tuning_key(board: Storyboard, reference: dict, source_prompt: str) -> str:
+def tuning_key(board: Storyboard, reference: Reference, source_prompt: str) -> str:
     """The content key of this storyboard's fine-tune, computed without loading the model."""
     return content_key(
-        image_sha256=reference["sha256"],
+        image_sha256=reference.sha256,
         model_identity=model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
         source_prompt=source_prompt,
         finetune=_finetune_config(board).as_dict(),
@@ -108,13 +118,13 @@ def _progress(total: int):
 
 
 @task(name="fine-tune once", cache_policy=NO_CACHE, tags=[GPU])
-def finetune_once(board: Storyboard, reference: dict, prompts: dict, output: str) -> dict:
+def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt, output: str) -> TuningRef:
     """Reuse the stored tuning for this content key, or fine-tune and store it under ``tunings/<key>/``.
 
-    A stored tuning that fails its checksum is reported and replaced. Returns ``{"key", "reused", ...}``.
+    A stored tuning that fails its checksum is reported and replaced.
     """
     logger = get_run_logger()
-    key = tuning_key(board, reference, prompts["source_prompt"])
+    key = tuning_key(board, reference, prompts.source_prompt)
     store = output_store(output).child(f"tunings/{key}")
     replaced = None
     if store.exists(META_FILE):
@@ -122,29 +132,29 @@ def finetune_once(board: Storyboard, reference: dict, prompts: dict, output: str
             tuning = Tuning.read(store.get_bytes, where=store.uri)
             _TUNINGS[key] = tuning
             logger.info("reusing stored tuning %s (no fine-tune)", key)
-            return {"key": key, "reused": True, "uri": store.uri, **_summary(tuning)}
+            return _tuning_ref(tuning, store.uri, reused=True)
         except (CorruptTuning, NotFound) as e:
             replaced = str(e)
             logger.warning("stored tuning is unusable, fine-tuning again: %s", e)
     model = _model(board)
     config = _finetune_config(board)
     callback, bar = _progress(config.steps)
-    image = load_reference(reference["bytes"], reference["uri"])
+    image = load_reference(reference.data, reference.uri)
     try:
         with model.lock:
             tuning = finetune(
                 model,
                 image,
-                prompts["source_prompt"],
+                prompts.source_prompt,
                 config,
                 width=board.width,
                 height=board.height,
-                image_sha256=reference["sha256"],
+                image_sha256=reference.sha256,
                 callback=callback,
             )
     finally:
         bar.close()
-    tuning.caption = prompts.get("caption")
+    tuning.caption = prompts.caption
     assert tuning.key == key, "content key computed before and after fine-tuning must agree"
     for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
         _put(store, name, data)
@@ -156,17 +166,20 @@ def finetune_once(board: Storyboard, reference: dict, prompts: dict, output: str
         len(tuning.losses),
         tuning.losses[-1],
     )
-    result = {"key": key, "reused": False, "uri": store.uri, **_summary(tuning)}
-    return result | ({"replaced_corrupt": replaced} if replaced else {})
+    return _tuning_ref(tuning, store.uri, reused=False, replaced_corrupt=replaced)
 
 
-def _summary(tuning: Tuning) -> dict:
-    return {
-        "losses": tuning.losses,
-        "seconds": round(tuning.seconds, 3),
-        "steps_run": len(tuning.losses),
-        "trained_parameters": tuning.trained_parameters,
-    }
+def _tuning_ref(tuning: Tuning, uri: str, *, reused: bool, replaced_corrupt: str | None = None) -> TuningRef:
+    return TuningRef(
+        key=tuning.key,
+        reused=reused,
+        uri=uri,
+        losses=tuple(tuning.losses),
+        seconds=round(tuning.seconds, 3),
+        steps_run=len(tuning.losses),
+        trained_parameters=tuning.trained_parameters,
+        replaced_corrupt=replaced_corrupt,
+    )
 
 
 def _put(store, key: str, data: bytes, content_type: str | None = None, attempts: int = 5) -> None:
@@ -183,11 +196,13 @@ def _put(store, key: str, data: bytes, content_type: str | None = None, attempts
 
 
 def load_tuning(output: str, key: str) -> Tuning:
-    """The tuning ``key`` from the output store, fetched once per process."""
-    if key not in _TUNINGS:
-        store = output_store(output).child(f"tunings/{key}")
-        _TUNINGS[key] = Tuning.read(store.get_bytes, where=store.uri)
-    return _TUNINGS[key]
+    """The tuning ``key`` from the output store, fetched once per process (two threads asking at once share one
+    fetch)."""
+    with _TUNINGS_LOCK:
+        if key not in _TUNINGS:
+            store = output_store(output).child(f"tunings/{key}")
+            _TUNINGS[key] = Tuning.read(store.get_bytes, where=store.uri)
+        return _TUNINGS[key]
 
 
 def expected_names(scene: Scene, seed: int, strategies: tuple[str, ...]) -> list[str]:
@@ -195,14 +210,6 @@ def expected_names(scene: Scene, seed: int, strategies: tuple[str, ...]) -> list
     return [
         kf.keyframe_name(seed, edit, strategy, scene.sigma) for strategy in strategies for edit in scene.edit.combos()
     ]
-
-
-@task(name="decide forgetting", cache_policy=NO_CACHE)
-def decide_forgetting(scene: Scene, first_pass: list[dict]) -> dict:
-    """``forget: auto``: from the first pass's scores, whether the scene overfits and which strategies to try."""
-    decision = auto_forget_decision(first_pass, scene.prompt, scene.auto.model_dump())
-    get_run_logger().info("scene %s: %s", scene.id, decision["reason"])
-    return decision
 
 
 def _progress_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
@@ -231,7 +238,7 @@ def render_keyframes(
     output: str,
     run_prefix: str,
     strategies: tuple[str, ...] | None = None,
-) -> list[dict]:
+) -> list[KeyframeRecord]:
     """Render one (scene, seed): every edit setting under each forgetting strategy, score them, write them.
 
     ``strategies`` defaults to the scene's. Each PNG is written atomically (storage writes back off and retry),
@@ -267,10 +274,7 @@ def render_keyframes(
         data = kf.png_bytes(f.image)
         rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
         _put(store, rel, data, "image/png")
-        record = {"key": rel, "scene": scene.id, **f.settings(), "sha256": kf.sha256(data)}
-        if scores is not None:
-            record["scores"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores[i].items()}
-        records.append(record)
+        records.append(keyframe_record(rel, scene.id, f.settings(), kf.sha256(data), scores[i] if scores else None))
     _put(store, _progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
     return records
 
@@ -278,7 +282,7 @@ def render_keyframes(
 @task(name="verify written keyframes", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def verify_written(
     scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...] | None = None
-) -> list[dict] | None:
+) -> list[KeyframeRecord] | None:
     """For a resumed run: the records of (scene, seed) if all its keyframes are stored intact, else None.
 
     Intact means: the progress record exists, names exactly the keyframes this scene asks for, and every PNG's
@@ -304,55 +308,38 @@ def verify_written(
 
 @task(name="scene outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def write_scene_outputs(
-    scene: Scene, records: list[dict], output: str, run_prefix: str, auto: dict | None = None
-) -> dict:
-    """After a scene's keyframes: pick the best (``select``), copy picks to ``picks/<scene>/``, write the labelled
-    contact sheet and the scene manifest. ``auto``: the ``forget: auto`` decision, recorded as made.
-
-    Picks come from the strategy ``auto`` chose, if any, else from every keyframe of the scene.
-    """
+    scene: Scene, records: list[KeyframeRecord], output: str, run_prefix: str, auto: dict | None = None
+) -> SceneSummary:
+    """After a scene's keyframes: pick the best (``select``, from the strategy ``forget: auto`` chose), copy picks to
+    ``picks/<scene>/``, write the labelled contact sheet and the scene manifest. ``auto``: the decision as made."""
     store = output_store(output).child(run_prefix)
     prefix = kf.scene_prefix(scene.id)
-    picks: list[dict] = []
-    if scene.select is not None and records and all("scores" in r for r in records):
-        pool = [r for r in records if not auto or not auto.get("chosen") or r["forget"] == auto["chosen"]]
-        sel = scene.select
-        picks = pick(pool, top=sel.top, min_clip=sel.min_clip, max_lpips=sel.max_lpips,
-                     min_fidelity=sel.min_fidelity)
-        ranks = {p["key"]: p["rank"] for p in picks}
+    picks = scene_picks(records, scene.select, auto["chosen"] if auto else None)
+    ranks = {p["key"]: p["rank"] for p in picks}
+    if scene.select is not None and all("scores" in r for r in records):
         for r in records:
             r["pick"] = ranks.get(r["key"])
-        for p in picks:
-            dest = f"{kf.PICKS}/{scene.id}/{p['rank']:02d}-{p['key'].rsplit('/', 1)[-1]}"
-            _put(store, dest, store.get_bytes(p["key"]), "image/png")
-            p["copy"] = dest
+    for p in picks:
+        dest = f"{kf.PICKS}/{scene.id}/{p['rank']:02d}-{p['key'].rsplit('/', 1)[-1]}"
+        _put(store, dest, store.get_bytes(p["key"]), "image/png")
+        p["copy"] = dest
     tiles = [
         (Image.open(io.BytesIO(store.get_bytes(r["key"]))), kf.tile_label(r), r.get("pick") is not None)
         for r in records
     ]
     _put(store, f"{prefix}/{kf.CONTACT_SHEET}", kf.contact_sheet(tiles), "image/jpeg")
-    summary = {
-        "id": scene.id,
-        "prompt": scene.prompt,
-        "manifest": f"{prefix}/{kf.MANIFEST}",
-        "contact_sheet": f"{prefix}/{kf.CONTACT_SHEET}",
-        "keyframes": len(records),
-        "picks": [{"rank": p["rank"], "key": p["key"], "copy": p["copy"]} for p in picks],
-        "auto": auto,
-    }
-    manifest = {"scene": scene.id, "prompt": scene.prompt, "picks": summary["picks"], "auto": auto,
-                "keyframes": records}
+    manifest = scene_manifest(scene.id, scene.prompt, picks, auto, records)
     _put(store, f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
-    return summary
+    return SceneSummary.of(manifest, f"{prefix}/{kf.MANIFEST}", f"{prefix}/{kf.CONTACT_SHEET}")
 
 
 @task(name="run outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def write_run_outputs(run: dict, reference: dict, output: str, run_prefix: str) -> str:
+def write_run_outputs(run: dict, reference: Reference, output: str, run_prefix: str) -> str:
     """The reference copy, ``index.html``, then the run ``manifest.json`` last. Returns the manifest's URI."""
     store = output_store(output).child(run_prefix)
-    ext = _image_ext(reference["bytes"])
+    ext = _image_ext(reference.data)
     run["reference_key"] = f"reference{ext}"
-    _put(store, run["reference_key"], reference["bytes"])
+    _put(store, run["reference_key"], reference.data)
     _put(store, kf.INDEX, kf.index_html(run), "text/html; charset=utf-8")
     _put(store, kf.MANIFEST, kf.dumps(run), "application/json")
     return f"{store.uri.rstrip('/')}/{kf.MANIFEST}"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import io
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 from s3server import S3Server, point_env_at, start_s3_server
@@ -26,27 +24,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-TEDBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tedbench" / "originals"
-
-
-def drawn_photo(width: int = 320, height: int = 240) -> bytes:
-    """A JPEG the tests draw themselves: a sky, a sun, a hill (used when TEdBench is not present)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (110, 160, 230))
-    d = ImageDraw.Draw(img)
-    d.ellipse((width * 0.6, height * 0.1, width * 0.8, height * 0.35), fill=(250, 220, 60))
-    d.polygon([(0, height), (width * 0.4, height * 0.5), (width, height)], fill=(60, 140, 70))
-    d.rectangle((width * 0.2, height * 0.6, width * 0.3, height * 0.85), fill=(120, 70, 40))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=92)
-    return buf.getvalue()
-
-
-def reference_photo_bytes(name: str = "bird.jpeg") -> bytes:
-    """A real TEdBench photo when ../shared is present, else a drawn one."""
-    p = TEDBENCH / name
-    return p.read_bytes() if p.is_file() else drawn_photo()
+from fastimagic.tiny import drawn_photo, reference_photo_bytes  # noqa: E402,F401  (tests import them from here)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-# Deployments whose code another change adds; their entrypoint checks are expected to fail until it lands.
-PENDING = {"flows/scale.py"}
 CPU_POOL, GPU_POOL = "fastimagic-cpu", "fastimagic-gpu"
 
 
@@ -60,11 +58,7 @@ def _is_flow(fn: ast.FunctionDef) -> bool:
 
 def _entrypoint_params():
     for d in _deployments():
-        path = d["entrypoint"].split(":", 1)[0]
-        marks = []
-        if path in PENDING and not (ROOT / path).is_file():
-            marks = [pytest.mark.xfail(strict=False, reason=f"{path} not written yet")]
-        yield pytest.param(d, marks=marks, id=d["name"])
+        yield pytest.param(d, id=d["name"])
 
 
 def _worker_pools(compose: dict) -> dict[str, str]:

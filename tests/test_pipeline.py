@@ -143,6 +143,7 @@ def test_without_a_source_prompt_blip_captions_the_reference(tmp_path, photo_byt
 
 def test_an_explicit_source_prompt_never_loads_blip(tmp_path, monkeypatch):
     import tasks.pipeline as pipeline
+    from fastimagic.manifests import Reference, SourcePrompt
     from fastimagic.storyboard_yaml import load_storyboard
 
     def refuse(*args, **kwargs):
@@ -151,7 +152,5 @@ def test_an_explicit_source_prompt_never_loads_blip(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_captioner", refuse)
     (tmp_path / "s.yaml").write_text("name: x\nreference: r.jpg\nsource_prompt: a bird\nscenes: [{id: a, prompt: b}]\n")
     board = load_storyboard(tmp_path / "s.yaml")
-    assert pipeline.caption_reference.fn(board, {"bytes": b"", "uri": "r.jpg"}) == {
-        "source_prompt": "a bird",
-        "caption": None,
-    }
+    reference = Reference(data=b"", sha256="", uri="r.jpg")
+    assert pipeline.caption_reference.fn(board, reference) == SourcePrompt("a bird", caption=None)

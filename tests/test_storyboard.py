@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from fastimagic import forgetting
-from fastimagic.errors import InputError
 from fastimagic.config import slugify
+from fastimagic.errors import InputError
 from fastimagic.merge import Project, Subtract
 from fastimagic.storyboard import Edit, Scene, Storyboard
 from fastimagic.storyboard_yaml import StoryboardError, load_storyboard

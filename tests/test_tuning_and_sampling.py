@@ -4,6 +4,7 @@ import torch
 
 from fastimagic.editor import Editor
 from fastimagic.errors import InputError
+from fastimagic.store import LocalStore
 from fastimagic.tuning import CorruptTuning, Tuning
 
 GAMMAS = [{"mode": "subtract", "gamma": g} for g in (0.8, 1.1, 1.4)]
@@ -28,8 +29,15 @@ def test_a_keyframe_is_the_same_alone_or_in_a_batch(tiny_model, tuning):
     assert _max_level_diff(batch, alone) <= 1
 
 
+def _save(tuning: Tuning, folder) -> LocalStore:
+    store = LocalStore(folder)
+    for name, data in tuning.to_files().items():
+        store.put_bytes(name, data)
+    return store
+
+
 def test_saved_and_loaded_tuning_renders_the_same_keyframes(tiny_model, tuning, tmp_path):
-    loaded = Tuning.load(tuning.save(tmp_path / "t"))
+    loaded = Tuning.read(_save(tuning, tmp_path / "t").get_bytes)
     assert loaded.key == tuning.key and loaded.losses == tuning.losses
     assert loaded.metadata() == tuning.metadata()
     kw = dict(seeds=[0, 1], edits=GAMMAS, steps=8, forget="encoderattn")
@@ -41,13 +49,13 @@ def test_saved_and_loaded_tuning_renders_the_same_keyframes(tiny_model, tuning, 
 
 
 def test_a_flipped_byte_in_a_stored_tuning_is_detected(tuning, tmp_path):
-    folder = tuning.save(tmp_path / "t")
-    (weights,) = folder.glob("weights-*.safetensors")
+    store = _save(tuning, tmp_path / "t")
+    (weights,) = (tmp_path / "t").glob("weights-*.safetensors")
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptTuning, match="does not match its recorded SHA-256"):
-        Tuning.load(folder)
+        Tuning.read(store.get_bytes)
 
 
 def test_editor_restores_the_base_weights_bit_for_bit(tiny_model, tuning):

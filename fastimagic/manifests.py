@@ -1,0 +1,175 @@
+"""What a run passes from step to step, and the manifests it writes: typed records and pure functions, one place.
+
+The pipeline's values (the reference, the source prompt, the stored tuning, each keyframe, each scene) are small
+frozen records here, so a reader sees their fields in one place. The manifests, the JSON that people and the
+video stage read, are built only by :func:`scene_manifest` and :func:`run_manifest`; their format is documented in
+the README ("Output layout") and versioned by :data:`RUN_FORMAT`.
+
+Keyframe records are JSON objects from the moment they are made (:class:`KeyframeRecord`, a ``TypedDict``): they
+are written to progress records and manifests as they are, and :mod:`fastimagic.picking` and
+:mod:`fastimagic.autoforget` read them the same way from a manifest as from a live run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypedDict
+
+RUN_FORMAT = 1  # the run manifest's "format"; bump it (and say what changed) when a field changes meaning
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference image as fetched: its bytes, their SHA-256 (part of the tuning's content key) and its URI."""
+
+    data: bytes = field(repr=False)
+    sha256: str
+    uri: str
+
+    @classmethod
+    def of(cls, data: bytes, uri: str) -> Reference:
+        return cls(data=data, sha256=hashlib.sha256(data).hexdigest(), uri=uri)
+
+
+@dataclass(frozen=True)
+class SourcePrompt:
+    """The source prompt e_src starts from, and the BLIP caption it came from (None when the storyboard gave it)."""
+
+    source_prompt: str
+    caption: str | None = None
+
+
+@dataclass(frozen=True)
+class TuningRef:
+    """A stored tuning as the run manifest records it: its content key, whether it was reused, where it is, and
+    how the fine-tune went (empty when reused). ``replaced_corrupt``: why a stored copy was replaced, if it was."""
+
+    key: str
+    reused: bool
+    uri: str = ""
+    losses: tuple[float, ...] = ()
+    seconds: float = 0.0
+    steps_run: int = 0
+    trained_parameters: int = 0
+    replaced_corrupt: str | None = None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["losses"] = list(self.losses)
+        if self.replaced_corrupt is None:
+            del d["replaced_corrupt"]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TuningRef:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "losses": tuple(known.get("losses", ()))})
+
+
+class KeyframeRecord(TypedDict, total=False):
+    """One keyframe in a manifest. ``key`` is relative to the run folder; ``edit`` is the merge setting's manifest
+    form (``{"mode": "subtract", "gamma": g}``); ``scores`` (with a scorer) holds ``clip``, ``fidelity`` and
+    ``fidelity_metric``; ``pick`` is the keyframe's rank among the scene's picks, or None."""
+
+    key: str
+    scene: str
+    prompt: str
+    seed: int
+    edit: dict
+    forget: str
+    sigma: float
+    guidance: float
+    steps: int
+    width: int
+    height: int
+    negative_prompt: str | None
+    sha256: str
+    scores: dict
+    pick: int | None
+
+
+def keyframe_record(key: str, scene_id: str, settings: Mapping, sha256: str, scores: Mapping | None) -> KeyframeRecord:
+    """The record of one written keyframe: where it is, the settings that made it, its hash and its scores."""
+    record: KeyframeRecord = {"key": key, "scene": scene_id, **settings, "sha256": sha256}  # type: ignore[typeddict-item]
+    if scores is not None:
+        record["scores"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
+    return record
+
+
+@dataclass(frozen=True)
+class SceneSummary:
+    """One scene as the run manifest lists it; the scene's own manifest holds its keyframes."""
+
+    id: str
+    prompt: str
+    manifest: str
+    contact_sheet: str
+    keyframes: int
+    picks: tuple[dict, ...] = ()
+    auto: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "picks": [dict(p) for p in self.picks]}
+
+    @classmethod
+    def of(cls, manifest: Mapping, manifest_key: str, contact_sheet_key: str) -> SceneSummary:
+        """The summary of a scene from its manifest (:func:`scene_manifest`), e.g. one a scene flow run wrote."""
+        return cls(
+            id=manifest["scene"],
+            prompt=manifest["prompt"],
+            manifest=manifest_key,
+            contact_sheet=contact_sheet_key,
+            keyframes=len(manifest["keyframes"]),
+            picks=tuple(manifest.get("picks", ())),
+            auto=manifest.get("auto"),
+        )
+
+
+def scene_manifest(scene_id: str, prompt: str, picks: Sequence[Mapping], auto: Mapping | None,
+                   records: Sequence[KeyframeRecord]) -> dict:
+    """A scene's ``manifest.json``: its prompt, picks (``rank``, ``key``, ``copy``), the ``forget: auto`` decision
+    and every keyframe record."""
+    return {
+        "scene": scene_id,
+        "prompt": prompt,
+        "picks": [{"rank": p["rank"], "key": p["key"], "copy": p["copy"]} for p in picks],
+        "auto": dict(auto) if auto is not None else None,
+        "keyframes": list(records),
+    }
+
+
+def run_manifest(
+    *,
+    run_id: str,
+    created: str,
+    storyboard: Mapping[str, Any],
+    model: Mapping[str, Any],
+    resolution: tuple[int, int],
+    prompts: SourcePrompt,
+    tuning: TuningRef,
+    scenes: Sequence[SceneSummary],
+    records: Sequence[KeyframeRecord],
+    kept: int | None,
+    timings: Mapping[str, float],
+) -> dict:
+    """The run's ``manifest.json``, written last: the storyboard as written, the model, the caption and source
+    prompt, the tuning, every scene and every keyframe. ``kept``: keyframes a resumed run verified and kept
+    (None for a run that was not resumed). ``reference_key`` is added where the reference copy is written."""
+    return {
+        "format": RUN_FORMAT,
+        "status": "complete",
+        "run_id": run_id,
+        "created": created,
+        "storyboard": dict(storyboard),
+        "model": dict(model),
+        "resolution": {"width": resolution[0], "height": resolution[1]},
+        "caption": prompts.caption,
+        "source_prompt": prompts.source_prompt,
+        "tuning": tuning.as_dict(),
+        "resumed": None if kept is None else {"kept": kept, "rendered": len(records) - kept},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "scenes": [s.as_dict() for s in scenes],
+        "keyframes": list(records),
+    }

@@ -1,0 +1,197 @@
+"""One run of a storyboard, whoever does the GPU work: the wiring both the in-process and the scaled-out flow use.
+
+    read + check -> name the run folder -> fetch the reference -> tune once -> render each scene -> manifests
+
+:func:`run_storyboard` is that sequence. What differs between running in this process and scaling out over GPU
+workers is only *who* tunes and renders: a :class:`Backend` (``flows.storyboard.InProcess`` or
+``flows.scale.ScaleOut``). :func:`render_scene` renders one scene with the ``forget: auto`` workflow
+(:func:`fastimagic.autoforget.render_scene`) and writes its outputs; both backends call it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Protocol
+
+from prefect import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fastimagic import autoforget
+from fastimagic import keyframes as kf
+from fastimagic.errors import InputError
+from fastimagic.images import load_reference
+from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
+from fastimagic.models import model_identity
+from fastimagic.store import NotFound
+from fastimagic.storyboard import Scene, Storyboard
+from fastimagic.storyboard_yaml import StoryboardError, load_storyboard
+from tasks.pipeline import (
+    fetch_reference,
+    publish_summary,
+    render_keyframes,
+    verify_written,
+    write_run_outputs,
+    write_scene_outputs,
+)
+from tasks.storage import output_store, read
+
+# Presigned links handed to people (CLI output, artifacts) expire after this many seconds.
+LINK_EXPIRES_SECONDS = 24 * 3600
+
+# Renders in one process take turns on the one warm model (its lock), so two threads (one rendering, one writing)
+# lose nothing; Prefect's default pool would start a thread per submitted render, and each thread that has run
+# torch keeps ~2-3 MiB of native memory until the flow ends (measured: +128 MiB over 40 scenes, +3 MiB with 2).
+RENDER_THREADS = ThreadPoolTaskRunner(max_workers=2)
+
+
+def read_storyboard(storyboard: str, *, output: str | None = None, model: str | None = None) -> Storyboard:
+    """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides.
+
+    A storyboard fetched from S3 is decoded as strictly as a local file (UTF-8, a BOM allowed).
+    """
+    text = None
+    if storyboard.startswith("s3://"):
+        data = read(storyboard)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise StoryboardError([f"{storyboard}: not UTF-8 text (bad byte at offset {e.start})"]) from None
+    overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
+    return load_storyboard(storyboard, text=text, overrides=overrides or None)
+
+
+def preflight(board: Storyboard) -> None:
+    """Check what can be checked before any model loads or anything is written: the model path, the reference
+    image (exists, decodes, sane size) and the output store (reachable, credentials, bucket).
+
+    Raises :class:`InputError` for bad input (CLI exit 2) and :class:`StoreError` for storage trouble (exit 1).
+    """
+    model_identity(board.model.resolved, allow_pickle=board.allow_pickle)
+    uri = board.reference.resolved
+    try:
+        data = read(uri)
+    except NotFound as e:
+        raise InputError(f"{board.source} reference: {e}") from None
+    load_reference(data, uri)
+    output_store(board.output.resolved).check()
+
+
+class Backend(Protocol):
+    """Who does the GPU work of a run."""
+
+    def tune(self, board: Storyboard, reference: Reference, run_prefix: str) -> tuple[SourcePrompt, TuningRef]:
+        """Caption (unless the storyboard gives the source prompt) and fine-tune once, or reuse the stored tuning."""
+
+    def scenes(
+        self, board: Storyboard, tuning_key: str, run_prefix: str, resume: bool
+    ) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
+        """Render every scene: ``(scene summaries, keyframe records, keyframes kept from an interrupted run)``."""
+
+
+def render_scene(
+    board: Storyboard, scene: Scene, tuning_key: str, run_prefix: str, resume: bool
+) -> tuple[SceneSummary, list[KeyframeRecord], int]:
+    """Render one scene (every seed at once, bounded by the ``gpu`` tag), run its ``forget: auto`` workflow, and
+    write its picks, contact sheet and manifest. With ``resume``, a (scene, seed) whose keyframes are stored intact
+    is kept, not rendered. Returns ``(summary, records, kept)``."""
+    output = board.output.resolved
+    kept = 0
+
+    def render(strategies: tuple[str, ...]) -> list[KeyframeRecord]:
+        nonlocal kept
+        launched = []
+        for seed in scene.seeds:
+            done = verify_written(scene, seed, output, run_prefix, strategies) if resume else None
+            if done is not None:
+                kept += len(done)
+                launched.append(done)
+            else:
+                launched.append(render_keyframes.submit(board, scene, seed, tuning_key, output, run_prefix, strategies))
+        return [r for item in launched for r in (item if isinstance(item, list) else item.result())]
+
+    records, auto = autoforget.render_scene(scene.forget, scene.prompt, scene.auto, render)
+    if auto is not None:
+        get_run_logger().info("scene %s: %s", scene.id, auto["reason"])
+    return write_scene_outputs(scene, records, output, run_prefix, auto), records, kept
+
+
+def start_run(storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool):
+    """Validate, check the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
+    board = read_storyboard(storyboard, output=output, model=model)
+    store = output_store(board.output.resolved)
+    store.check()  # fail fast on an unreachable endpoint, wrong credentials or a missing bucket
+    if resume and not run_id:
+        raise InputError("resume needs the run id of the run to continue")
+    run_id = run_id or kf.new_run_id()
+    run_prefix = f"{board.slug}/{run_id}"
+    if not resume and store.list(run_prefix + "/"):
+        raise InputError(f"run {run_id} already exists under {store.uri}; resume it or choose another run id")
+    return board, store, run_id, run_prefix
+
+
+def run_storyboard(
+    backend: Backend,
+    storyboard: str,
+    *,
+    output: str | None = None,
+    model: str | None = None,
+    run_id: str | None = None,
+    resume: bool = False,
+) -> dict:
+    """Run a storyboard with ``backend`` doing the GPU work; write the run's manifest last. Returns a summary:
+    ``run_id``, ``run_uri``, ``index_url``, ``manifest``, ``keyframes``, ``tuning_key``, ``tuning_reused``,
+    ``kept``."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume)
+    logger.info(
+        "run %s: %d scenes, up to %d keyframes -> %s/%s",
+        run_id,
+        len(board.scenes),
+        board.keyframe_count(),
+        store.uri.rstrip("/"),
+        run_prefix,
+    )
+    t = time.perf_counter()
+    reference = fetch_reference(board)
+    prompts, tuning = backend.tune(board, reference, run_prefix)
+    timings["finetune_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scenes, records, kept = backend.scenes(board, tuning.key, run_prefix, resume)
+    timings["render_seconds"] = time.perf_counter() - t
+    timings["total_seconds"] = time.perf_counter() - started
+
+    run = run_manifest(
+        run_id=run_id,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        storyboard={"name": board.name, "uri": storyboard, "source": board.source_text},
+        model={
+            "given": board.model.given,
+            "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+        },
+        resolution=board.resolution,
+        prompts=prompts,
+        tuning=tuning,
+        scenes=scenes,
+        records=records,
+        kept=kept if resume else None,
+        timings=timings,
+    )
+    out = board.output.resolved
+    manifest_uri = write_run_outputs(run, reference, out, run_prefix)
+    publish_summary(run, out, run_prefix, LINK_EXPIRES_SECONDS)
+    logger.info("wrote %d keyframes; manifest %s", len(records), manifest_uri)
+    return {
+        "run_id": run_id,
+        "run_uri": manifest_uri.rsplit("/", 1)[0],
+        # what a person opens: a local path, or for S3 a presigned link that expires
+        "index_url": store.url(f"{run_prefix}/{kf.INDEX}", expires=LINK_EXPIRES_SECONDS),
+        "manifest": manifest_uri,
+        "keyframes": len(records),
+        "tuning_key": tuning.key,
+        "tuning_reused": tuning.reused,
+        "kept": kept,
+    }
