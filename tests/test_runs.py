@@ -18,7 +18,7 @@ from fastimagic.runs import (
     plan_record,
     runs_json,
 )
-from fastimagic.store import LocalStore, Store, open_store
+from fastimagic.store import LocalStore, Store, StoreError, open_store
 from fastimagic.storyboard import load_storyboard
 
 
@@ -244,6 +244,9 @@ def test_listdir_names_one_level_of_files_and_folders(output: Store):
     assert output.child("a").listdir("b/c") == ["deep.png"]
     assert Store.listdir(output, "a") == output.listdir("a")  # the generic fallback agrees
     assert output.root_exists()
+    for bad in ("../up", "/abs", "a//b"):
+        with pytest.raises(StoreError):
+            output.listdir(bad)
 
 
 def test_listdir_hides_temp_files_and_s3_folder_markers(tmp_path: Path, s3_env: str, s3_server):
