@@ -166,6 +166,31 @@ class Store(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
+    def listdir(self, prefix: str = "") -> list[str]:
+        """The immediate entries of the "folder" ``prefix`` (``""``: the root), sorted: object names, and
+        sub-folder names ending in ``/`` (``["manifest.json", "scenes/"]``). Names are relative to ``prefix``.
+
+        A missing folder lists as ``[]``. This fallback derives the answer from a full :meth:`list` of the folder;
+        :class:`LocalStore` and :class:`S3Store` read one level only (a delimiter listing).
+        """
+        folder = _folder_prefix(prefix, where=self.uri)
+        names = set()
+        for key in self.list(folder):
+            first, sep, _ = key[len(folder) :].partition("/")
+            names.add(first + sep)
+        return sorted(names)
+
+    def root_exists(self) -> bool:
+        """Whether this store's root exists (a folder, or a bucket); raise :class:`StoreError` if it cannot tell."""
+        raise NotImplementedError(f"{type(self).__name__} cannot tell whether its root exists")
+
+
+def _folder_prefix(prefix: str, *, where: str = "") -> str:
+    """A listdir() folder: ``""`` (the root) or a safe key, returned with one trailing ``/``."""
+    if prefix in ("", "/"):
+        return ""
+    return safe_key(prefix.rstrip("/") if isinstance(prefix, str) else prefix, where=where) + "/"
+
 
 def _check_expires(expires: int, where: str) -> int:
     if isinstance(expires, bool) or not isinstance(expires, int) or not 1 <= expires <= _MAX_URL_EXPIRES_S:
@@ -283,6 +308,29 @@ class LocalStore(Store):
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise StoreError(f"{self.uri}: folder is not writable ({reason})") from exc
+
+    def listdir(self, prefix: str = "") -> list[str]:
+        """The files and sub-folders (names ending in ``/``) directly in the folder ``prefix``, sorted; one
+        ``scandir`` of that folder only. Temp files are hidden; a missing folder lists as ``[]``."""
+        folder = _folder_prefix(prefix, where=self.uri)
+        top = self.root.joinpath(*folder.rstrip("/").split("/")) if folder else self.root
+        names: list[str] = []
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        names.append(entry.name + "/")
+                    elif not entry.name.endswith(_TMP_SUFFIX):
+                        names.append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise self._fail(folder or ".", "list", exc) from exc
+        return sorted(names)
+
+    def root_exists(self) -> bool:
+        """Whether the folder exists (a file at the path is not a folder: ``False``)."""
+        return self.root.is_dir()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -446,6 +494,40 @@ class S3Store(Store):
         except Exception as exc:
             if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
                 raise StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist") from exc
+            raise self._err(exc, "checking the bucket") from exc
+
+    def listdir(self, prefix: str = "") -> list[str]:
+        """The objects and "sub-folders" (common prefixes, names ending in ``/``) directly under ``prefix``, sorted:
+        a ``Delimiter='/'`` listing, so objects deeper down are never enumerated. Missing prefix: ``[]``."""
+        folder = _folder_prefix(prefix, where=self.uri)
+        full = self.prefix + folder
+        names: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    name = common["Prefix"][len(full) :]
+                    if name.strip("/"):
+                        names.append(name)
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(full) :]
+                    if name and not name.endswith("/"):  # skip folder markers some tools create
+                        names.append(name)
+        except Exception as exc:
+            raise self._err(exc, f"listing {folder or '/'!r}") from exc
+        return sorted(names)
+
+    def root_exists(self) -> bool:
+        """Whether the bucket exists (a HEAD of the bucket; a prefix always "exists" on S3). Raises a
+        :class:`StoreError` line for an unreachable endpoint or refused credentials."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return True
+        except Exception as exc:
+            if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                return False
             raise self._err(exc, "checking the bucket") from exc
 
 
