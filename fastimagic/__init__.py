@@ -2,12 +2,16 @@
 
 The method, with no orchestrator: load a base model, fine-tune once, then edit many times.
 
->>> from fastimagic import load_base_model, finetune, FinetuneConfig, Editor      # doctest: +SKIP
+>>> from fastimagic import Editor, FinetuneConfig, Subtract, finetune, load_base_model, load_reference
+>>> from fastimagic.tiny import drawn_photo
 >>> model = load_base_model("tiny")
->>> tuning = finetune(model, image, "a photo of a bird", FinetuneConfig(), width=64, height=64)
+>>> image = load_reference(drawn_photo(), "sky.jpg")
+>>> tuning = finetune(model, image, "a photo of a bird", FinetuneConfig(steps=3), width=64, height=64)
 >>> with Editor(model, tuning) as editor:
-...     keyframes = editor.render("a photo of a bird flying", seeds=[0, 1],
-...                               edits=[{"mode": "subtract", "gamma": 1.1}], forget="encoderattn")
+...     keyframes = editor.render("a photo of a bird flying", seeds=[0, 1], edits=[Subtract(1.1)],
+...                               forget="encoderattn", steps=4)
+>>> [(k.seed, k.edit.gamma, k.forget) for k in keyframes]
+[(0, 1.1, 'encoderattn'), (1, 1.1, 'encoderattn')]
 
 Names are lazy so that ``import fastimagic.storyboard`` (validation) does not pay for importing torch.
 """
@@ -27,6 +31,8 @@ _EXPORTS = {
     "Keyframe": "fastimagic.editor",
     "subtract": "fastimagic.merge",
     "project": "fastimagic.merge",
+    "Subtract": "fastimagic.merge",
+    "Project": "fastimagic.merge",
     "Forgetting": "fastimagic.forgetting",
     "STRATEGIES": "fastimagic.forgetting",
     "load_captioner": "fastimagic.caption",

@@ -4,10 +4,12 @@
 place, merges embeddings and samples. Closing it puts the base weights back, so one warm base model serves any
 number of tunings in turn.
 
->>> with Editor(model, tuning) as editor:                                   # doctest: +SKIP
+>>> with Editor(model, tuning) as editor:
 ...     frames = editor.render("two people dancing on the beach", seeds=[0, 1],
 ...                            edits=[Subtract(g) for g in (0.8, 1.0, 1.2)],
-...                            forget="encoderattn")
+...                            forget="encoderattn", steps=4)
+>>> len(frames), frames[0].width == tuning.width
+(6, True)
 """
 
 from __future__ import annotations

@@ -122,10 +122,15 @@ class Forgetting:
     ``originals`` holds the base weights of the trained tensors only (name -> tensor, any device/dtype). Only
     those names can ever be forgotten: every other UNet tensor already equals its original.
 
-    >>> f = Forgetting(unet, tuning.original_weights)     # doctest: +SKIP
-    >>> f.apply("encoderattn")                             # doctest: +SKIP
-    >>> f.apply("decoderattn", sigma=0.2)                  # undoes the previous one first
-    >>> f.restore()                                        # back to the learned weights, bit for bit
+    An :class:`~fastimagic.editor.Editor` holds one for the tuning it applied:
+
+    >>> editor = Editor(model, tuning)
+    >>> editor.forgetting.apply("encoderattn").strategy
+    'encoderattn'
+    >>> editor.forgetting.apply("decoderattn", sigma=0.2).strategy   # undoes the previous one first
+    'decoderattn'
+    >>> editor.forgetting.restore()                                   # back to the learned weights, bit for bit
+    >>> editor.close()
     """
 
     def __init__(self, unet: torch.nn.Module, originals: Mapping[str, torch.Tensor]):

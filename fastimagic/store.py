@@ -12,10 +12,12 @@ as ``session=``.
 from __future__ import annotations
 
 import abc
+import hashlib
 import mimetypes
 import os
 import re
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -538,13 +540,19 @@ def _client_code(exc: Exception) -> str:
     return ""
 
 
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _s3_client(session: Any = None, *, quick: bool = False, where: str = "") -> Any:
-    """A boto3 S3 client for S3-compatible servers.
+    """A boto3 S3 client for S3-compatible servers, one per process for each endpoint, region and credentials.
 
     Endpoint and region come from the AWS_* variables (``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``),
     credentials from ``session`` or the environment. Path-style addressing (MinIO/SeaweedFS need it), SigV4,
     3 s connect / 30 s read timeouts, 5 attempts with standard exponential backoff so uploads ride out a server
-    blip. ``quick=True``: 2 attempts and a 10 s read timeout, for fail-fast checks.
+    blip. ``quick=True``: 2 attempts and a 10 s read timeout, for fail-fast checks. Clients are thread-safe and
+    costly to build, so every task of a worker shares them; the cache key holds a hash of the credentials, never
+    the credentials themselves.
     """
     import boto3
     from botocore.config import Config
@@ -554,6 +562,13 @@ def _s3_client(session: Any = None, *, quick: bool = False, where: str = "") -> 
     region = session.region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not region and endpoint:
         region = "us-east-1"  # SigV4 needs some region; S3-compatible servers accept this one
+    credentials = session.get_credentials()
+    frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    who = hashlib.sha256(repr(tuple(frozen) if frozen else None).encode()).hexdigest()
+    key = (endpoint, region, quick, who)
+    with _CLIENTS_LOCK:
+        if key in _CLIENTS:
+            return _CLIENTS[key]
     config = Config(
         connect_timeout=3,
         read_timeout=10 if quick else 30,
@@ -562,12 +577,14 @@ def _s3_client(session: Any = None, *, quick: bool = False, where: str = "") -> 
         s3={"addressing_style": "path"},
     )
     try:
-        return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
     except ValueError as exc:  # botocore: "Invalid endpoint: ..." (no scheme, bad port)
         raise StoreError(
             f"{where}: invalid S3 endpoint {endpoint!r} (from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL): "
             "expected http(s)://host[:port]"
         ) from exc
+    with _CLIENTS_LOCK:
+        return _CLIENTS.setdefault(key, client)
 
 
 def _local_path(uri: str) -> Path:

@@ -1,0 +1,49 @@
+"""The README's code and every docstring example run, on the tiny model, so that neither can rot."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+import fastimagic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_the_readme_library_example_runs(tmp_path, monkeypatch, photo_bytes):
+    (block,) = _readme_blocks()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dog.jpg").write_bytes(photo_bytes)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "jumping.png").is_file()
+    assert [(f.seed, f.edit.gamma) for f in namespace["frames"]][:3] == [(0, 0.9), (0, 1.1), (0, 1.3)]
+
+
+def _modules_with_examples() -> list[str]:
+    names = ["fastimagic"] + [f"fastimagic.{m.name}" for m in pkgutil.iter_modules(fastimagic.__path__)]
+    return [n for n in names if ">>>" in Path(importlib.util.find_spec(n).origin).read_text()]
+
+
+@pytest.mark.parametrize("name", _modules_with_examples())
+def test_docstring_examples_run(name, tiny_model, tuning):
+    module = importlib.import_module(name)
+    from fastimagic.editor import Editor
+
+    globs = {"model": tiny_model, "tuning": tuning, "Editor": Editor}
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in finder.find(module, globs={**vars(module), **globs}) if t.examples]
+    assert tests, f"{name} has '>>>' but no example was found"
+    for test in tests:
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} docstring example(s) of {name} failed (see the output above)"
