@@ -27,7 +27,8 @@ Each figure carries ``target`` and ``meets_target`` (true/false on a CUDA run, n
 Run: ``python benchmarks/gpu.py`` on a CUDA machine (estimated at about 5 minutes on an H200, most of it the
 storyboard; not yet measured);
 ``python benchmarks/gpu.py --tiny`` runs the same code on the tiny model on CPU in well under a minute (CI).
-Options: ``--only finetune,sample`` selects figures; ``--compile``, ``--channels-last`` (VAE; CUDA only),
+Options: ``--precision fp16`` (see fastimagic.precision; default auto) for the finetune, sample and forget_switch
+figures; ``--only finetune,sample`` selects figures; ``--compile``, ``--channels-last`` (VAE; CUDA only),
 ``--cudnn-benchmark`` switch speed-ups on for every figure (checked by the equivalence figure first). See
 docs/performance.md for what each figure includes.
 """
@@ -235,12 +236,16 @@ def build_components(kind: str, device: str, seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
-def assemble(kind: str, device: str, seed: int = 0):
+def assemble(kind: str, device: str, seed: int = 0, precision: str = "auto"):
     """A :class:`fastimagic.models.Components` from :func:`build_components`, through the loader's ``_assemble``."""
-    from fastimagic.models import _assemble, pick_device
+    import torch
 
-    dev, dtype = pick_device(device)
-    return _assemble(build_components(kind, device, seed), f"benchmark:{kind}-random-{seed}", dev, dtype)
+    from fastimagic.models import _assemble
+    from fastimagic.precision import resolve_precision
+
+    dev = torch.device(device)
+    resolved = resolve_precision(precision, dev)
+    return _assemble(build_components(kind, device, seed), f"benchmark:{kind}-random-{seed}", dev, resolved)
 
 
 def apply_switches(model, switches: list[str], compile_mode: str) -> None:
@@ -301,7 +306,7 @@ def verdict(plan: Plan, device, checks: list[bool]) -> bool | None:
 # --- figures ------------------------------------------------------------------------------------------------------
 
 
-def figure_device(plan: Plan, device, switches: list[str]) -> dict:
+def figure_device(plan: Plan, device, switches: list[str], precision: str = "auto") -> dict:
     import diffusers
     import torch
     import transformers
@@ -321,6 +326,7 @@ def figure_device(plan: Plan, device, switches: list[str]) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "switches": switches,
+        "precision": precision,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -607,6 +613,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--channels-last", action="store_true", help="channels_last VAE (the UNet already is, on CUDA)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument(
+        "--precision", default="auto", help="fastimagic.precision name for the SD figures: auto, fp32, tf32, fp16, bf16"
+    )
     ap.add_argument("--batches", default=None, help="sampling batch sizes to sweep, e.g. 1,4,8,16,32")
     ap.add_argument("--keep", default=None, help="keep the storyboard's work folder (model, keyframes) here")
     args = ap.parse_args(argv)
@@ -641,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu.py: no CUDA device here; run `python benchmarks/gpu.py --tiny` on CPU", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    emit(figure_device(plan, device, args.switches))
+    emit(figure_device(plan, device, args.switches, args.precision))
     image = load_reference(reference_png(plan.resolution), "reference.png")
     try:
         if "equivalence" in args.figures:
@@ -650,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {"finetune", "sample", "forget_switch"} & set(args.figures)
         if wanted:
             note(f"building the {plan.model} model on {device}")
-            model = assemble(plan.model, args.device)
+            model = assemble(plan.model, args.device, precision=args.precision)
             apply_switches(model, args.switches, args.compile_mode)
             tuning = None
             if "finetune" in args.figures:

@@ -15,22 +15,56 @@ _PHOTO_PREFIX = "a photo of"
 
 @dataclass
 class Captioner:
-    """A BLIP image-captioning model and its processor, on one device."""
+    """A BLIP image-captioning model and its processor, on one device.
+
+    By default it decodes as the released implementation does, a plain ``generate()``: greedy, with the length
+    limit of the model's own generation config (20 tokens for BLIP base). ``num_beams`` > 1 switches to beam search
+    and ``max_new_tokens`` sets the length; :meth:`settings` says which was used, for the run's record.
+    """
 
     model: torch.nn.Module
     processor: object
     device: torch.device = torch.device("cpu")
-    max_new_tokens: int = 30
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+
+    def settings(self) -> dict:
+        """How captions are decoded, JSON-ready: ``{"decoding": "greedy" | "beam", "num_beams", "max_new_tokens"}``
+        (``max_new_tokens`` None: the model's generation config decides)."""
+        return {
+            "decoding": "beam" if self.num_beams > 1 else "greedy",
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+    def _generate_kwargs(self) -> dict:
+        kw: dict = {}
+        if self.num_beams > 1:
+            kw["num_beams"] = self.num_beams
+        if self.max_new_tokens is not None:
+            kw["max_new_tokens"] = self.max_new_tokens
+        return kw
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> str:
         inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=3)
+        out = self.model.generate(**inputs, **self._generate_kwargs())
         return " ".join(self.processor.decode(out[0], skip_special_tokens=True).split())
 
 
-def load_captioner(name: str = DEFAULT_CAPTIONER, device: str | torch.device | None = None) -> Captioner:
-    """Load BLIP from a repo id (HF cache honoured, ``HF_HUB_OFFLINE`` respected), a local folder, or ``tiny``."""
+def load_captioner(
+    name: str = DEFAULT_CAPTIONER,
+    device: str | torch.device | None = None,
+    *,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+) -> Captioner:
+    """Load BLIP from a repo id (HF cache honoured, ``HF_HUB_OFFLINE`` respected), a local folder, or ``tiny``.
+
+    ``num_beams`` / ``max_new_tokens``: decoding, see :class:`Captioner` (defaults: the released code's).
+    """
+    if num_beams < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise InputError("captioner: num_beams and max_new_tokens must be at least 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "tiny":
         from fastimagic import tiny
@@ -49,7 +83,7 @@ def load_captioner(name: str = DEFAULT_CAPTIONER, device: str | torch.device | N
                 " the model available in the HF cache"
             ) from None
     model.to(dev).eval()
-    return Captioner(model=model, processor=processor, device=dev)
+    return Captioner(model=model, processor=processor, device=dev, num_beams=num_beams, max_new_tokens=max_new_tokens)
 
 
 def source_prompt_from_caption(caption: str, target_prompts: list[str]) -> str:

@@ -3,8 +3,9 @@
 The source text embedding e_src (the CLIP embedding of the source prompt) becomes a parameter and is optimised
 jointly with the UNet's shallow blocks on the one reference image: a batch is the image latent repeated with
 independent noise and timesteps, the loss is the usual noise-prediction MSE. Different learning rates bridge the
-gap between text and image (1e-3 for e_src, 6e-5 for the UNet). The deepest blocks and the mid block stay frozen
-because training them overfits. About 40 steps; the result is a :class:`~fastimagic.tuning.Tuning`.
+gap between text and image (1e-3 for e_src, 6e-5 for the UNet). The mid block and the deepest decoder block stay
+frozen because training them overfits; which other blocks train is a preset (:data:`BLOCK_PRESETS`, by default the
+released implementation's). About 40 steps; the result is a :class:`~fastimagic.tuning.Tuning`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,35 +22,53 @@ from PIL import Image
 from fastimagic import images
 from fastimagic.errors import FinetuneError, InputError
 from fastimagic.models import Components
+from fastimagic.precision import resolve_precision
 from fastimagic.tuning import Tuning, content_key
 
-# Which UNet blocks are trained. "paper": encoder blocks 0-2 and decoder blocks 1-3 (§3.2).
-# "reference": what the reference implementation trains, encoder blocks 1-3 and decoder blocks 1-3.
+# Which UNet blocks are trained. "reference": what the released implementation trains (every parameter whose name
+# contains "down_blocks" but not "down_blocks.0", or "up_blocks" but not "up_blocks.0"), encoder blocks 1-3 and
+# decoder blocks 1-3; the published numbers come from it. "paper": encoder blocks 0-2 and decoder blocks 1-3, as §3.2
+# describes them.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
-    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
     "reference": ("down_blocks.1", "down_blocks.2", "down_blocks.3", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
+    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
 }
+
+# The released code calls accelerate's ``backward`` with ``mixed_precision="fp16"`` on an optimiser accelerate never
+# wraps: the loss is multiplied by the GradScaler's initial scale, 2**16, and never divided back. Adam is blind to a
+# constant gradient scale except through its eps, so that run is exactly Adam with eps = 1e-8 / 2**16 on the true
+# gradients. That is the default here, in every precision (the fp16 path unscales before Adam sees the gradients).
+RELEASED_ADAM_EPS = 1e-8 / 2**16
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Fine-tune settings; the defaults are the paper's.
+    """Fine-tune settings; the defaults reproduce the released implementation, which made the published numbers.
 
-    steps: at most this many optimiser steps. batch_size: copies of the image latent per step.
-    min_steps / loss_threshold: stop early after ``min_steps`` once the loss is below ``loss_threshold``.
-    text_lr / unet_lr: Adam learning rates for e_src and the UNet. trained_blocks: a preset name or block names.
-    seed: noise, timesteps and the VAE latent sample. gradient_checkpointing: trade compute for memory.
+    steps: at most this many optimiser steps (released: 400 samples // batch 10). batch_size: copies of the image
+    latent per step. min_steps / loss_threshold: once ``min_steps`` updates are done, a step whose loss is below
+    ``loss_threshold`` ends the fine-tune before its update (released: ``i * 10 > 350`` counting from 0, so at
+    least 36 updates). text_lr / unet_lr: Adam learning rates for e_src and the UNet. adam_eps: Adam's epsilon (see
+    :data:`RELEASED_ADAM_EPS`; 1e-8 is torch's default). trained_blocks: a preset name of :data:`BLOCK_PRESETS`
+    (``reference``, ``paper``) or block names. seed: noise, timesteps and the VAE latent sample.
+    gradient_checkpointing: trade compute for memory. precision: one of
+    :data:`~fastimagic.precision.PRECISIONS`; ``auto`` is the precision the model was loaded with (and for a key
+    computed before loading, ``auto`` resolved for the device). fit: how the reference is fitted to the resolution,
+    one of :data:`~fastimagic.images.FIT_MODES`.
     """
 
     steps: int = 40
     batch_size: int = 10
-    min_steps: int = 35
+    min_steps: int = 36
     loss_threshold: float = 0.03
     text_lr: float = 1e-3
     unet_lr: float = 6e-5
-    trained_blocks: str | tuple[str, ...] = "paper"
+    trained_blocks: str | tuple[str, ...] = "reference"
     seed: int = 0
     gradient_checkpointing: bool = False
+    adam_eps: float = RELEASED_ADAM_EPS
+    precision: str = "auto"
+    fit: str = "crop"
 
     def blocks(self) -> tuple[str, ...]:
         if isinstance(self.trained_blocks, str):
@@ -61,9 +80,19 @@ class FinetuneConfig:
             return BLOCK_PRESETS[self.trained_blocks]
         return tuple(self.trained_blocks)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, device: str | torch.device | None = None) -> dict:
+        """The settings recorded in a tuning and hashed into its content key (no model needed).
+
+        ``precision`` is resolved for ``device`` (default: the device :func:`~fastimagic.models.load_base_model`
+        picks), so ``auto`` becomes e.g. ``fp16`` on CUDA and ``fp32`` on CPU, as the loaded model's would.
+        """
+        from fastimagic.models import default_device
+
+        if self.fit not in images.FIT_MODES:
+            raise InputError(f"fit: unknown mode {self.fit!r}; allowed: {', '.join(images.FIT_MODES)}")
         d = asdict(self)
         d["trained_blocks"] = list(self.blocks())
+        d["precision"] = resolve_precision(self.precision, device or default_device()).name
         return d
 
 
@@ -77,9 +106,11 @@ def trained_parameter_names(unet: torch.nn.Module, blocks: tuple[str, ...]) -> l
 
 
 @torch.no_grad()
-def encode_image(model: Components, image: Image.Image, width: int, height: int, generator: torch.Generator):
-    """The scaled VAE latent ``[1, 4, H/8, W/8]`` of ``image`` fitted to ``width`` x ``height``."""
-    x = images.to_tensor(images.fit(image, width, height)).to(model.device, model.dtype)
+def encode_image(
+    model: Components, image: Image.Image, width: int, height: int, generator: torch.Generator, fit: str = "crop"
+):
+    """The scaled VAE latent ``[1, 4, H/8, W/8]`` of ``image`` fitted (``fit`` mode) to ``width`` x ``height``."""
+    x = images.to_tensor(images.fit(image, width, height, mode=fit)).to(model.device, model.dtype)
     dist = model.vae.encode(x).latent_dist
     eps = torch.randn(dist.mean.shape, generator=generator).to(model.device, dist.mean.dtype)
     return ((dist.mean + dist.std * eps) * model.latent_scale).float()
@@ -95,17 +126,31 @@ def finetune(
     height: int = 512,
     image_sha256: str = "",
     callback: Callable[[int, int, float], None] | None = None,
+    fit: str | None = None,
 ) -> Tuning:
     """Fine-tune e_src and the chosen UNet blocks on ``image``; return the :class:`Tuning`.
 
     The model's UNet is left exactly as it was (its trained tensors are put back afterwards): the learned state
     lives only in the returned Tuning, which is applied to a model for rendering. ``callback(step, max_steps,
     loss)`` is called after every step (progress bars). ``image_sha256`` is the hash of the reference file's bytes,
-    part of the content key. Raises :class:`FinetuneError` if the loss stops being finite.
+    part of the content key. ``fit`` (default ``config.fit``, ``crop``) is how the reference is fitted to
+    ``width`` x ``height`` (:func:`fastimagic.images.fit`); it is part of the content key, as is the precision
+    (the model's; ``config.precision`` other than ``auto`` must agree with it). In fp16 the loss is scaled
+    (``torch.amp.GradScaler``) so that gradients of ~1e-6 survive; a step whose scaled gradients overflow is
+    skipped, as GradScaler does. Raises :class:`FinetuneError` if the loss stops being finite.
     """
     images.check_size(width, height)
     if config.steps < 1 or config.batch_size < 1:
         raise InputError("finetune: steps and batch_size must be at least 1")
+    if fit is not None:
+        config = replace(config, fit=fit)
+    precision = model.precision
+    if config.precision != "auto" and resolve_precision(config.precision, model.device).name != precision.name:
+        raise InputError(
+            f"finetune: precision {config.precision} asked for, but the model was loaded in {precision.name};"
+            f" load it with precision={config.precision!r}"
+        )
+    settings = config.as_dict(model.device) | {"precision": precision.name}
     started = time.perf_counter()
     unet = model.unet
     names = trained_parameter_names(unet, config.blocks())
@@ -114,7 +159,7 @@ def finetune(
     originals = {n: params[n].detach().clone() for n in names}
 
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
-    latent = encode_image(model, image, width, height, gen)
+    latent = encode_image(model, image, width, height, gen, config.fit)
     source_embedding = torch.nn.Parameter(model.encode_prompts([source_prompt]).clone())
 
     fused = model.device.type == "cuda"
@@ -123,8 +168,11 @@ def finetune(
             {"params": trained, "lr": config.unet_lr},
             {"params": [source_embedding], "lr": config.text_lr},
         ],
+        eps=config.adam_eps,
         fused=fused,
     )
+    # float16 gradients below ~6e-8 flush to zero; the learned changes are made of gradients near 1e-6 and smaller.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=precision.grad_scaler)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     for p in trained:
@@ -150,9 +198,10 @@ def finetune(
             if callback is not None:
                 callback(step, config.steps, value)
             if step > config.min_steps and value < config.loss_threshold:
-                break  # converged: this step's loss is recorded, no further update
-            loss.backward()
-            optimizer.step()
+                break  # converged: this step's loss is recorded, no further update (as the released code)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
     finally:
         unet.eval()
@@ -169,7 +218,6 @@ def finetune(
                 params[n].copy_(originals[n])
         del originals
 
-    settings = config.as_dict()
     key = content_key(
         image_sha256=image_sha256,
         model_identity=model.identity,

@@ -1,18 +1,31 @@
-"""Reference images: decode safely, normalise any PNG/JPEG/WebP/TIFF to RGB, and turn them into tensors."""
+"""Reference images: decode safely, normalise any PNG/JPEG/WebP/TIFF to RGB, fit them, turn them into tensors.
+
+torch is imported only by the tensor conversions, so :data:`FIT_MODES` and :func:`size_for` load without it.
+"""
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastimagic.errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+
 MIN_SIDE = 64
 MAX_PIXELS = 40_000_000
+
+# How a reference is fitted to the fine-tune's width x height: "crop" scales it to cover and centre-crops (nothing
+# is distorted, the edges are lost), "pad" scales it to fit inside and letterboxes it on PAD_COLOUR (nothing is
+# lost, bars are added), "resize" stretches it to the size, as the released implementation does.
+FIT_MODES = ("crop", "pad", "resize")
+# Mid grey: in the VAE's [-1, 1] input it is 0.004, next to the zero that carries no signal either way.
+PAD_COLOUR = (128, 128, 128)
 
 
 def load_reference(data: bytes, name: str = "reference") -> Image.Image:
@@ -60,19 +73,73 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def fit(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize to cover ``width`` x ``height`` and centre-crop, keeping the aspect ratio."""
-    return ImageOps.fit(img, (width, height), method=Image.Resampling.LANCZOS)
+def fit(img: Image.Image, width: int, height: int, mode: str = "crop") -> Image.Image:
+    """``img`` fitted to ``width`` x ``height`` by ``mode`` (one of :data:`FIT_MODES`, see there); LANCZOS
+    resampling, except ``resize``, which uses bicubic as the released implementation's ``Image.resize`` does."""
+    info = describe_fit(img.size, width, height, mode)
+    if mode == "resize":
+        return img.resize((width, height), Image.Resampling.BICUBIC)
+    if mode == "crop":
+        return img.resize((width, height), Image.Resampling.LANCZOS, box=tuple(info["crop_box"]))
+    left, top, right, bottom = info["padding"]
+    inner = img.resize((width - left - right, height - top - bottom), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height), PAD_COLOUR)
+    canvas.paste(inner, (left, top))
+    return canvas
+
+
+def describe_fit(source_size: tuple[int, int], width: int, height: int, mode: str = "crop") -> dict:
+    """What :func:`fit` does to an image of ``source_size`` (w, h), for manifests: ``{"mode", "source_size",
+    "size"}`` plus ``crop_box`` (left, top, right, bottom in source pixels, fractional) for ``crop`` or ``padding``
+    (left, top, right, bottom in output pixels) and ``pad_colour`` for ``pad``.
+    """
+    if mode not in FIT_MODES:
+        raise InputError(f"fit: unknown mode {mode!r}; allowed: {', '.join(FIT_MODES)}")
+    sw, sh = source_size
+    info: dict = {"mode": mode, "source_size": [sw, sh], "size": [width, height]}
+    if mode == "crop":
+        # The box ImageOps.fit cuts (centred, no bleed), so "crop" stays what fit() always did.
+        out_ratio = width / height
+        cw, ch = (out_ratio * sh, sh) if sw / sh >= out_ratio else (sw, sw / out_ratio)
+        left, top = (sw - cw) / 2, (sh - ch) / 2
+        info["crop_box"] = [left, top, left + cw, top + ch]
+    elif mode == "pad":
+        scale = min(width / sw, height / sh)
+        iw, ih = max(1, min(width, round(sw * scale))), max(1, min(height, round(sh * scale)))
+        left, top = (width - iw) // 2, (height - ih) // 2
+        info["padding"] = [left, top, width - iw - left, height - ih - top]
+        info["pad_colour"] = list(PAD_COLOUR)
+    return info
+
+
+def size_for(image_size: tuple[int, int], short_side: int, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) for a one-number resolution that keeps the reference's aspect ratio: the shorter side
+    becomes ``short_side`` and the longer one scales with it, both rounded to the nearest ``multiple`` (at least
+    one multiple). A square reference gives a square."""
+    w, h = image_size
+    if w <= 0 or h <= 0 or short_side <= 0 or multiple <= 0:
+        raise InputError(f"size_for: sizes must be positive, got image {w}x{h}, short side {short_side}")
+
+    def snap(v: float) -> int:
+        return max(multiple, int(v / multiple + 0.5) * multiple)
+
+    if w <= h:
+        return snap(short_side), snap(short_side * h / w)
+    return snap(short_side * w / h), snap(short_side)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """An RGB image as a ``[1, 3, H, W]`` float tensor in [-1, 1]."""
+    import torch
+
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``[B, 3, H, W]`` tensors in [-1, 1] as 8-bit RGB images (rounded, not truncated)."""
+    import torch
+
     arr = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB") for a in arr]
 

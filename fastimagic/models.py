@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastimagic.errors import InputError
+from fastimagic.precision import Precision, precision_for_dtype, resolve_precision
 
 DEFAULT_SINGLE_FILE_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -45,11 +46,19 @@ def make_scheduler():
     )
 
 
-def pick_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """Choose where to run and in which compute dtype: CUDA with bf16 (fp16 on older cards), MPS fp16, else CPU fp32.
+def pick_device(
+    device: str | None = None, dtype: str | torch.dtype | None = None, precision: str = "auto"
+) -> tuple[torch.device, torch.dtype]:
+    """Choose where to run (CUDA, else MPS, else CPU) and the dtype of the frozen text encoder and VAE.
 
-    ``device`` / ``dtype`` override the choice (e.g. ``"cuda:1"``, ``"float16"``).
+    ``precision`` is one of :data:`~fastimagic.precision.PRECISIONS` (``auto``: fp16 on CUDA, fp32 elsewhere).
+    ``dtype`` is the older override (``"float16"``, ``torch.bfloat16``...) and maps to ``fp16``/``bf16``/``fp32``.
     """
+    dev = _pick(device)
+    return dev, resolve_precision(_precision_name(precision, dtype), dev).frozen_dtype
+
+
+def _pick(device: str | None) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
             device = "cuda"
@@ -57,28 +66,30 @@ def pick_device(device: str | None = None, dtype: str | torch.dtype | None = Non
             device = "mps"
         else:
             device = "cpu"
-    dev = torch.device(device)
-    if isinstance(dtype, str):
-        try:
-            dtype = getattr(torch, dtype)
-        except AttributeError:
-            raise InputError(f"unknown dtype '{dtype}'; allowed: float32, float16, bfloat16") from None
+    return torch.device(device)
+
+
+def _precision_name(precision: str, dtype: str | torch.dtype | None) -> str:
     if dtype is None:
-        if dev.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif dev.type == "mps":
-            dtype = torch.float16
-        else:
-            dtype = torch.float32
-    return dev, dtype
+        return precision
+    named = precision_for_dtype(dtype)
+    if precision not in ("auto", named):
+        raise InputError(f"dtype {dtype} and precision {precision} disagree; give precision only")
+    return named
+
+
+def default_device() -> torch.device:
+    """The device :func:`load_base_model` uses when none is given."""
+    return _pick(None)
 
 
 @dataclass
 class Components:
     """The frozen components of an SD 1.x model, on one device.
 
-    The UNet keeps float32 master weights (fine-tuning updates them; compute runs under autocast in ``dtype``);
-    the VAE and text encoder are stored in ``dtype``. ``identity`` names the weights for tuning content keys.
+    The UNet keeps float32 master weights (fine-tuning updates them, tunings and forgetting edit them); its compute
+    runs under autocast in ``precision.compute_dtype``. The VAE and text encoder are stored in ``dtype`` (the
+    precision's frozen dtype). ``identity`` names the weights for tuning content keys.
     """
 
     unet: torch.nn.Module
@@ -89,6 +100,7 @@ class Components:
     identity: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    precision: Precision = field(default_factory=lambda: resolve_precision("fp32", "cpu"))
     # Applying a tuning or a forgetting strategy edits the UNet in place: one user at a time.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -97,9 +109,9 @@ class Components:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     def autocast(self):
-        """The autocast context for UNet compute (a no-op on CPU float32)."""
-        enabled = self.dtype != torch.float32 and self.device.type in ("cuda", "cpu")
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+        """The autocast context for UNet compute (a no-op for fp32 and tf32)."""
+        enabled = self.precision.autocast and self.device.type in ("cuda", "cpu", "mps")
+        return torch.autocast(self.device.type, dtype=self.precision.compute_dtype, enabled=enabled)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -200,15 +212,18 @@ def load_base_model(
     config: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    precision: str = "auto",
     allow_pickle: bool = False,
 ) -> Components:
     """Load a Stable Diffusion 1.x base model from ``spec`` (``tiny``, repo id, diffusers folder or single file).
 
     ``config``: for single-file checkpoints, the diffusers folder or cached repo id that supplies configs and the
-    tokenizer (default :data:`DEFAULT_SINGLE_FILE_CONFIG`). ``device``/``dtype``: see :func:`pick_device`.
+    tokenizer (default :data:`DEFAULT_SINGLE_FILE_CONFIG`). ``device``/``dtype``/``precision``: see
+    :func:`pick_device` and :mod:`fastimagic.precision`; the result's ``precision`` records the resolved one.
     Raises :class:`InputError` for a missing path, a refused pickle file or a checkpoint of another architecture.
     """
-    dev, compute_dtype = pick_device(device, dtype)
+    dev = _pick(device)
+    resolved = resolve_precision(_precision_name(precision, dtype), dev)
     identity = model_identity(spec, allow_pickle=allow_pickle)
     path = Path(spec).expanduser()
     if spec == "tiny":
@@ -221,7 +236,7 @@ def load_base_model(
         parts = _load_pretrained(str(path), local_only=True)
     else:
         parts = _load_pretrained(spec, local_only=False)
-    return _assemble(parts, identity, dev, compute_dtype)
+    return _assemble(parts, identity, dev, resolved)
 
 
 _WARM: dict[tuple, Components] = {}
@@ -234,21 +249,25 @@ def cached_base_model(
     config: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    precision: str = "auto",
     allow_pickle: bool = False,
 ) -> Components:
     """:func:`load_base_model`, once per process and model identity: render workers keep the base model warm.
 
     Only the most recent model stays loaded (a GPU worker rarely holds two SD UNets at once).
     """
-    key = (model_identity(spec, allow_pickle=allow_pickle), config, device, str(dtype))
+    key = (model_identity(spec, allow_pickle=allow_pickle), config, device, str(dtype), precision)
     with _WARM_LOCK:
         if key not in _WARM:
             _WARM.clear()
-            _WARM[key] = load_base_model(spec, config=config, device=device, dtype=dtype, allow_pickle=allow_pickle)
+            _WARM[key] = load_base_model(
+                spec, config=config, device=device, dtype=dtype, precision=precision, allow_pickle=allow_pickle
+            )
         return _WARM[key]
 
 
-def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dtype) -> Components:
+def _assemble(parts: dict, identity: str, device: torch.device, precision: Precision) -> Components:
+    dtype = precision.frozen_dtype
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
@@ -259,6 +278,9 @@ def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dty
         m.to(device)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
+        # Process-wide switches: cuDNN convolutions default to TF32 on Ampere and later, so fp32 must turn it off.
+        torch.backends.cuda.matmul.allow_tf32 = precision.tf32
+        torch.backends.cudnn.allow_tf32 = precision.tf32
     return Components(
         unet=unet,
         vae=vae,
@@ -268,6 +290,7 @@ def _assemble(parts: dict, identity: str, device: torch.device, dtype: torch.dty
         identity=identity,
         device=device,
         dtype=dtype,
+        precision=precision,
     )
 
 

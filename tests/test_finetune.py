@@ -14,10 +14,10 @@ def test_finetune_lowers_the_loss_on_a_real_photo(tuning):
     assert last < first * 0.95, losses
 
 
-def test_finetune_trains_only_the_paper_blocks_and_the_embedding(tiny_model, tuning):
-    expected = trained_parameter_names(tiny_model.unet, BLOCK_PRESETS["paper"])
+def test_finetune_trains_only_the_reference_blocks_and_the_embedding(tiny_model, tuning):
+    expected = trained_parameter_names(tiny_model.unet, BLOCK_PRESETS["reference"])
     assert sorted(tuning.deltas) == sorted(expected)
-    assert not any(n.startswith(("mid_block.", "down_blocks.3.", "up_blocks.0.")) for n in tuning.deltas)
+    assert not any(n.startswith(("mid_block.", "down_blocks.0.", "up_blocks.0.")) for n in tuning.deltas)
     assert all(t.dtype == torch.float16 for t in tuning.deltas.values())
     assert any(t.abs().max() > 0 for t in tuning.deltas.values())
     source = tiny_model.encode_prompts(["a photo of a bird"])
@@ -50,10 +50,12 @@ def test_early_stop_after_min_steps_once_the_loss_is_below_the_threshold(tiny_mo
     assert len(t.losses) == 3
 
 
-def test_reference_preset_trains_down_blocks_1_to_3(tiny_model, photo):
-    t = finetune(tiny_model, photo, "a bird", FinetuneConfig(steps=1, trained_blocks="reference"), width=64, height=64)
+def test_default_preset_is_the_released_codes_and_paper_stays_a_preset(tiny_model, photo):
+    assert FinetuneConfig().blocks() == BLOCK_PRESETS["reference"]
+    assert BLOCK_PRESETS["reference"] == tuple(f"{side}_blocks.{i}" for side in ("down", "up") for i in (1, 2, 3))
+    t = finetune(tiny_model, photo, "a bird", FinetuneConfig(steps=1, trained_blocks="paper"), width=64, height=64)
     blocks = {".".join(n.split(".")[:2]) for n in t.deltas}
-    assert blocks == set(BLOCK_PRESETS["reference"])
+    assert blocks == {"down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"}
 
 
 def test_unknown_block_names_are_refused(tiny_model, photo):
@@ -92,3 +94,32 @@ def test_content_key_depends_on_every_input(tiny_model, photo):
     assert finetune(tiny_model, photo, "a bird", FinetuneConfig(steps=1, seed=1), **base).key != k
     assert finetune(tiny_model, photo, "a bird", cfg, **(base | {"image_sha256": "y"})).key != k
     assert finetune(tiny_model, photo, "a bird", cfg, **(base | {"width": 72})).key != k
+    assert finetune(tiny_model, photo, "a bird", cfg, **base, fit="pad").key != k
+
+
+def test_content_key_is_computable_before_loading_the_model(tiny_model, photo):
+    cfg = FinetuneConfig(steps=1)
+    t = finetune(tiny_model, photo, "a bird", cfg, width=64, height=64)
+    assert t.finetune == cfg.as_dict("cpu")  # what tasks hash before fine-tuning
+    assert t.finetune["precision"] == "fp32" and t.finetune["fit"] == "crop"
+    assert FinetuneConfig().as_dict("cuda")["precision"] == "fp16"
+    assert finetune(tiny_model, photo, "a bird", cfg, width=64, height=64, fit="resize").finetune == (
+        FinetuneConfig(steps=1, fit="resize").as_dict("cpu")
+    )
+
+
+def test_precision_contradicting_the_model_is_refused(tiny_model, photo):
+    with pytest.raises(InputError, match="model was loaded in fp32"):
+        finetune(tiny_model, photo, "a bird", FinetuneConfig(steps=1, precision="bf16"), width=64, height=64)
+    with pytest.raises(InputError, match="fit: unknown mode 'squash'"):
+        finetune(tiny_model, photo, "a bird", FinetuneConfig(steps=1), width=64, height=64, fit="squash")
+
+
+def test_early_stop_matches_the_released_rule():
+    # Released: loss < 0.03 and i * 10 > 350, i counted from 0: the first possible stop is i = 36, after 36 updates.
+    from forgedit_reference import released_should_stop
+
+    cfg = FinetuneConfig()
+    first_released = next(i for i in range(40) if released_should_stop(i, 0.0, cfg.batch_size))
+    first_ours = next(step for step in range(1, 41) if step > cfg.min_steps)
+    assert first_released == 36 and first_ours - 1 == first_released

@@ -2,10 +2,10 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastimagic.errors import InputError
-from fastimagic.images import load_reference
+from fastimagic.images import describe_fit, fit, load_reference, size_for
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -85,3 +85,49 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     out = load_reference(_encode(img, "JPEG", exif=exif.tobytes()), "rotated.jpg")
     assert out.size == (80, 160)
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def test_crop_is_cover_and_centre_crop_as_before():
+    img = _photo(320, 240)
+    for size in [(64, 64), (128, 64), (64, 128), (72, 64)]:
+        expected = ImageOps.fit(img, size, method=Image.Resampling.LANCZOS)
+        assert np.array_equal(np.asarray(fit(img, *size)), np.asarray(expected))
+    assert describe_fit((320, 240), 64, 64) == {
+        "mode": "crop", "source_size": [320, 240], "size": [64, 64], "crop_box": [40.0, 0.0, 280.0, 240.0]
+    }
+
+
+def test_pad_letterboxes_on_mid_grey_and_keeps_everything():
+    out = fit(_photo(320, 240), 64, 64, mode="pad")
+    info = describe_fit((320, 240), 64, 64, "pad")
+    assert out.size == (64, 64) and info["padding"] == [0, 8, 0, 8] and info["pad_colour"] == [128, 128, 128]
+    arr = np.asarray(out)
+    assert (arr[:8] == 128).all() and (arr[-8:] == 128).all() and not (arr[8:56] == 128).all()
+
+
+def test_resize_stretches_as_the_released_code_does():
+    img = _photo(320, 240)
+    out = fit(img, 64, 64, mode="resize")
+    assert np.array_equal(np.asarray(out), np.asarray(img.resize((64, 64))))  # PIL's default filter, bicubic
+    assert describe_fit((320, 240), 64, 64, "resize") == {"mode": "resize", "source_size": [320, 240], "size": [64, 64]}
+    with pytest.raises(InputError, match="fit: unknown mode 'squash'; allowed: crop, pad, resize"):
+        fit(img, 64, 64, mode="squash")
+
+
+@pytest.mark.parametrize(
+    "image_size, short, expected",
+    [
+        ((320, 240), 512, (680, 512)),
+        ((240, 320), 64, (64, 88)),
+        ((512, 512), 512, (512, 512)),
+        ((1000, 10), 8, (800, 8)),
+    ],
+)
+def test_size_for_keeps_the_aspect_ratio_with_the_short_side_given(image_size, short, expected):
+    assert size_for(image_size, short) == expected
+    assert all(v % 8 == 0 for v in size_for(image_size, short))

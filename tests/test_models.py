@@ -119,3 +119,6 @@ def test_device_and_dtype_choice_and_override():
     assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(InputError, match="unknown dtype 'float7'"):
         pick_device("cpu", "float7")
+    assert pick_device("cpu", precision="bf16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(InputError, match="fp16 is not offered on CPU"):
+        pick_device("cpu", "float16")
