@@ -13,25 +13,55 @@ import unicodedata
 
 # --- the fine-tune ---------------------------------------------------------------------------------------------
 
-# Which UNet blocks the fine-tune trains. "reference": what the released Forgedit code trains (encoder blocks 1-3,
-# decoder blocks 1-3; the published TEdBench figures come from it). "paper": what the paper's text says (encoder
-# blocks 0-2, decoder blocks 1-3). The deepest levels' neighbours and the mid block stay frozen in both.
+# Which UNet blocks the fine-tune trains. "reference" (the default): what the released Forgedit code trains, every
+# parameter whose name contains "down_blocks" but not "down_blocks.0", or "up_blocks" but not "up_blocks.0", i.e.
+# encoder blocks 1-3 and decoder blocks 1-3; the published TEdBench figures come from it. "paper": encoder blocks
+# 0-2 and decoder blocks 1-3, as the paper's §3.2 describes them. The mid block and up_blocks.0 stay frozen in both.
 BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
-    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
     "reference": ("down_blocks.1", "down_blocks.2", "down_blocks.3", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
+    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
 }
 # UNet2DConditionModel children that hold parameters, and how many down/up levels SD 1.x has.
 UNET_BLOCKS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
 UNET_LEVELS = 4
+
+# Numeric precision of the UNet's compute and the frozen encoders (see fastimagic.precision for what each means).
+PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 
 # --- images and caps -------------------------------------------------------------------------------------------
 
 MIN_SIDE = 64  # the smallest image whose latent keeps a spatial extent at every UNet level
 SIDE_MULTIPLE = 8  # the VAE downsamples by 8
 MAX_SEED = 2**32 - 1
+# How the reference is fitted to the fine-tune's size: "crop" covers it and cuts the overhang (centred), "resize"
+# stretches it (the released implementation), "pad" fits it inside and letterboxes it. With a one-number
+# resolution the size already has the reference's aspect ratio, so all three differ by a few pixels at most.
+FIT_MODES = ("crop", "pad", "resize")
 DEFAULT_MAX_SEEDS = 64
 DEFAULT_MAX_KEYFRAMES = 10_000
 DEFAULT_MAX_SIDE = 2048
+
+
+
+def size_for(image_size: tuple[int, int], short_side: int, multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
+    """(width, height) for a one-number resolution that keeps the reference's aspect ratio: the shorter side
+    becomes ``short_side`` and the longer one scales with it, both rounded to the nearest ``multiple`` (at least
+    one multiple). A square reference gives a square.
+
+    >>> size_for((1200, 800), 512), size_for((600, 800), 512), size_for((640, 640), 512)
+    ((768, 512), (512, 680), (512, 512))
+    """
+    w, h = image_size
+    if w <= 0 or h <= 0 or short_side <= 0 or multiple <= 0:
+        raise ValueError(f"sizes must be positive, got image {w}x{h}, short side {short_side}")
+
+    def snap(v: float) -> int:
+        return max(multiple, int(v / multiple + 0.5) * multiple)
+
+    if w <= h:
+        return snap(short_side), snap(short_side * h / w)
+    return snap(short_side * w / h), snap(short_side)
+
 
 # --- models ----------------------------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ The source text embedding e_src (the CLIP embedding of the source prompt) become
 jointly with the UNet's shallow blocks on the one reference image: a batch is the image latent repeated with
 independent noise and timesteps, the loss is the usual noise-prediction MSE. Different learning rates bridge the
 gap between text and image (1e-3 for e_src, 6e-5 for the UNet). The mid block and the deepest decoder block stay
-frozen because training them overfits; which other blocks train is a preset (:data:`BLOCK_PRESETS`, by default the
-released implementation's). About 40 steps; the result is a :class:`~fastimagic.tuning.Tuning`.
+frozen because training them overfits; which other blocks train is a preset (:data:`fastimagic.config.BLOCK_PRESETS`, by
+default the released implementation's). About 40 steps; the result is a :class:`~fastimagic.tuning.Tuning`.
 """
 
 from __future__ import annotations
@@ -20,19 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastimagic import images
+from fastimagic.config import BLOCK_PRESETS
 from fastimagic.errors import FinetuneError, InputError
 from fastimagic.models import Components
 from fastimagic.precision import resolve_precision
 from fastimagic.tuning import Tuning, content_key
-
-# Which UNet blocks are trained. "reference": what the released implementation trains (every parameter whose name
-# contains "down_blocks" but not "down_blocks.0", or "up_blocks" but not "up_blocks.0"), encoder blocks 1-3 and
-# decoder blocks 1-3; the published numbers come from it. "paper": encoder blocks 0-2 and decoder blocks 1-3, as §3.2
-# describes them.
-BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
-    "reference": ("down_blocks.1", "down_blocks.2", "down_blocks.3", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
-    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
-}
 
 # The released code calls accelerate's ``backward`` with ``mixed_precision="fp16"`` on an optimiser accelerate never
 # wraps: the loss is multiplied by the GradScaler's initial scale, 2**16, and never divided back. Adam is blind to a

@@ -12,18 +12,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fastimagic.config import FIT_MODES, MIN_SIDE
 from fastimagic.errors import InputError
 
 if TYPE_CHECKING:
     import torch
 
-MIN_SIDE = 64
 MAX_PIXELS = 40_000_000
 
-# How a reference is fitted to the fine-tune's width x height: "crop" scales it to cover and centre-crops (nothing
-# is distorted, the edges are lost), "pad" scales it to fit inside and letterboxes it on PAD_COLOUR (nothing is
-# lost, bars are added), "resize" stretches it to the size, as the released implementation does.
-FIT_MODES = ("crop", "pad", "resize")
+# How a reference is fitted to the fine-tune's width x height (fastimagic.config.FIT_MODES): "crop" scales it to
+# cover and centre-crops (nothing is distorted, the edges are lost), "pad" scales it to fit inside and letterboxes it
+# on PAD_COLOUR (nothing is lost, bars are added), "resize" stretches it to the size, as the released code does.
 # Mid grey: in the VAE's [-1, 1] input it is 0.004, next to the zero that carries no signal either way.
 PAD_COLOUR = (128, 128, 128)
 
@@ -110,22 +109,6 @@ def describe_fit(source_size: tuple[int, int], width: int, height: int, mode: st
         info["padding"] = [left, top, width - iw - left, height - ih - top]
         info["pad_colour"] = list(PAD_COLOUR)
     return info
-
-
-def size_for(image_size: tuple[int, int], short_side: int, multiple: int = 8) -> tuple[int, int]:
-    """(width, height) for a one-number resolution that keeps the reference's aspect ratio: the shorter side
-    becomes ``short_side`` and the longer one scales with it, both rounded to the nearest ``multiple`` (at least
-    one multiple). A square reference gives a square."""
-    w, h = image_size
-    if w <= 0 or h <= 0 or short_side <= 0 or multiple <= 0:
-        raise InputError(f"size_for: sizes must be positive, got image {w}x{h}, short side {short_side}")
-
-    def snap(v: float) -> int:
-        return max(multiple, int(v / multiple + 0.5) * multiple)
-
-    if w <= h:
-        return snap(short_side), snap(short_side * h / w)
-    return snap(short_side * w / h), snap(short_side)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -115,10 +115,12 @@ def _scores_cell(record: dict) -> str:
     return f"{sc['clip']:.1f} / {sc['fidelity']:.3f} {html.escape(sc.get('fidelity_metric', ''))}"
 
 
-def index_html(run: dict, link=None) -> bytes:
+def index_html(run: dict, link=None, *, top: str = "", css: str = "") -> bytes:
     """A static page (no JavaScript) for a run manifest; every text is escaped.
 
     Links are relative (the folder works when downloaded) unless ``link(key) -> url`` is given, e.g. presigned URLs.
+    ``top``: HTML put first in the body (the sequence strip, see :func:`fastimagic.sequence.index_page`), styled
+    by ``css``.
     """
     e = html.escape
 
@@ -133,8 +135,9 @@ def index_html(run: dict, link=None) -> bytes:
         "img{max-width:100%;height:auto}figure{margin:0 0 1rem}.ref{max-width:320px}"
         ".picks img{width:160px;margin:0 8px 8px 0;border:3px solid #f5c400}"
         "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
-        ".reason{color:#555}</style>",
+        f".reason{{color:#555}}{css}</style>",
         "</head><body>",
+        top,
         f"<h1>{e(run['storyboard']['name'])}</h1>",
         f"<p>Run <code>{e(run['run_id'])}</code> · model <code>{e(run['model']['identity'])}</code>"
         f" · {len(run['keyframes'])} keyframes · <a href=\"{quote(MANIFEST)}\">manifest.json</a></p>",

@@ -22,33 +22,39 @@ RUN_FORMAT = 1  # the run manifest's "format"; bump it (and say what changed) wh
 
 @dataclass(frozen=True)
 class Reference:
-    """The reference image as fetched: its bytes, their SHA-256 (part of the tuning's content key) and its URI."""
+    """The reference image as fetched: its bytes, their SHA-256 (part of the tuning's content key), its URI and its
+    size in pixels (width, height), upright."""
 
     data: bytes = field(repr=False)
     sha256: str
     uri: str
+    size: tuple[int, int]
 
     @classmethod
-    def of(cls, data: bytes, uri: str) -> Reference:
-        return cls(data=data, sha256=hashlib.sha256(data).hexdigest(), uri=uri)
+    def of(cls, data: bytes, uri: str, size: tuple[int, int]) -> Reference:
+        return cls(data=data, sha256=hashlib.sha256(data).hexdigest(), uri=uri, size=tuple(size))
 
 
 @dataclass(frozen=True)
 class SourcePrompt:
-    """The source prompt e_src starts from, and the BLIP caption it came from (None when the storyboard gave it)."""
+    """The source prompt e_src starts from, the BLIP caption it came from and how BLIP decoded it (both None when
+    the storyboard gave the source prompt)."""
 
     source_prompt: str
     caption: str | None = None
+    captioner: dict | None = None
 
 
 @dataclass(frozen=True)
 class TuningRef:
-    """A stored tuning as the run manifest records it: its content key, whether it was reused, where it is, and
-    how the fine-tune went (empty when reused). ``replaced_corrupt``: why a stored copy was replaced, if it was."""
+    """A stored tuning as the run manifest records it: its content key, whether it was reused, where it is, the
+    precision it was fine-tuned at, and how the fine-tune went. ``replaced_corrupt``: why a stored copy was
+    replaced, if it was. Fields after ``reused`` are empty when the run only learned that the key is stored."""
 
     key: str
     reused: bool
     uri: str = ""
+    precision: str | None = None
     losses: tuple[float, ...] = ()
     seconds: float = 0.0
     steps_run: int = 0
@@ -109,6 +115,7 @@ class SceneSummary:
     keyframes: int
     picks: tuple[dict, ...] = ()
     auto: dict | None = None
+    motion: str | None = None
 
     def as_dict(self) -> dict:
         return {**asdict(self), "picks": [dict(p) for p in self.picks]}
@@ -124,16 +131,18 @@ class SceneSummary:
             keyframes=len(manifest["keyframes"]),
             picks=tuple(manifest.get("picks", ())),
             auto=manifest.get("auto"),
+            motion=manifest.get("motion"),
         )
 
 
 def scene_manifest(scene_id: str, prompt: str, picks: Sequence[Mapping], auto: Mapping | None,
-                   records: Sequence[KeyframeRecord]) -> dict:
-    """A scene's ``manifest.json``: its prompt, picks (``rank``, ``key``, ``copy``), the ``forget: auto`` decision
-    and every keyframe record."""
+                   records: Sequence[KeyframeRecord], motion: str | None = None) -> dict:
+    """A scene's ``manifest.json``: its prompt, its ``motion`` text for the video stage, picks (``rank``, ``key``,
+    ``copy``), the ``forget: auto`` decision and every keyframe record."""
     return {
         "scene": scene_id,
         "prompt": prompt,
+        "motion": motion,
         "picks": [{"rank": p["rank"], "key": p["key"], "copy": p["copy"]} for p in picks],
         "auto": dict(auto) if auto is not None else None,
         "keyframes": list(records),
@@ -147,6 +156,8 @@ def run_manifest(
     storyboard: Mapping[str, Any],
     model: Mapping[str, Any],
     resolution: tuple[int, int],
+    reference: Mapping[str, Any],
+    precision: Mapping[str, Any],
     prompts: SourcePrompt,
     tuning: TuningRef,
     scenes: Sequence[SceneSummary],
@@ -154,9 +165,11 @@ def run_manifest(
     kept: int | None,
     timings: Mapping[str, float],
 ) -> dict:
-    """The run's ``manifest.json``, written last: the storyboard as written, the model, the caption and source
-    prompt, the tuning, every scene and every keyframe. ``kept``: keyframes a resumed run verified and kept
-    (None for a run that was not resumed). ``reference_key`` is added where the reference copy is written."""
+    """The run's ``manifest.json``, written last: the storyboard as written, the model, the size, how the reference
+    was fitted (``reference``: its size and :func:`fastimagic.images.describe_fit`), the precision asked for and
+    used, the caption (and how BLIP decoded it) and source prompt, the tuning, every scene and every keyframe.
+    ``kept``: keyframes a resumed run verified and kept (None for a run that was not resumed). ``reference_key``
+    is added where the reference copy is written."""
     return {
         "format": RUN_FORMAT,
         "status": "complete",
@@ -165,7 +178,10 @@ def run_manifest(
         "storyboard": dict(storyboard),
         "model": dict(model),
         "resolution": {"width": resolution[0], "height": resolution[1]},
+        "reference": dict(reference),
+        "precision": dict(precision),
         "caption": prompts.caption,
+        "captioner": prompts.captioner,
         "source_prompt": prompts.source_prompt,
         "tuning": tuning.as_dict(),
         "resumed": None if kept is None else {"kept": kept, "rendered": len(records) - kept},

@@ -17,18 +17,17 @@ unless ``allow_pickle=True``.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fastimagic.config import PICKLE_SUFFIXES, model_kind
 from fastimagic.errors import InputError
 from fastimagic.precision import Precision, precision_for_dtype, resolve_precision
 
 DEFAULT_SINGLE_FILE_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def make_scheduler():
@@ -173,10 +172,9 @@ def _hub_identity(repo_id: str) -> str:
         return f"hf:{repo_id}"
 
 
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or (
-        os.sep in spec and spec.count("/") != 1
-    )
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error naming the cause."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
@@ -201,7 +199,11 @@ def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise InputError(f"{spec}: not a diffusers model folder (no model_index.json or unet/)")
         return _folder_identity(path)
-    if _looks_like_path(spec):
+    try:
+        kind = model_kind(spec)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if kind != "hub":
         raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
     return _hub_identity(spec)
 
@@ -308,10 +310,9 @@ def _load_pretrained(source: str, *, local_only: bool) -> dict:
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
         }
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"{source}: cannot load the model ({first}); give a diffusers folder, a .safetensors file, or a repo id"
-            " present in the HF cache (HF_HUB_OFFLINE=1 forbids downloads)"
+            f"{source}: cannot load the model ({_first_line(e)}); give a diffusers folder, a .safetensors file,"
+            " or a repo id present in the HF cache (HF_HUB_OFFLINE=1 forbids downloads)"
         ) from None
 
 
@@ -390,10 +391,9 @@ def _load_single_file(path: Path, config: str) -> dict:
             requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"{path}: cannot load the single-file checkpoint with config '{config}' ({first[:300]}); the config"
-            " must be a diffusers SD 1.x folder or a repo id in the local HF cache"
+            f"{path}: cannot load the single-file checkpoint with config '{config}' ({_first_line(e)[:300]});"
+            " the config must be a diffusers SD 1.x folder or a repo id in the local HF cache"
         ) from None
     return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
 

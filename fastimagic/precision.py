@@ -28,12 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fastimagic.config import PRECISIONS
 from fastimagic.errors import InputError
 
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 
 # Mean relative error of the learned weight change, as the UNet's compute sees it, that ``auto`` accepts: fp16
 # (2-7% on SD 1.5 shapes) passes, bf16 (18-57%) does not. TF32 rounds matmul inputs to float16's mantissa (with

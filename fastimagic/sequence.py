@@ -40,6 +40,7 @@ __all__ = [
     "VERSION",
     "build_sequence",
     "default_keyframe",
+    "index_page",
     "sequence_html",
     "store_uri",
     "write_sequence",
@@ -230,3 +231,12 @@ def sequence_html(sequence: Mapping, link: Callable[[str], str] | None = None) -
         )
     parts.append("</ol></section>")
     return "\n".join(parts)
+
+
+def index_page(run: Mapping, link: Callable[[str], str] | None = None) -> bytes:
+    """The run's ``index.html``: :func:`fastimagic.keyframes.index_html` with the sequence strip at the top when
+    the run has a sequence (``run["sequence"]``)."""
+    if not run.get("sequence"):
+        return kf.index_html(run, link)
+    sequence, _ = build_sequence(run, uri=lambda key: key)
+    return kf.index_html(run, link, top=sequence_html(sequence, link), css=SEQUENCE_CSS)

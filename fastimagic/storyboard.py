@@ -52,12 +52,17 @@ from fastimagic.config import (
     DEFAULT_MAX_KEYFRAMES,
     DEFAULT_MAX_SEEDS,
     DEFAULT_MAX_SIDE,
+    FIT_MODES,
     MAX_SEED,
     MIN_SIDE,
+    PRECISIONS,
+    SIDE_MULTIPLE,
     UNET_BLOCKS,
     UNET_LEVELS,
+    size_for,
     slugify,
 )
+from fastimagic.errors import InputError
 from fastimagic.forgetting import ALIASES, STRATEGIES
 from fastimagic.merge import Edit as MergeEdit
 from fastimagic.merge import Project, Subtract
@@ -100,6 +105,15 @@ def unknown_key(key: Any, allowed: Iterable[str]) -> str:
     if close:
         return f"unknown key '{key}' (did you mean '{close[0]}'?)"
     return f"unknown key '{key}'; allowed here: {', '.join(allowed)}"
+
+
+def _one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``allowed``, else a problem naming the nearest and every allowed value."""
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(value, allowed, n=1) or difflib.get_close_matches(value.lower(), allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise _problem(f"unknown {what} '{value}'{hint}; allowed: {', '.join(allowed)}")
 
 
 def _problem(message: str) -> PydanticCustomError:
@@ -324,18 +338,20 @@ def _model_source(value: Any, info: ValidationInfo, *, allow_pickle: bool) -> Mo
 class FinetuneSettings(_Frozen):
     """How the one fine-tune runs. Same fields as :class:`fastimagic.finetuning.FinetuneConfig`.
 
-    steps: most optimiser steps. batch_size: copies of the image latent per step. min_steps / loss_threshold: stop
-    early after ``min_steps`` once the loss is below ``loss_threshold``. text_lr / unet_lr: learning rates for the
-    source embedding and the UNet. trained_blocks: ``paper``, ``reference`` or UNet block names. seed: the noise.
+    The defaults are the released implementation's, which made the published numbers. steps: most optimiser steps.
+    batch_size: copies of the image latent per step. min_steps / loss_threshold: once ``min_steps`` updates are
+    done, a loss under ``loss_threshold`` ends the fine-tune. text_lr / unet_lr: learning rates for the source
+    embedding and the UNet. trained_blocks: ``reference`` (the released code's blocks), ``paper`` (the paper's
+    text) or UNet block names. seed: the noise.
     """
 
     steps: Annotated[_Int, Field(ge=1, le=1000)] = 40
     batch_size: Annotated[_Int, Field(ge=1, le=64)] = 10
-    min_steps: Annotated[_Int, Field(ge=0, le=1000)] = 35
+    min_steps: Annotated[_Int, Field(ge=0, le=1000)] = 36
     loss_threshold: Annotated[_Float, Field(ge=0)] = 0.03
     text_lr: Annotated[_Float, Field(gt=0, le=1)] = 1e-3
     unet_lr: Annotated[_Float, Field(gt=0, le=1)] = 6e-5
-    trained_blocks: str | tuple[str, ...] = "paper"
+    trained_blocks: str | tuple[str, ...] = "reference"
     seed: Annotated[_Int, Field(ge=0, le=MAX_SEED)] = 0
     gradient_checkpointing: _Bool = False
 
@@ -373,6 +389,15 @@ class FinetuneSettings(_Frozen):
         if found:
             raise _problems(found)
         return tuple(value)
+
+
+class CaptionSettings(_Frozen):
+    """How BLIP captions the reference when no ``source_prompt`` is given. The defaults decode as the released
+    implementation does (``generate()`` as configured: greedy). num_beams: beam search width (1: greedy).
+    max_new_tokens: most words-pieces of the caption (None: the model's own limit)."""
+
+    num_beams: Annotated[_Int, Field(ge=1, le=16)] = 1
+    max_new_tokens: Annotated[_Int, Field(ge=1, le=200)] | None = None
 
 
 class SubtractSweep(_Frozen):
@@ -469,6 +494,7 @@ class Scene(_Frozen):
     id: str
     prompt: _Str
     negative_prompt: _Str | None = None
+    motion: _Str | None = None  # for the video stage: how this scene moves (sequence.json carries it)
     seeds: tuple[int, ...] = (0, 1)
     edit: Edit = DEFAULT_EDIT
     forget: tuple[str, ...] = ("none",)
@@ -573,7 +599,10 @@ class Storyboard(_Frozen):
     """A validated storyboard. Build it with :func:`load_storyboard`, which also records where it came from.
 
     Scenes have ``defaults`` merged in. ``reference`` and ``output`` keep the path as written and its resolved
-    form; ``model`` says what kind of model source it is. ``resolution`` is (width, height) in pixels.
+    form; ``model`` says what kind of model source it is. ``resolution`` is (width, height) in pixels, or one
+    number: the shorter side, the other following the reference's aspect ratio (see :meth:`size_for`).
+    ``fit``: how the reference meets that size (:data:`~fastimagic.config.FIT_MODES`). ``precision``: the UNet's
+    compute precision (:data:`~fastimagic.config.PRECISIONS`; checked against the device when the run starts).
     """
 
     name: _Str
@@ -584,8 +613,11 @@ class Storyboard(_Frozen):
     reference: Location
     model: ModelSource = TINY
     model_config_source: ModelSource | None = Field(None, alias="model_config")
-    resolution: tuple[int, int] = Field(512, validate_default=True)
+    resolution: int | tuple[int, int] = Field(512, validate_default=True)
+    fit: _Str = "crop"
+    precision: _Str = "auto"
     source_prompt: _Str | None = None
+    caption: CaptionSettings = CaptionSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     output: Location = Field("./keyframes", validate_default=True)
     scorer: _Str = "auto"
@@ -637,7 +669,7 @@ class Storyboard(_Frozen):
 
     @field_validator("resolution", mode="before")
     @classmethod
-    def _resolution(cls, value: Any, info: ValidationInfo) -> tuple[int, int]:
+    def _resolution(cls, value: Any, info: ValidationInfo) -> int | tuple[int, int]:
         usage = f"must be a size like 512 or '768x512' (got {describe_value(value)})"
         if isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value):
             (width, height), labels = value, ("width", "height")
@@ -661,7 +693,17 @@ class Storyboard(_Frozen):
                 issues.append(f"{label} {side} is not a multiple of 8 (try {near})")
         if issues:
             raise _problem(f"{width}x{height}: " + "; ".join(issues))
-        return width, height
+        return width if labels == ("side",) else (width, height)
+
+    @field_validator("fit")
+    @classmethod
+    def _fit(cls, value: str) -> str:
+        return _one_of(value, FIT_MODES, "mode")
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        return _one_of(value, PRECISIONS, "precision")
 
     @field_validator("scorer")
     @classmethod
@@ -731,13 +773,27 @@ class Storyboard(_Frozen):
         """The run's folder name, from ``name``."""
         return slugify(self.name)
 
-    @property
-    def width(self) -> int:
-        return self.resolution[0]
+    def size_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the fine-tune and keyframes use for a reference of ``image_size``: the resolution as
+        given, or for one number the reference's aspect ratio with that shorter side (both sides rounded to a
+        multiple of 8). Raises :class:`InputError` when the longer side comes out over ``max_side``."""
+        if isinstance(self.resolution, tuple):
+            return self.resolution
+        width, height = size_for(image_size, self.resolution, SIDE_MULTIPLE)
+        if max(width, height) > self.max_side:
+            w, h = image_size
+            raise InputError(
+                f"{self.source or 'storyboard'} resolution: {self.resolution} on a {w}x{h} reference gives"
+                f" {width}x{height}, over max_side {self.max_side}; give a size such as"
+                f" '{min(width, self.max_side)}x{min(height, self.max_side)}' or raise max_side"
+            )
+        return width, height
 
-    @property
-    def height(self) -> int:
-        return self.resolution[1]
+    def describe_resolution(self) -> str:
+        """The resolution as a person reads it: ``768x512``, or ``512 (shorter side, the reference's aspect)``."""
+        if isinstance(self.resolution, tuple):
+            return f"{self.resolution[0]}x{self.resolution[1]}"
+        return f"{self.resolution} (shorter side, the reference's aspect)"
 
     @property
     def source(self) -> str:

@@ -1,7 +1,9 @@
 """The ``fastimagic`` command.
 
     fastimagic validate FILE                      check a storyboard; every problem, one line each
-    fastimagic run FILE [--output URI] [--model M] run the storyboard flow here (Prefect's embedded server)
+    fastimagic run FILE [--output URI] [--model M] [-v|-q]
+                                                  run the storyboard flow here (Prefect's embedded server)
+    fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
     fastimagic strategies [--model tiny|sd15]     each forgetting strategy and what it touches
     fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
@@ -40,7 +42,7 @@ def cmd_validate(args) -> int:
     board = load_storyboard(args.file)
     print(
         f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
-        f"{board.width}x{board.height}, model {board.model.given}, output {board.output.resolved}"
+        f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
     )
     return EXIT_OK
 
@@ -66,30 +68,62 @@ def _absolute_model(value: str | None) -> str | None:
 
 
 def cmd_run(args) -> int:
+    _prefect_env()  # before anything imports prefect: it reads its settings once
+    if not args.verbose:
+        # Prefect's per-task lines still reach its API (the UI, `prefect flow-run logs`); the console shows warnings.
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    from fastimagic.progress import ProgressDisplay, listening
     from flows.run import preflight, read_storyboard
+    from flows.storyboard import storyboard_flow
 
     output, model = _absolute_output(args.output), _absolute_model(args.model)
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
     preflight(board)
-    _prefect_env()
-    if sys.stderr.isatty():
-        os.environ.setdefault("FASTIMAGIC_PROGRESS", "1")  # tasks.pipeline draws the fine-tune bar
-    from flows.storyboard import storyboard_flow
 
     run_id = args.resume or args.run_id
-    result = storyboard_flow(storyboard=args.file, output=output, model=model, run_id=run_id, resume=bool(args.resume))
+    display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
+    with listening(display) if display else _nothing():
+        try:
+            result = storyboard_flow(
+                storyboard=args.file, output=output, model=model, run_id=run_id, resume=bool(args.resume)
+            )
+        finally:
+            if display:
+                display.close()
     reused = " (reused stored tuning)" if result["tuning_reused"] else ""
     if args.resume:
         print(
             f"resumed {args.resume}: {result['kept']} keyframes verified and kept, "
             f"{result['keyframes'] - result['kept']} rendered"
         )
-    print(f"\n{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
+    print(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
     print(f"browse:   {result['index_url']}")
-    if result["index_url"].startswith("http"):
+    if result["index_url"].startswith("http") and not args.quiet:
         print("          (presigned, expires in 24 h; for a private bucket, `fastimagic open "
               f"{result['run_uri']}` makes a page whose images are presigned too)")
+    return EXIT_OK
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def cmd_runs(args) -> int:
+    from fastimagic.runs import format_runs, list_runs, runs_json
+    from tasks.storage import output_store
+
+    target = args.output if args.output.startswith("s3://") else str(Path(args.output).expanduser().resolve())
+    store = output_store(target)
+    runs = list_runs(store)
+    if args.json:
+        print(runs_json(runs))
+    elif not runs:
+        print(f"no runs under {store.uri}")
+    else:
+        print(format_runs(runs))
     return EXIT_OK
 
 
@@ -128,6 +162,7 @@ def cmd_open(args) -> int:
     too (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
+    from fastimagic.sequence import index_page
     from flows.run import LINK_EXPIRES_SECONDS, read_storyboard
     from tasks.storage import output_store
 
@@ -152,7 +187,7 @@ def cmd_open(args) -> int:
 
     run = json.loads(store.get_bytes(kf.MANIFEST))
     expires = args.expires or LINK_EXPIRES_SECONDS
-    page = kf.index_html(run, link=lambda key: store.url(key, expires=expires))
+    page = index_page(run, link=lambda key: store.url(key, expires=expires))
     name = f"shared/index-{kf.new_run_id()}.html"
     store.put_bytes(name, page, "text/html; charset=utf-8")
     print(store.url(name, expires=expires))
@@ -185,14 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="tiny, a hub repo id, a diffusers folder or a .safetensors file")
     s.add_argument("--run-id", help="name the run folder (default: a new timestamped id)")
     s.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run: keep verified keyframes")
+    loud = s.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's per-task log lines")
+    loud.add_argument("-q", "--quiet", action="store_true", help="print only the summary and errors")
     s.set_defaults(func=cmd_run)
+    s = sub.add_parser("runs", help="list the runs under an output folder or s3://bucket/prefix")
+    s.add_argument("output", help="the storyboard's output: a folder or s3://bucket/prefix")
+    s.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    s.set_defaults(func=cmd_runs)
     s = sub.add_parser("caption", help="caption an image with BLIP")
     s.add_argument("image")
     s.add_argument("--model", default="Salesforce/blip-image-captioning-base", help="BLIP repo id, folder or tiny")
     s.set_defaults(func=cmd_caption)
     s = sub.add_parser("strategies", help="list forgetting strategies and what each touches")
     s.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
-    s.add_argument("--blocks", choices=["paper", "reference"], default="paper")
+    s.add_argument("--blocks", choices=["reference", "paper"], default="reference")
     s.set_defaults(func=cmd_strategies)
     s = sub.add_parser("open", help="print where to look at a run (local path or presigned link)")
     s.add_argument("run", help="a run folder (path or s3://.../<storyboard>/<run-id>) or a storyboard file")
@@ -208,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)  # records that propagate from Prefect's INFO loggers stop here
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     from fastimagic.errors import FastImagicError, InputError
     from fastimagic.store import NotFound
 

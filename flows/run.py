@@ -20,9 +20,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fastimagic import autoforget
 from fastimagic import keyframes as kf
 from fastimagic.errors import InputError
-from fastimagic.images import load_reference
+from fastimagic.images import describe_fit, load_reference
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
-from fastimagic.models import model_identity
+from fastimagic.models import default_device, model_identity
+from fastimagic.precision import resolve_precision
 from fastimagic.store import NotFound
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import StoryboardError, load_storyboard
@@ -31,6 +32,7 @@ from tasks.pipeline import (
     publish_summary,
     render_keyframes,
     verify_written,
+    write_plan,
     write_run_outputs,
     write_scene_outputs,
 )
@@ -68,12 +70,16 @@ def preflight(board: Storyboard) -> None:
     Raises :class:`InputError` for bad input (CLI exit 2) and :class:`StoreError` for storage trouble (exit 1).
     """
     model_identity(board.model.resolved, allow_pickle=board.allow_pickle)
+    try:
+        resolve_precision(board.precision, default_device())
+    except InputError as e:
+        raise InputError(f"{board.source} {e}") from None
     uri = board.reference.resolved
     try:
         data = read(uri)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
-    load_reference(data, uri)
+    board.size_for(load_reference(data, uri).size)
     output_store(board.output.resolved).check()
 
 
@@ -154,6 +160,7 @@ def run_storyboard(
         store.uri.rstrip("/"),
         run_prefix,
     )
+    write_plan(board, run_id, board.output.resolved, run_prefix)
     t = time.perf_counter()
     reference = fetch_reference(board)
     prompts, tuning = backend.tune(board, reference, run_prefix)
@@ -164,6 +171,7 @@ def run_storyboard(
     timings["render_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
 
+    width, height = board.size_for(reference.size)
     run = run_manifest(
         run_id=run_id,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -172,7 +180,13 @@ def run_storyboard(
             "given": board.model.given,
             "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
         },
-        resolution=board.resolution,
+        resolution=(width, height),
+        reference={"size": list(reference.size), "fit": describe_fit(reference.size, width, height, board.fit)},
+        precision={
+            "requested": board.precision,
+            "finetune": tuning.precision,
+            "sampling": sorted({r["precision"] for r in records if "precision" in r}),
+        },
         prompts=prompts,
         tuning=tuning,
         scenes=scenes,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import threading
 import time
 
@@ -24,9 +22,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from fastimagic import keyframes as kf
+from fastimagic import progress
 from fastimagic.caption import load_captioner, source_prompt_from_caption
-from fastimagic.config import slugify
+from fastimagic.config import PRECISIONS, slugify
 from fastimagic.editor import Editor
+from fastimagic.errors import InputError
 from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.images import fit, load_reference
 from fastimagic.manifests import (
@@ -40,14 +40,15 @@ from fastimagic.manifests import (
 )
 from fastimagic.models import cached_base_model, model_identity
 from fastimagic.picking import scene_picks
+from fastimagic.runs import PLAN, plan_record
 from fastimagic.scoring import load_scorer
+from fastimagic.sequence import SEQUENCE, index_page, write_sequence
 from fastimagic.store import LocalStore, NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 
 GPU = "gpu"
-PROGRESS_ENV = "FASTIMAGIC_PROGRESS"
 STORAGE_RETRIES = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.3)
 
 _TUNINGS: dict[str, Tuning] = {}  # process cache: a render worker fetches each tuning once
@@ -56,11 +57,14 @@ _TUNINGS_LOCK = threading.Lock()  # two render threads asking at once still fetc
 
 def _model(board: Storyboard):
     config = board.model_config_source.resolved if board.model_config_source else None
-    return cached_base_model(board.model.resolved, config=config, allow_pickle=board.allow_pickle)
+    return cached_base_model(
+        board.model.resolved, config=config, precision=board.precision, allow_pickle=board.allow_pickle
+    )
 
 
-def _finetune_config(board: Storyboard) -> FinetuneConfig:
-    return FinetuneConfig(**board.finetune.model_dump())
+def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
+    settings = board.finetune.model_dump() | {"precision": board.precision, "fit": board.fit}
+    return FinetuneConfig(**(settings | changes))
 
 
 @task(name="fetch reference", cache_policy=NO_CACHE, **STORAGE_RETRIES)
@@ -68,8 +72,8 @@ def fetch_reference(board: Storyboard) -> Reference:
     """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
     data = read(uri)
-    load_reference(data, uri)  # refuse a broken image before any model is loaded
-    return Reference.of(data, uri)
+    image = load_reference(data, uri)  # refuse a broken image before any model is loaded
+    return Reference.of(data, uri, image.size)
 
 
 @task(name="caption", cache_policy=NO_CACHE, tags=[GPU])
@@ -77,44 +81,65 @@ def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
     """The storyboard's source prompt, or a BLIP caption of the reference (BLIP is loaded only then)."""
     if board.source_prompt:
         return SourcePrompt(board.source_prompt)
-    captioner = load_captioner("tiny" if board.model.kind == "tiny" else "Salesforce/blip-image-captioning-base")
+    captioner = load_captioner(
+        "tiny" if board.model.kind == "tiny" else "Salesforce/blip-image-captioning-base",
+        num_beams=board.caption.num_beams,
+        max_new_tokens=board.caption.max_new_tokens,
+    )
     caption = captioner(load_reference(reference.data, reference.uri))
     prompt = source_prompt_from_caption(caption, [s.prompt for s in board.scenes])
     get_run_logger().info("BLIP caption: %r -> source prompt %r", caption, prompt)
-    return SourcePrompt(prompt, caption)
+    return SourcePrompt(prompt, caption, captioner.settings())
 
 
-def tuning_key(board: Storyboard, reference: Reference, source_prompt: str) -> str:
-    """The content key of this storyboard's fine-tune, computed without loading the model."""
+def tuning_key(board: Storyboard, reference: Reference, source_prompt: str, **changes) -> str:
+    """The content key of this storyboard's fine-tune, computed without loading the model. ``changes``: fine-tune
+    settings to replace (e.g. another ``precision``), to find a sibling tuning."""
+    width, height = board.size_for(reference.size)
     return content_key(
         image_sha256=reference.sha256,
         model_identity=model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
         source_prompt=source_prompt,
-        finetune=_finetune_config(board).as_dict(),
-        width=board.width,
-        height=board.height,
+        finetune=_finetune_config(board, **changes).as_dict(),
+        width=width,
+        height=height,
     )
 
 
-def _progress(total: int):
-    """A callback showing fine-tune progress as a Prefect progress artifact, a terminal bar and log lines."""
+def _other_precision_note(board: Storyboard, reference: Reference, source_prompt: str, output: str) -> str | None:
+    """When no tuning is stored for this key but one made at another precision is: a line saying why it is not
+    reused (precision is part of the content key)."""
+    store = output_store(output)
+    for other in PRECISIONS[1:]:
+        if other == board.precision:
+            continue
+        try:
+            key = tuning_key(board, reference, source_prompt, precision=other)
+        except InputError:  # a precision this device cannot run: no key to look for
+            continue
+        if store.child(f"tunings/{key}").exists(META_FILE):
+            return (
+                f"a tuning of this reference made at precision {other} is stored ({key}); precision"
+                f" {board.precision} is a different content key, so this fine-tunes afresh"
+            )
+    return None
+
+
+def _finetune_progress():
+    """A fine-tune callback: a Prefect progress artifact, a log line every 10 steps, and the process's progress
+    listeners (the CLI's display, see :mod:`fastimagic.progress`)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from tqdm.auto import tqdm
 
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description="fine-tune progress (steps)")
-    # A terminal bar when the CLI runs the flow in a terminal (it sets FASTIMAGIC_PROGRESS); workers log lines.
-    bar = tqdm(total=total, desc="fine-tune", unit="step", leave=True, disable=not os.environ.get(PROGRESS_ENV),
-               ncols=min(100, shutil.get_terminal_size().columns or 80))
 
     def callback(step: int, steps: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        progress.finetune_step(step, steps, loss)
         update_progress_artifact(artifact, 100.0 * step / steps)
         if step == 1 or step % 10 == 0:
             logger.info("fine-tune step %d/%d loss %.4f", step, steps, loss)
 
-    return callback, bar
+    return callback
 
 
 @task(name="fine-tune once", cache_policy=NO_CACHE, tags=[GPU])
@@ -136,24 +161,25 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
         except (CorruptTuning, NotFound) as e:
             replaced = str(e)
             logger.warning("stored tuning is unusable, fine-tuning again: %s", e)
+    note = _other_precision_note(board, reference, prompts.source_prompt, output)
+    if note:
+        logger.info(note)
     model = _model(board)
     config = _finetune_config(board)
-    callback, bar = _progress(config.steps)
+    width, height = board.size_for(reference.size)
+    callback = _finetune_progress()
     image = load_reference(reference.data, reference.uri)
-    try:
-        with model.lock:
-            tuning = finetune(
-                model,
-                image,
-                prompts.source_prompt,
-                config,
-                width=board.width,
-                height=board.height,
-                image_sha256=reference.sha256,
-                callback=callback,
-            )
-    finally:
-        bar.close()
+    with model.lock:
+        tuning = finetune(
+            model,
+            image,
+            prompts.source_prompt,
+            config,
+            width=width,
+            height=height,
+            image_sha256=reference.sha256,
+            callback=callback,
+        )
     tuning.caption = prompts.caption
     assert tuning.key == key, "content key computed before and after fine-tuning must agree"
     for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
@@ -174,6 +200,7 @@ def _tuning_ref(tuning: Tuning, uri: str, *, reused: bool, replaced_corrupt: str
         key=tuning.key,
         reused=reused,
         uri=uri,
+        precision=tuning.finetune.get("precision"),
         losses=tuple(tuning.losses),
         seconds=round(tuning.seconds, 3),
         steps_run=len(tuning.losses),
@@ -217,13 +244,13 @@ def _progress_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
     return f"{kf.PROGRESS}/{scene_id}/{seed}-{'-'.join(strategies).replace('+', '_')}.json"
 
 
-def _reference_image(board: Storyboard):
-    """The reference image fitted to the storyboard's size, read once per process (fidelity scores need it)."""
-    uri = board.reference.resolved
-    if uri not in _REFERENCES:
-        image = load_reference(read(uri), uri)
-        _REFERENCES[uri] = fit(image, board.width, board.height)
-    return _REFERENCES[uri]
+def _reference_image(board: Storyboard, width: int, height: int):
+    """The reference image fitted as the fine-tune saw it, read once per process (fidelity scores need it)."""
+    key = (board.reference.resolved, width, height, board.fit)
+    if key not in _REFERENCES:
+        image = load_reference(read(key[0]), key[0])
+        _REFERENCES[key] = fit(image, width, height, board.fit)
+    return _REFERENCES[key]
 
 
 _REFERENCES: dict = {}
@@ -261,21 +288,22 @@ def render_keyframes(
                 guidance=scene.guidance,
                 steps=scene.steps,
                 negative_prompt=scene.negative_prompt,
-                width=board.width,
-                height=board.height,
-            )
+            )  # at the tuning's size
         scores = None
         if board.scorer_name:
             scorer = load_scorer(board.scorer_name, device=model.device)
-            scores = scorer.score([f.image for f in frames], scene.prompt, _reference_image(board))
+            reference = _reference_image(board, tuning.width, tuning.height)
+            scores = scorer.score([f.image for f in frames], scene.prompt, reference)
     store = output_store(output).child(run_prefix)
     records = []
     for i, f in enumerate(frames):
         data = kf.png_bytes(f.image)
         rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
         _put(store, rel, data, "image/png")
-        records.append(keyframe_record(rel, scene.id, f.settings(), kf.sha256(data), scores[i] if scores else None))
+        settings = f.settings() | {"precision": model.precision.name}
+        records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
     _put(store, _progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
+    progress.keyframes_written(len(records))
     return records
 
 
@@ -303,6 +331,7 @@ def verify_written(
                 return None
         except NotFound:
             return None
+    progress.keyframes_written(len(records))
     return records
 
 
@@ -328,19 +357,31 @@ def write_scene_outputs(
         for r in records
     ]
     _put(store, f"{prefix}/{kf.CONTACT_SHEET}", kf.contact_sheet(tiles), "image/jpeg")
-    manifest = scene_manifest(scene.id, scene.prompt, picks, auto, records)
+    manifest = scene_manifest(scene.id, scene.prompt, picks, auto, records, scene.motion)
     _put(store, f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
     return SceneSummary.of(manifest, f"{prefix}/{kf.MANIFEST}", f"{prefix}/{kf.CONTACT_SHEET}")
 
 
+@task(name="run plan", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def write_plan(board: Storyboard, run_id: str, output: str, run_prefix: str) -> None:
+    """``run.json``: what the run sets out to render, so ``fastimagic runs`` can say how far an interrupted run got.
+    A resumed run keeps the plan it started with."""
+    store = output_store(output).child(run_prefix)
+    if not store.exists(PLAN):
+        _put(store, PLAN, kf.dumps(plan_record(board, run_id)), "application/json")
+
+
 @task(name="run outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def write_run_outputs(run: dict, reference: Reference, output: str, run_prefix: str) -> str:
-    """The reference copy, ``index.html``, then the run ``manifest.json`` last. Returns the manifest's URI."""
+    """The reference copy, the sequence (``sequence/`` and ``sequence.json``, see :mod:`fastimagic.sequence`),
+    ``index.html``, then the run ``manifest.json`` last. Returns the manifest's URI."""
     store = output_store(output).child(run_prefix)
     ext = _image_ext(reference.data)
     run["reference_key"] = f"reference{ext}"
     _put(store, run["reference_key"], reference.data)
-    _put(store, kf.INDEX, kf.index_html(run), "text/html; charset=utf-8")
+    write_sequence(store, run)
+    run["sequence"] = SEQUENCE
+    _put(store, kf.INDEX, index_page(run), "text/html; charset=utf-8")
     _put(store, kf.MANIFEST, kf.dumps(run), "application/json")
     return f"{store.uri.rstrip('/')}/{kf.MANIFEST}"
 

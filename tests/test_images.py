@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from fastimagic.config import size_for
 from fastimagic.errors import InputError
-from fastimagic.images import describe_fit, fit, load_reference, size_for
+from fastimagic.images import describe_fit, fit, load_reference
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
