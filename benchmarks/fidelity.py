@@ -34,8 +34,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fastimagic.config import BLOCK_PRESETS  # noqa: E402
 from fastimagic.editor import Editor  # noqa: E402
-from fastimagic.finetuning import BLOCK_PRESETS, FinetuneConfig, finetune  # noqa: E402
+from fastimagic.finetuning import FinetuneConfig, finetune  # noqa: E402
 from fastimagic.images import load_reference  # noqa: E402
 from fastimagic.models import load_base_model, unet_shapes  # noqa: E402
 from fastimagic.precision import AUTO_TOLERANCE, PRECISIONS, resolve_precision  # noqa: E402

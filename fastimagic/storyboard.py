@@ -759,7 +759,7 @@ class Storyboard(_Frozen):
             found.append(
                 (
                     ("scorer",),
-                    f"scorer: none, but scenes {', '.join(needs_scores)} use forget: auto or select, which need"
+                    f"none, but scenes {', '.join(needs_scores)} use forget: auto or select, which need"
                     " scores; set scorer: auto",
                 )
             )

@@ -48,7 +48,29 @@ def _board(tmp_path: Path, photo_bytes: bytes, **fields) -> Path:
 def test_validate_ok(tmp_path, photo_bytes):
     r = fastimagic("validate", str(_board(tmp_path, photo_bytes)))
     assert r.returncode == 0, r.stderr
-    assert "ok: 1 scenes, 2 keyframes, 64x64" in r.stdout
+    assert "ok: 1 scenes, 2 keyframes, 64 (shorter side, the reference's aspect)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # The bucket rule of the store is the schema's: what `run` would refuse, `validate` refuses, with a line.
+        ({"reference": "s3://My_Bucket/a.png"}, "story.yaml:2 reference: s3 URI 's3://My_Bucket/a.png': bucket"
+                                                " 'My_Bucket' is not a valid bucket name"),
+        ({"scorer": "none", "defaults": "{seeds: 1, steps: 3, forget: auto}"},
+         "story.yaml:8 scorer: none, but scenes one use forget: auto or select, which need scores"),
+    ],
+)
+def test_validate_and_run_refuse_the_same_storyboards_with_file_and_line(tmp_path, photo_bytes, fields, expected):
+    path = _board(tmp_path, photo_bytes, **fields)
+    if "defaults" in fields:  # the scene's own forget list would override the default
+        path.write_text(path.read_text().replace("forget: [none, encoderattn]", "forget: auto")
+                        .replace("defaults: {seeds: 1, steps: 3, edit: {subtract: {gamma: [1.0]}}}\n", ""))
+    for command in ("validate", "run"):
+        r = fastimagic(command, str(path))
+        assert r.returncode == 2, (command, r.stderr)
+        assert expected in r.stderr, (command, r.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 def test_invalid_storyboard_exits_2_with_every_problem_and_writes_nothing(tmp_path, photo_bytes):
@@ -141,3 +163,42 @@ def test_caption_of_a_missing_image_is_one_line(tmp_path):
     r = fastimagic("caption", str(tmp_path / "missing.jpg"), "--model", "tiny")
     assert r.returncode == 2
     assert "missing.jpg: no such file" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("fields", "command", "expected"),
+    [
+        ({"precision": "fp61"}, "validate", "story.yaml:8 precision: unknown precision 'fp61' (did you mean 'fp16'?)"),
+        ({"fit": "cropp"}, "validate", "story.yaml:8 fit: unknown mode 'cropp' (did you mean 'crop'?)"),
+        ({"precision": "fp16"}, "run", "precision: fp16 is not offered on CPU"),
+        ({"precision": "tf32"}, "run", "precision: tf32 is a CUDA matmul mode"),
+    ],
+)
+def test_bad_precision_and_fit_are_one_line_exit_2(tmp_path, photo_bytes, fields, command, expected):
+    r = fastimagic(command, str(_board(tmp_path, photo_bytes, **fields)))
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_one_number_resolution_keeps_the_reference_aspect_and_its_long_side_is_capped(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 160), (200, 120, 40)).save(buf, "PNG")
+    wide = _board(tmp_path, buf.getvalue(), max_side="128")
+    r = fastimagic("run", str(wide))
+    assert r.returncode == 2 and "resolution: 64 on a 640x160 reference gives 256x64, over max_side 128" in r.stderr
+    assert not (tmp_path / "out").exists()
+    ok = _board(tmp_path, buf.getvalue(), fit="pad")
+    r = fastimagic("run", str(ok), "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (manifest,) = (tmp_path / "out").rglob("cli-test/*/manifest.json")
+    run = json.loads(manifest.read_text())
+    assert run["resolution"] == {"width": 256, "height": 64}
+    assert run["reference"]["fit"] == {"mode": "pad", "source_size": [640, 160], "size": [256, 64],
+                                       "padding": [0, 0, 0, 0], "pad_colour": [128, 128, 128]}
+    assert run["precision"] == {"requested": "auto", "finetune": "fp32", "sampling": ["fp32"]}
+    assert all(k["width"] == 256 and k["height"] == 64 for k in run["keyframes"])

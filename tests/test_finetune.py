@@ -3,8 +3,9 @@ import hashlib
 import pytest
 import torch
 
+from fastimagic.config import BLOCK_PRESETS
 from fastimagic.errors import FinetuneError, InputError
-from fastimagic.finetuning import BLOCK_PRESETS, FinetuneConfig, finetune, trained_parameter_names
+from fastimagic.finetuning import FinetuneConfig, finetune, trained_parameter_names
 
 
 def test_finetune_lowers_the_loss_on_a_real_photo(tuning):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from fastimagic.config import BLOCK_PRESETS
 from fastimagic.errors import InputError
-from fastimagic.finetuning import BLOCK_PRESETS, trained_parameter_names
+from fastimagic.finetuning import trained_parameter_names
 from fastimagic.forgetting import ALIASES, STRATEGIES, Forgetting, canonical, describe
 
 

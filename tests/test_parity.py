@@ -8,7 +8,8 @@ import pytest
 import torch
 from forgedit_reference import RELEASED_LOSS_SCALE_ON_CUDA, released_finetune, released_trains
 
-from fastimagic.finetuning import BLOCK_PRESETS, FinetuneConfig, finetune, trained_parameter_names
+from fastimagic.config import BLOCK_PRESETS
+from fastimagic.finetuning import FinetuneConfig, finetune, trained_parameter_names
 
 # Measured: losses 1.2e-7 / 2.4e-7, e_src 4.8e-7 / 2.4e-7, deltas 4.8e-6 / 9.5e-7 (largest delta 2.3e-3; ours are
 # stored as float16, whose step there is 2e-6).

@@ -129,3 +129,16 @@ def test_fp16_nan_loss_still_names_the_step(tiny_model, photo):
             finetune(model, photo, "a bird", FinetuneConfig(steps=4, min_steps=4), width=64, height=64)
     finally:
         handle.remove()
+
+
+def test_a_tuning_at_another_precision_is_not_reused_and_the_log_says_why(tmp_path, photo_bytes):
+    from test_cli import _board, fastimagic
+
+    first = fastimagic("run", str(_board(tmp_path, photo_bytes, precision="fp32")), "-q")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = fastimagic("run", str(_board(tmp_path, photo_bytes, precision="bf16")), "-v")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "(reused stored tuning)" not in second.stdout
+    assert "made at precision fp32 is stored" in second.stderr
+    assert "precision bf16 is a different content key, so this fine-tunes afresh" in second.stderr
+    assert len(list((tmp_path / "out" / "tunings").iterdir())) == 2

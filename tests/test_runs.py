@@ -19,7 +19,7 @@ from fastimagic.runs import (
     runs_json,
 )
 from fastimagic.store import LocalStore, Store, StoreError, open_store
-from fastimagic.storyboard import load_storyboard
+from fastimagic.storyboard_yaml import load_storyboard
 
 
 @pytest.fixture(params=["local", "s3"])
