@@ -4,6 +4,7 @@
 place, merges embeddings and samples. Closing it puts the base weights back, so one warm base model serves any
 number of tunings in turn.
 
+>>> from fastimagic.merge import Subtract
 >>> with Editor(model, tuning) as editor:
 ...     frames = editor.render("two people dancing on the beach", seeds=[0, 1],
 ...                            edits=[Subtract(g) for g in (0.8, 1.0, 1.2)],
