@@ -40,9 +40,7 @@ class Family:
     ``presets``: trained-block presets by name. ``text_hidden``: which hidden state of each text encoder the UNet
     sees (``last``, or ``penultimate`` for SDXL). ``pooled``: a pooled text vector and time ids condition the
     UNet. ``vae_fp16``: the VAE decodes in float16 without overflowing. ``zero_empty_prompt``: the unconditional
-    embedding of an empty prompt is zeros (SDXL base's ``force_zeros_for_empty_prompt``). ``half_frozen_unet``:
-    under fp16/bf16, the frozen UNet weights are stored in half precision (trained tensors stay float32).
-    ``checkpointing_from``: gradient checkpointing is on by default from this many pixels (0: never by default).
+    embedding of an empty prompt is zeros (SDXL base's ``force_zeros_for_empty_prompt``). ``checkpointing_from``: gradient checkpointing is on by default from this many pixels (0: never by default).
     ``single_file_pipeline`` / ``config_repo``: how diffusers loads a single-file checkpoint of the family and the
     repo id whose configs it needs by default.
     """
@@ -59,7 +57,6 @@ class Family:
     prediction_type: str = "epsilon"
     vae_fp16: bool = True
     zero_empty_prompt: bool = False
-    half_frozen_unet: bool = False
     checkpointing_from: int = 0
     single_file_pipeline: str = "StableDiffusionPipeline"
     config_repo: str = ""
@@ -166,7 +163,6 @@ SDXL = Family(
     text_hidden="penultimate",
     vae_fp16=False,  # the SDXL VAE's activations overflow float16: decode in float32 (or give a fixed vae:)
     zero_empty_prompt=True,
-    half_frozen_unet=True,
     checkpointing_from=768 * 768,
     single_file_pipeline="StableDiffusionXLPipeline",
     config_repo="stabilityai/stable-diffusion-xl-base-1.0",

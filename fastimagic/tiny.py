@@ -121,7 +121,8 @@ def sd2_unet_config() -> dict:
     return unet_config() | dict(attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, cross_attention_dim=48)
 
 
-# SDXL: text encoder widths 32 (CLIP L-like) + 32 (bigG-like) = 64 channels per token; pooled vector 32 wide.
+# SDXL: text encoder widths 32 (CLIP L-like) + 48 (bigG-like) = 80 channels per token; pooled vector 32 wide. The
+# two widths differ, as 768 and 1280 do: diffusers' single-file loader tells the encoders apart by width.
 SDXL_TIME_EMBED_DIM = 8
 SDXL_POOLED_DIM = 32
 
@@ -138,7 +139,7 @@ def sdxl_unet_config() -> dict:
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
         use_linear_projection=True,
-        cross_attention_dim=64,
+        cross_attention_dim=80,
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=SDXL_TIME_EMBED_DIM * 6 + SDXL_POOLED_DIM,
@@ -205,7 +206,9 @@ def build_components(seed: int = TINY_SEED, name: str = "tiny") -> dict:
             parts["vae"] = AutoencoderKL(**vae_config(scaling_factor=0.13025))
             parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_encoder_config(*ids)))
             parts["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig(**text_encoder_config(*ids, hidden_act="gelu", projection_dim=SDXL_POOLED_DIM))
+                CLIPTextConfig(
+                    **text_encoder_config(*ids, hidden_size=48, hidden_act="gelu", projection_dim=SDXL_POOLED_DIM)
+                )
             )
             parts["tokenizer_2"] = clip_tokenizer(pad_token="!")
     return parts

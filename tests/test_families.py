@@ -242,3 +242,34 @@ def test_a_trained_block_the_model_does_not_have_is_refused(photo):
     xl = load_base_model("tiny-sdxl", device="cpu")
     with pytest.raises(InputError, match=r"'down_blocks.3': SDXL has down_blocks.0 to down_blocks.2"):
         finetune(xl, photo, "a bird", FinetuneConfig(steps=1, trained_blocks=("down_blocks.3",)), width=64, height=64)
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_diffusers_folder_and_original_single_file_load_offline(name, tmp_path):
+    """Each tiny model written as a diffusers folder and as one checkpoint in the original layout (SDXL: both
+    ``conditioner.embedders``; SD 2.x: OpenCLIP under ``cond_stage_model.model``) loads back to the same model,
+    its family read from the folder's UNet config or the file's header."""
+    from ldm_export import export_single_file, save_diffusers_folder
+
+    from fastimagic import tiny
+    from fastimagic.models import describe_checkpoint, model_family
+
+    parts = tiny.build_components(name=name) | {"family": TINY_FAMILIES[name]}
+    folder = save_diffusers_folder(parts, tmp_path / "folder")
+    ckpt = export_single_file(parts, tmp_path / "model.safetensors", dtype=torch.float16)
+    family = TINY_FAMILIES[name]
+    assert describe_checkpoint(ckpt)["family"] == family.name
+    assert model_family(str(ckpt)) is family and model_family(str(folder)) is family
+    base = load_base_model(name, device="cpu")
+    want = dict(base.unet.named_parameters())
+    prompts = ["a dog on the beach", ""]
+    for spec, kw in ((str(folder), {}), (str(ckpt), {"config": str(folder)})):
+        m = load_base_model(spec, device="cpu", **kw)
+        assert m.family is family and m.prediction_type == base.prediction_type
+        exact = spec == str(folder)  # the checkpoint was written in float16
+        for n, p in m.unet.named_parameters():
+            assert torch.equal(p, want[n]) if exact else torch.equal(p, want[n].half().float()), n
+        e = m.encode_prompts(prompts)
+        assert e.shape == base.encode_prompts(prompts).shape
+        if exact:
+            assert torch.equal(e, base.encode_prompts(prompts))
