@@ -40,7 +40,8 @@ class Family:
     ``presets``: trained-block presets by name. ``text_hidden``: which hidden state of each text encoder the UNet
     sees (``last``, or ``penultimate`` for SDXL). ``pooled``: a pooled text vector and time ids condition the
     UNet. ``vae_fp16``: the VAE decodes in float16 without overflowing. ``zero_empty_prompt``: the unconditional
-    embedding of an empty prompt is zeros (SDXL base's ``force_zeros_for_empty_prompt``). ``checkpointing_from``: gradient checkpointing is on by default from this many pixels (0: never by default).
+    embedding of an empty prompt is zeros (SDXL base's ``force_zeros_for_empty_prompt``). ``checkpointing_from``:
+    gradient checkpointing is on by default from this many pixels (0: never by default).
     ``single_file_pipeline`` / ``config_repo``: how diffusers loads a single-file checkpoint of the family and the
     repo id whose configs it needs by default.
     """

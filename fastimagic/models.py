@@ -376,7 +376,7 @@ def _assemble(
     parts: dict, identity: str, device: torch.device, precision: Precision, *, fixed_vae: bool = False
 ) -> Components:
     dtype = precision.frozen_dtype
-    family: Family = parts["family"]
+    family: Family = parts.get("family", SD1)
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     text_encoder_2 = parts.get("text_encoder_2")
     # The SDXL VAE's activations overflow float16 (NaN images): it runs in float32 unless a fixed VAE was given.
