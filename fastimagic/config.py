@@ -11,19 +11,19 @@ import os
 import re
 import unicodedata
 
+from fastimagic.families import MAX_LEVELS, SD1, TINY_FAMILIES
+
 # --- the fine-tune ---------------------------------------------------------------------------------------------
 
-# Which UNet blocks the fine-tune trains. "reference" (the default): what the released Forgedit code trains, every
-# parameter whose name contains "down_blocks" but not "down_blocks.0", or "up_blocks" but not "up_blocks.0", i.e.
-# encoder blocks 1-3 and decoder blocks 1-3; the published TEdBench figures come from it. "paper": encoder blocks
-# 0-2 and decoder blocks 1-3, as the paper's §3.2 describes them. The mid block and up_blocks.0 stay frozen in both.
-BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
-    "reference": ("down_blocks.1", "down_blocks.2", "down_blocks.3", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
-    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
-}
-# UNet2DConditionModel children that hold parameters, and how many down/up levels SD 1.x has.
-UNET_BLOCKS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
-UNET_LEVELS = 4
+# Which UNet blocks the fine-tune trains, by preset name, on SD 1.x: see fastimagic.families, which holds every
+# family's presets (the names are the same on every family).
+BLOCK_PRESETS: dict[str, tuple[str, ...]] = SD1.presets
+# UNet2DConditionModel children that hold parameters (SDXL adds add_embedding), and the most down/up levels a
+# family has (SD 1.x and 2.x: 4, SDXL: 3; fastimagic.families checks a model's own).
+UNET_BLOCKS = (
+    "conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out"
+)
+UNET_LEVELS = MAX_LEVELS
 
 # Numeric precision of the UNet's compute and the frozen encoders (see fastimagic.precision for what each means).
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
@@ -66,6 +66,7 @@ def size_for(image_size: tuple[int, int], short_side: int, multiple: int = SIDE_
 # --- models ----------------------------------------------------------------------------------------------------
 
 TINY_MODEL = "tiny"
+TINY_MODELS = tuple(TINY_FAMILIES)  # tiny (SD 1.x-shaped), tiny-sd2, tiny-sdxl
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # loading these can run code
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -73,13 +74,13 @@ URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def model_kind(spec: str, base: str | None = None) -> str:
-    """What a ``model:`` value names, from its text: ``tiny``, ``hub`` (an ``org/name`` repo id), ``single_file``
-    (a checkpoint file) or ``folder`` (a diffusers folder). ``base``: the folder relative paths resolve against;
-    a bare ``org/name`` that exists there is a folder, not a repo id.
+    """What a ``model:`` value names, from its text: ``tiny`` (any of :data:`TINY_MODELS`), ``hub`` (an
+    ``org/name`` repo id), ``single_file`` (a checkpoint file) or ``folder`` (a diffusers folder). ``base``: the
+    folder relative paths resolve against; a bare ``org/name`` that exists there is a folder, not a repo id.
 
     Raises :class:`ValueError` (the message is a sentence about ``spec``) for a URL or a value that is neither.
     """
-    if spec == TINY_MODEL:
+    if spec in TINY_MODELS:
         return "tiny"
     if URL_SCHEME.match(spec):
         raise ValueError(

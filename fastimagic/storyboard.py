@@ -381,8 +381,10 @@ class FinetuneSettings(_Frozen):
                 hint = f"did you mean '{close[0]}'?" if close else f"the UNet has {', '.join(UNET_BLOCKS)}"
                 found.append(((i,), f"unknown UNet block '{name}' ({hint})"))
             elif root in ("down_blocks", "up_blocks") and rest.split(".")[0].isdigit():
+                # The model's own levels (SDXL: 3) are checked against its family before the run starts.
                 if int(rest.split(".")[0]) >= UNET_LEVELS:
-                    found.append(((i,), f"'{name}': SD 1.x has {root}.0 to {root}.{UNET_LEVELS - 1}"))
+                    levels = f"{root}.0 to {root}.{UNET_LEVELS - 1}, SDXL {root}.0 to {root}.2"
+                    found.append(((i,), f"'{name}': SD 1.x and 2.x have {levels}"))
             if name in seen:
                 found.append(((i,), f"'{name}' is listed twice"))
             seen.add(name)

@@ -5,7 +5,7 @@
                                                   run the storyboard flow here (Prefect's embedded server)
     fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
-    fastimagic strategies [--model tiny|sd15]     each forgetting strategy and what it touches
+    fastimagic strategies [--model sd15|sd2|sdxl|tiny...]  each forgetting strategy and what it touches
     fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
     fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
 
@@ -138,19 +138,19 @@ def cmd_caption(args) -> int:
 
 
 def cmd_strategies(args) -> int:
-    from fastimagic.config import BLOCK_PRESETS
     from fastimagic.forgetting import ALIASES, STRATEGIES, describe
-    from fastimagic.models import unet_shapes
+    from fastimagic.models import UNET_ARCHS, unet_shapes
 
-    blocks = BLOCK_PRESETS[args.blocks]
+    family = UNET_ARCHS[args.model]
+    blocks = family.presets[args.blocks]
     trained = {n: s for n, s in unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
     total = sum(math.prod(s) for s in trained.values())
     print(
-        f"{args.model} UNet, trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)} tensors, "
-        f"{total:,} parameters"
+        f"{args.model} UNet ({family.label}), trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)}"
+        f" tensors, {total:,} parameters"
     )
     for name in STRATEGIES:
-        r = describe(name, trained)
+        r = describe(name, trained, family)
         alias = [a for a, c in ALIASES.items() if c == name]
         extra = f" (alias: {', '.join(alias)})" if alias else ""
         print(f"  {name:22s} forgets {len(r.tensors):4d} tensors {r.parameters:>12,} params: {r.description}{extra}")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="Salesforce/blip-image-captioning-base", help="BLIP repo id, folder or tiny")
     s.set_defaults(func=cmd_caption)
     s = sub.add_parser("strategies", help="list forgetting strategies and what each touches")
-    s.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    s.add_argument("--model", choices=["sd15", "sd2", "sdxl", "tiny", "tiny-sd2", "tiny-sdxl"], default="sd15")
     s.add_argument("--blocks", choices=["reference", "paper"], default="reference")
     s.set_defaults(func=cmd_strategies)
     s = sub.add_parser("open", help="print where to look at a run (local path or presigned link)")

@@ -20,9 +20,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fastimagic import autoforget
 from fastimagic import keyframes as kf
 from fastimagic.errors import InputError
+from fastimagic.finetuning import FinetuneConfig
 from fastimagic.images import describe_fit, load_reference
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
-from fastimagic.models import default_device, model_identity
+from fastimagic.models import default_device, model_family, model_identity
 from fastimagic.precision import resolve_precision
 from fastimagic.store import NotFound
 from fastimagic.storyboard import Scene, Storyboard
@@ -69,7 +70,11 @@ def preflight(board: Storyboard) -> None:
 
     Raises :class:`InputError` for bad input (CLI exit 2) and :class:`StoreError` for storage trouble (exit 1).
     """
-    model_identity(board.model.resolved, allow_pickle=board.allow_pickle)
+    family = model_family(board.model.resolved, allow_pickle=board.allow_pickle)  # refuses what model_identity does
+    try:
+        FinetuneConfig(trained_blocks=board.finetune.trained_blocks).blocks(family)  # blocks this model has
+    except InputError as e:
+        raise InputError(f"{board.source} finetune.{e}") from None
     try:
         resolve_precision(board.precision, default_device())
     except InputError as e:
@@ -179,6 +184,7 @@ def run_storyboard(
         model={
             "given": board.model.given,
             "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+            "family": model_family(board.model.resolved, allow_pickle=board.allow_pickle).name,
         },
         resolution=(width, height),
         reference={"size": list(reference.size), "fit": describe_fit(reference.size, width, height, board.fit)},

@@ -38,7 +38,7 @@ from fastimagic.manifests import (
     keyframe_record,
     scene_manifest,
 )
-from fastimagic.models import cached_base_model, model_identity
+from fastimagic.models import cached_base_model, model_family, model_identity
 from fastimagic.picking import scene_picks
 from fastimagic.runs import PLAN, plan_record
 from fastimagic.scoring import load_scorer
@@ -100,7 +100,9 @@ def tuning_key(board: Storyboard, reference: Reference, source_prompt: str, **ch
         image_sha256=reference.sha256,
         model_identity=model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
         source_prompt=source_prompt,
-        finetune=_finetune_config(board, **changes).as_dict(),
+        finetune=_finetune_config(board, **changes).as_dict(
+            family=model_family(board.model.resolved, allow_pickle=board.allow_pickle)
+        ),
         width=width,
         height=height,
     )

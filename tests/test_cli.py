@@ -152,6 +152,15 @@ def test_strategies_lists_each_with_what_it_touches():
     assert any(line.split()[0] == "encoderattn" for line in lines)
 
 
+def test_strategies_on_sdxl_name_the_levels_by_width():
+    r = fastimagic("strategies", "--model", "sdxl")
+    assert r.returncode == 0, r.stderr
+    assert "SDXL), trained blocks 'reference' (down_blocks.1, down_blocks.2, up_blocks.1, up_blocks.2)" in r.stdout
+    assert "935,025,280 parameters" in r.stdout
+    decoder2 = next(line for line in r.stdout.splitlines() if line.split()[0] == "decoderattn+decoder2")
+    assert decoder2.endswith("the whole up_blocks.1")  # SD 1.x's up_blocks.2 is SDXL's up_blocks.1 (640 channels)
+
+
 def test_caption_with_the_tiny_blip(tmp_path, photo_bytes):
     (tmp_path / "p.jpg").write_bytes(photo_bytes)
     r = fastimagic("caption", str(tmp_path / "p.jpg"), "--model", "tiny")

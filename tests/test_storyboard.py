@@ -511,7 +511,7 @@ def test_model_config_goes_with_single_file_checkpoints(tmp_path):
         ("gradient_checkpointing: maybe", "finetune.gradient_checkpointing: must be true or false (got 'maybe')"),
         ("trained_blocks: papr", "finetune.trained_blocks: unknown preset 'papr' (did you mean 'paper'?); use refer"),
         ("trained_blocks: [down_block.0]", "finetune.trained_blocks[0]: unknown UNet block 'down_block.0'"),
-        ("trained_blocks: [up_blocks.4]", "finetune.trained_blocks[0]: 'up_blocks.4': SD 1.x has up_blocks.0 to"),
+        ("trained_blocks: [up_blocks.4]", "finetune.trained_blocks[0]: 'up_blocks.4': SD 1.x and 2.x have up_blocks.0"),
     ],
 )
 def test_bad_finetune_settings(tmp_path, setting, message):
