@@ -238,12 +238,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
+def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = None) -> str:
     """The identity of the weights ``spec`` names, without loading them (cheap: for tuning content keys).
 
     ``tiny:v1``; ``file:<name>:<fingerprint>``; ``folder:<name>:<hash of configs and weight fingerprints>``;
-    ``hf:<repo>@<cached commit>``. Raises :class:`InputError` for missing paths and refused pickle files.
+    ``hf:<repo>@<cached commit>``; with a ``vae`` override, ``+vae:<its identity>`` follows. Raises
+    :class:`InputError` for missing paths and refused pickle files.
     """
+    if vae is not None:
+        return f"{model_identity(spec, allow_pickle=allow_pickle)}+vae:{_vae_identity(vae)}"
     if spec in TINY_FAMILIES:
         from fastimagic import tiny
 
@@ -266,6 +269,23 @@ def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
         raise InputError(str(e)) from None
     if kind != "hub":
         raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
+    return _hub_identity(spec)
+
+
+def _vae_identity(spec: str) -> str:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "vae" / "config.json").is_file():
+            raise InputError(f"vae: {spec}: not a diffusers VAE folder (no config.json or vae/config.json)")
+        return _folder_identity(path)
+    if path.is_file():
+        return f"file:{path.name}:{fingerprint(path)}"
+    try:
+        kind = model_kind(spec)
+    except ValueError as e:
+        raise InputError(f"vae: {e}") from None
+    if kind != "hub":
+        raise InputError(f"vae: {spec}: no such folder (expected a diffusers VAE folder or a hub repo id)")
     return _hub_identity(spec)
 
 
@@ -320,7 +340,7 @@ def load_base_model(
     """
     dev = _pick(device)
     resolved = resolve_precision(_precision_name(precision, dtype), dev)
-    identity = model_identity(spec, allow_pickle=allow_pickle)
+    identity = model_identity(spec, allow_pickle=allow_pickle, vae=vae)
     path = Path(spec).expanduser()
     if spec in TINY_FAMILIES:
         from fastimagic import tiny
@@ -334,7 +354,6 @@ def load_base_model(
         parts = _load_pretrained(spec, local_only=False)
     if vae is not None:
         parts["vae"] = _load_vae(vae)
-        identity += f"+vae:{model_identity(vae)}"
     return _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
 
 
@@ -342,33 +361,18 @@ _WARM: dict[tuple, Components] = {}
 _WARM_LOCK = threading.Lock()
 
 
-def cached_base_model(
-    spec: str,
-    *,
-    config: str | None = None,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    precision: str = "auto",
-    allow_pickle: bool = False,
-    vae: str | None = None,
-) -> Components:
-    """:func:`load_base_model`, once per process and model identity: render workers keep the base model warm.
+def cached_base_model(spec: str, **options) -> Components:
+    """:func:`load_base_model` (same keyword arguments), once per process and model: render workers keep the base
+    model warm.
 
     Only the most recent model stays loaded (a GPU worker rarely holds two SD UNets at once).
     """
-    key = (model_identity(spec, allow_pickle=allow_pickle), config, device, str(dtype), precision, vae)
+    identity = model_identity(spec, allow_pickle=options.get("allow_pickle", False), vae=options.get("vae"))
+    key = (identity, *sorted((k, str(v)) for k, v in options.items()))
     with _WARM_LOCK:
         if key not in _WARM:
             _WARM.clear()
-            _WARM[key] = load_base_model(
-                spec,
-                config=config,
-                device=device,
-                dtype=dtype,
-                precision=precision,
-                allow_pickle=allow_pickle,
-                vae=vae,
-            )
+            _WARM[key] = load_base_model(spec, **options)
         return _WARM[key]
 
 

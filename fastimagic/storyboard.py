@@ -601,8 +601,10 @@ class Storyboard(_Frozen):
     """A validated storyboard. Build it with :func:`load_storyboard`, which also records where it came from.
 
     Scenes have ``defaults`` merged in. ``reference`` and ``output`` keep the path as written and its resolved
-    form; ``model`` says what kind of model source it is. ``resolution`` is (width, height) in pixels, or one
-    number: the shorter side, the other following the reference's aspect ratio (see :meth:`size_for`).
+    form; ``model`` says what kind of model source it is; ``vae``: a VAE replacing the model's (a hub id or a
+    diffusers folder, e.g. a float16-safe SDXL VAE). ``resolution`` is (width, height) in pixels, or one number:
+    the shorter side, the other following the reference's aspect ratio; unset, the model's own side (512 for SD 1.x,
+    768 for SD 2.x, 1024 for SDXL; see :meth:`size_for`).
     ``fit``: how the reference meets that size (:data:`~fastimagic.config.FIT_MODES`). ``precision``: the UNet's
     compute precision (:data:`~fastimagic.config.PRECISIONS`; checked against the device when the run starts).
     """
@@ -615,7 +617,8 @@ class Storyboard(_Frozen):
     reference: Location
     model: ModelSource = TINY
     model_config_source: ModelSource | None = Field(None, alias="model_config")
-    resolution: int | tuple[int, int] = Field(512, validate_default=True)
+    resolution: int | tuple[int, int] | None = None
+    vae: ModelSource | None = None
     fit: _Str = "crop"
     precision: _Str = "auto"
     source_prompt: _Str | None = None
@@ -669,9 +672,24 @@ class Storyboard(_Frozen):
             raise _problem("only applies when model is a single-file checkpoint (.safetensors); remove it")
         return source
 
+    @field_validator("vae", mode="before")
+    @classmethod
+    def _vae(cls, value: Any, info: ValidationInfo) -> ModelSource | None:
+        if value is None:
+            return None
+        try:
+            source = _model_source(value, info, allow_pickle=False)
+        except _Bad as e:
+            raise _problem(str(e)) from None
+        if source.kind not in ("hub", "folder"):
+            raise _problem("must be a hub repo id or a diffusers VAE folder (with config.json)")
+        return source
+
     @field_validator("resolution", mode="before")
     @classmethod
-    def _resolution(cls, value: Any, info: ValidationInfo) -> int | tuple[int, int]:
+    def _resolution(cls, value: Any, info: ValidationInfo) -> int | tuple[int, int] | None:
+        if value is None:
+            return None
         usage = f"must be a size like 512 or '768x512' (got {describe_value(value)})"
         if isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value):
             (width, height), labels = value, ("width", "height")
@@ -775,17 +793,19 @@ class Storyboard(_Frozen):
         """The run's folder name, from ``name``."""
         return slugify(self.name)
 
-    def size_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+    def size_for(self, image_size: tuple[int, int], model_side: int) -> tuple[int, int]:
         """The (width, height) the fine-tune and keyframes use for a reference of ``image_size``: the resolution as
-        given, or for one number the reference's aspect ratio with that shorter side (both sides rounded to a
-        multiple of 8). Raises :class:`InputError` when the longer side comes out over ``max_side``."""
+        given, or for one number (``model_side``, the model's own, when none is given) the reference's aspect ratio
+        with that shorter side (both sides rounded to a multiple of 8). Raises :class:`InputError` when the longer
+        side comes out over ``max_side``."""
         if isinstance(self.resolution, tuple):
             return self.resolution
-        width, height = size_for(image_size, self.resolution, SIDE_MULTIPLE)
+        side = self.resolution or model_side
+        width, height = size_for(image_size, side, SIDE_MULTIPLE)
         if max(width, height) > self.max_side:
             w, h = image_size
             raise InputError(
-                f"{self.source or 'storyboard'} resolution: {self.resolution} on a {w}x{h} reference gives"
+                f"{self.source or 'storyboard'} resolution: {side} on a {w}x{h} reference gives"
                 f" {width}x{height}, over max_side {self.max_side}; give a size such as"
                 f" '{min(width, self.max_side)}x{min(height, self.max_side)}' or raise max_side"
             )
@@ -795,6 +815,8 @@ class Storyboard(_Frozen):
         """The resolution as a person reads it: ``768x512``, or ``512 (shorter side, the reference's aspect)``."""
         if isinstance(self.resolution, tuple):
             return f"{self.resolution[0]}x{self.resolution[1]}"
+        if self.resolution is None:
+            return "the model's own resolution (shorter side, the reference's aspect)"
         return f"{self.resolution} (shorter side, the reference's aspect)"
 
     @property

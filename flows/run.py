@@ -23,15 +23,17 @@ from fastimagic.errors import InputError
 from fastimagic.finetuning import FinetuneConfig
 from fastimagic.images import describe_fit, load_reference
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
-from fastimagic.models import default_device, model_family, model_identity
+from fastimagic.models import default_device, model_family
 from fastimagic.precision import resolve_precision
 from fastimagic.store import NotFound
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import StoryboardError, load_storyboard
 from tasks.pipeline import (
     fetch_reference,
+    identity,
     publish_summary,
     render_keyframes,
+    run_size,
     verify_written,
     write_plan,
     write_run_outputs,
@@ -71,6 +73,7 @@ def preflight(board: Storyboard) -> None:
     Raises :class:`InputError` for bad input (CLI exit 2) and :class:`StoreError` for storage trouble (exit 1).
     """
     family = model_family(board.model.resolved, allow_pickle=board.allow_pickle)  # refuses what model_identity does
+    identity(board)  # a vae override that is not there
     try:
         FinetuneConfig(trained_blocks=board.finetune.trained_blocks).blocks(family)  # blocks this model has
     except InputError as e:
@@ -84,7 +87,7 @@ def preflight(board: Storyboard) -> None:
         data = read(uri)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
-    board.size_for(load_reference(data, uri).size)
+    run_size(board, load_reference(data, uri).size)
     output_store(board.output.resolved).check()
 
 
@@ -176,14 +179,14 @@ def run_storyboard(
     timings["render_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
 
-    width, height = board.size_for(reference.size)
+    width, height = run_size(board, reference.size)
     run = run_manifest(
         run_id=run_id,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         storyboard={"name": board.name, "uri": storyboard, "source": board.source_text},
         model={
             "given": board.model.given,
-            "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+            "identity": identity(board),
             "family": model_family(board.model.resolved, allow_pickle=board.allow_pickle).name,
         },
         resolution=(width, height),

@@ -45,6 +45,7 @@ from fastimagic.scoring import load_scorer
 from fastimagic.sequence import SEQUENCE, index_page, write_sequence
 from fastimagic.store import LocalStore, NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
+from fastimagic.tiny import TINY_RESOLUTION
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 
@@ -57,9 +58,27 @@ _TUNINGS_LOCK = threading.Lock()  # two render threads asking at once still fetc
 
 def _model(board: Storyboard):
     config = board.model_config_source.resolved if board.model_config_source else None
+    vae = board.vae.resolved if board.vae else None
     return cached_base_model(
-        board.model.resolved, config=config, precision=board.precision, allow_pickle=board.allow_pickle
+        board.model.resolved, config=config, precision=board.precision, allow_pickle=board.allow_pickle, vae=vae
     )
+
+
+def identity(board: Storyboard) -> str:
+    """The identity of the storyboard's weights (model and VAE override), as content keys and manifests name it."""
+    vae = board.vae.resolved if board.vae else None
+    return model_identity(board.model.resolved, allow_pickle=board.allow_pickle, vae=vae)
+
+
+def _family(board: Storyboard):
+    return model_family(board.model.resolved, allow_pickle=board.allow_pickle)
+
+
+def run_size(board: Storyboard, reference_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of this storyboard's fine-tune and keyframes for a reference of ``reference_size``; with no
+    ``resolution``, the shorter side is the model's own (the tiny models': 64)."""
+    side = TINY_RESOLUTION if board.model.kind == "tiny" else _family(board).resolution
+    return board.size_for(reference_size, side)
 
 
 def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
@@ -95,14 +114,12 @@ def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
 def tuning_key(board: Storyboard, reference: Reference, source_prompt: str, **changes) -> str:
     """The content key of this storyboard's fine-tune, computed without loading the model. ``changes``: fine-tune
     settings to replace (e.g. another ``precision``), to find a sibling tuning."""
-    width, height = board.size_for(reference.size)
+    width, height = run_size(board, reference.size)
     return content_key(
         image_sha256=reference.sha256,
-        model_identity=model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+        model_identity=identity(board),
         source_prompt=source_prompt,
-        finetune=_finetune_config(board, **changes).as_dict(
-            family=model_family(board.model.resolved, allow_pickle=board.allow_pickle)
-        ),
+        finetune=_finetune_config(board, **changes).as_dict(family=_family(board)),
         width=width,
         height=height,
     )
@@ -168,7 +185,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
         logger.info(note)
     model = _model(board)
     config = _finetune_config(board)
-    width, height = board.size_for(reference.size)
+    width, height = run_size(board, reference.size)
     callback = _finetune_progress()
     image = load_reference(reference.data, reference.uri)
     with model.lock:

@@ -211,3 +211,17 @@ def test_a_one_number_resolution_keeps_the_reference_aspect_and_its_long_side_is
                                        "padding": [0, 0, 0, 0], "pad_colour": [128, 128, 128]}
     assert run["precision"] == {"requested": "auto", "finetune": "fp32", "sampling": ["fp32"]}
     assert all(k["width"] == 256 and k["height"] == 64 for k in run["keyframes"])
+
+
+def test_a_vae_override_is_loaded_and_named_in_the_identity(tmp_path, photo_bytes):
+    from fastimagic import tiny
+
+    tiny.build_components()["vae"].save_pretrained(tmp_path / "vae")
+    r = fastimagic("run", str(_board(tmp_path, photo_bytes, vae="./vae")), "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (manifest,) = (tmp_path / "out").rglob("cli-test/*/manifest.json")
+    assert "+vae:folder:vae:" in json.loads(manifest.read_text())["model"]["identity"]
+    missing = fastimagic("validate", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
+    assert missing.returncode == 0  # a folder is checked when the run starts, like the model
+    r = fastimagic("run", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
+    assert r.returncode == 2 and "nowhere/vae" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -62,7 +62,8 @@ def test_minimal_storyboard_gets_the_documented_defaults(tmp_path):
     assert board.output.given == "./keyframes" and board.output.resolved == str(tmp_path / "keyframes")
     assert (board.model.kind, board.model.resolved) == ("tiny", "tiny")
     assert board.model_config_source is None
-    assert board.resolution == 512 and board.size_for((1200, 800)) == (768, 512)  # the shorter side, aspect kept
+    assert board.resolution is None and board.vae is None  # the model's own side: size_for(..., model_side)
+    assert board.size_for((1200, 800), 512) == (768, 512)  # the shorter side, the reference's aspect kept
     assert board.source_prompt is None
     assert (board.max_seeds, board.max_keyframes, board.max_side, board.allow_pickle) == (64, 10000, 2048, False)
     ft = board.finetune
