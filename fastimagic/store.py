@@ -31,6 +31,7 @@ __all__ = [
     "S3Store",
     "Store",
     "StoreError",
+    "TooLarge",
     "open_store",
     "read_uri",
     "safe_key",
@@ -46,6 +47,10 @@ _KEY_RULE = "keys are relative paths of non-empty '/'-separated segments, withou
 
 class StoreError(FastImagicError):
     """A storage failure, explained in one line: the URI, then what is wrong. Never contains a secret."""
+
+
+class TooLarge(StoreError):
+    """The object or file is larger than the caller's limit; it was not read."""
 
 
 class NotFound(StoreError, KeyError):
@@ -626,12 +631,51 @@ def open_store(uri: str | Path, *, session: Any = None) -> Store:
     return LocalStore(_local_path(uri))
 
 
-def read_uri(uri: str | Path, *, base_dir: Path | None = None, session: Any = None) -> bytes:
+def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = None) -> bytes:
+    """The bytes of a regular file, at most ``max_bytes`` of them. A FIFO, device (``/dev/zero``), socket or folder,
+    or a link to one, is refused at once without reading, so nothing blocks or fills memory.
+
+    Raises :class:`NotFound` or :class:`StoreError`; messages start with ``shown`` (default: the path).
+    """
+    import stat
+
+    shown = shown or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError as exc:
+        raise NotFound(f"{shown}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise StoreError(f"{shown}: is a folder, expected a file") from exc
+    except OSError as exc:
+        raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise StoreError(f"{shown}: is a folder, expected a file")
+        if not stat.S_ISREG(info.st_mode):
+            what = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or \
+                stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file"
+            raise StoreError(f"{shown}: is {what}, expected a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise TooLarge(f"{shown}: is {info.st_size:,} bytes, more than the limit of {max_bytes:,}")
+        try:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except OSError as exc:
+            raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while we read
+        raise TooLarge(f"{shown}: is more than the limit of {max_bytes:,} bytes")
+    return data
+
+
+def read_uri(
+    uri: str | Path, *, base_dir: Path | None = None, session: Any = None, max_bytes: int | None = None
+) -> bytes:
     """Read one whole object: ``s3://bucket/key``, a ``file://`` URI, or a path (relative paths are resolved
-    against ``base_dir``, default the current folder).
+    against ``base_dir``, default the current folder). Local paths must be regular files (see :func:`read_local`).
+    ``max_bytes``: refuse anything larger, before reading it.
 
     Raises :class:`NotFound` (a :class:`StoreError`) if it does not exist, and :class:`StoreError` if it is a
-    folder or cannot be read; every message starts with ``uri``.
+    folder, too large or cannot be read; every message starts with ``uri``.
     """
     text = str(uri)
     if text.startswith("s3://"):
@@ -642,22 +686,25 @@ def read_uri(uri: str | Path, *, base_dir: Path | None = None, session: Any = No
         client = _s3_client(session, where=text)
         endpoint = str(client.meta.endpoint_url)
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = client.get_object(Bucket=bucket, Key=key)
+            size = response.get("ContentLength")
+            if max_bytes is not None and isinstance(size, int) and size > max_bytes:
+                response["Body"].close()
+                raise TooLarge(f"{text}: is {size:,} bytes, more than the limit of {max_bytes:,}")
+            data = response["Body"].read() if max_bytes is None else response["Body"].read(max_bytes + 1)
+        except StoreError:
+            raise
         except Exception as exc:
             if _client_code(exc) in _NO_KEY_CODES:
                 raise NotFound(f"{text}: no such object") from exc
             raise _s3_error(exc, text, bucket, endpoint, "reading") from exc
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(f"{text}: is more than the limit of {max_bytes:,} bytes")
+        return data
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", text) and not text.startswith("file://"):
         raise StoreError(f"{text}: unsupported URI scheme, expected a path, file:// or s3://bucket/key")
     path = _local_path(text) if isinstance(uri, str) else Path(uri)
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
     shown = text if str(path) == text else f"{text} ({path})"
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise NotFound(f"{shown}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise StoreError(f"{shown}: is a folder, expected a file") from exc
-    except OSError as exc:
-        raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
+    return read_local(path, max_bytes=max_bytes, shown=shown)

@@ -248,6 +248,9 @@ def _resolve(value: str, base: str, *, need_key: bool) -> str:
         bucket, key = _split_s3(value)
         if need_key and not key:
             raise _Bad(f"s3 URI '{value}' names no key; write s3://{bucket}/path/to/file")
+        problem = config.s3_key_problem(key if need_key else key.rstrip("/"))
+        if problem:
+            raise _Bad(f"s3 URI '{config.printable(value)}' {problem}")
         return value
     if config.URL_SCHEME.match(value):
         raise _Bad(f"'{value}': only local paths and s3:// URIs are supported")
@@ -625,6 +628,9 @@ class Storyboard(_Frozen):
 
     _source: str = PrivateAttr("")
     _source_text: str = PrivateAttr("")
+    _lines: dict = PrivateAttr(default_factory=dict)  # field path -> line in the file, for later checks' messages
+    _max_reference_bytes: int = PrivateAttr(config.DEFAULT_MAX_REFERENCE_BYTES)
+    _side_cap: int | None = PrivateAttr(None)  # an operator's policy may lower max_side (see fastimagic.policy)
 
     @field_validator("name")
     @classmethod
@@ -780,12 +786,13 @@ class Storyboard(_Frozen):
         if isinstance(self.resolution, tuple):
             return self.resolution
         width, height = size_for(image_size, self.resolution, SIDE_MULTIPLE)
-        if max(width, height) > self.max_side:
+        cap = min(self.max_side, self._side_cap or self.max_side)
+        if max(width, height) > cap:
             w, h = image_size
             raise InputError(
                 f"{self.source or 'storyboard'} resolution: {self.resolution} on a {w}x{h} reference gives"
-                f" {width}x{height}, over max_side {self.max_side}; give a size such as"
-                f" '{min(width, self.max_side)}x{min(height, self.max_side)}' or raise max_side"
+                f" {width}x{height}, over max_side {cap}; give a size such as"
+                f" '{min(width, cap)}x{min(height, cap)}'" + (" or raise max_side" if cap == self.max_side else "")
             )
         return width, height
 
@@ -799,6 +806,32 @@ class Storyboard(_Frozen):
     def source(self) -> str:
         """Where the storyboard was read from (path or URI as given to :func:`load_storyboard`)."""
         return self._source
+
+    def limit(self, *, side: int | None = None, reference_bytes: int | None = None) -> None:
+        """Lower the run-time caps (an operator's policy does): the longest side a one-number resolution may
+        reach, and the reference image's size in bytes. Raising them has no effect."""
+        if side is not None:
+            self._side_cap = min(side, self._side_cap or side)
+        if reference_bytes is not None:
+            self._max_reference_bytes = min(reference_bytes, self._max_reference_bytes)
+
+    @property
+    def max_reference_bytes(self) -> int:
+        """The most bytes the reference image may have (default 50 MB, lower under a policy)."""
+        return self._max_reference_bytes
+
+    def line(self, *loc: str | int) -> int | None:
+        """The line of a field of this storyboard's file (or of its nearest written parent), None when unknown."""
+        return next((self._lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in self._lines), None)
+
+    def where(self, *loc: str | int) -> str:
+        """``FILE:LINE FIELD.PATH`` for a field of this storyboard, as the loader words its problems."""
+        line = self.line(*loc)
+        path = ""
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        at = f"{self.source or 'storyboard'}:{line}" if line else self.source or "storyboard"
+        return f"{at} {path}" if path else at
 
     @property
     def source_text(self) -> str:

@@ -247,8 +247,11 @@ def _yaml_problem(source: str, text: str, err: yaml.YAMLError) -> tuple[int, str
     return line, f"{source}:{line}: YAML syntax error: {what}"
 
 
-def _parse(text: str, source: str) -> tuple[Any, _Tree | None, list[tuple[int, str]]]:
-    """YAML text -> (data, the walked node tree, problems). Data is None when the problems stop validation."""
+def _parse(
+    text: str, source: str, empty: str = "the storyboard is empty; it needs name, reference and scenes"
+) -> tuple[Any, _Tree | None, list[tuple[int, str]]]:
+    """YAML text -> (data, the walked node tree, problems). Data is None when the problems stop validation.
+    ``empty``: what to say about a file with no YAML document."""
     try:
         loader = _Loader(text)  # checks the characters already
     except yaml.YAMLError as e:
@@ -256,7 +259,7 @@ def _parse(text: str, source: str) -> tuple[Any, _Tree | None, list[tuple[int, s
     try:
         root = loader.get_single_node()
         if root is None:
-            return None, None, [(1, f"{source}:1: the storyboard is empty; it needs name, reference and scenes")]
+            return None, None, [(1, f"{source}:1: {empty}")]
         tree = _Tree(source)
         try:
             tree.visit(root, ())
@@ -282,6 +285,17 @@ def _folder_of(source: str) -> str:
     return os.path.dirname(os.path.abspath(os.path.expanduser(source)))
 
 
+def decode_storyboard(data: bytes, source: str) -> str:
+    """Storyboard bytes as text: UTF-8, a BOM allowed; anything else is a :class:`StoryboardError` that says what
+    the file is and how to fix it."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 1 and b"\x00" in data[:2]):
+        raise StoryboardError([f"{source}: UTF-16 text; save the storyboard as UTF-8"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StoryboardError([f"{source}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"]) from None
+
+
 def load_storyboard(
     path: str | os.PathLike, *, text: str | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Storyboard:
@@ -301,12 +315,14 @@ def load_storyboard(
     if text is None:
         if source.startswith("s3://"):
             raise StoryboardError([f"{source}: fetch the text first and pass it as text=; only local files are read"])
+        from fastimagic.store import StoreError, read_local
+
         try:
-            text = Path(source).read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise StoryboardError([f"{source}: not UTF-8 text (bad byte at offset {e.start})"]) from None
-        except OSError as e:
-            raise StoryboardError([f"{source}: cannot read the storyboard: {e.strerror or e}"]) from None
+            data = read_local(Path(source).expanduser(), max_bytes=config.DEFAULT_MAX_STORYBOARD_BYTES, shown=source)
+        except StoreError as e:
+            reason = str(e).removeprefix(f"{source}: ")
+            raise StoryboardError([f"{config.printable(source)}: cannot read the storyboard: {reason}"]) from None
+        text = decode_storyboard(data, source)
 
     data, tree, problems = _parse(text, source)
     board = None
@@ -330,4 +346,5 @@ def load_storyboard(
         raise StoryboardError(list(dict.fromkeys(ordered)))
     board._source = source
     board._source_text = text
+    board._lines = dict(tree.lines) if tree is not None else {}
     return board

@@ -1,6 +1,6 @@
 """The ``fastimagic`` command.
 
-    fastimagic validate FILE                      check a storyboard; every problem, one line each
+    fastimagic validate FILE [--policy P]         check a storyboard (and its policy); every problem, one line each
     fastimagic run FILE [--output URI] [--model M] [-v|-q]
                                                   run the storyboard flow here (Prefect's embedded server)
     fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
@@ -36,10 +36,22 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _policy(args):
+    """The operator's policy from ``--policy`` or ``$FASTIMAGIC_POLICY``, or None when neither names one."""
+    from fastimagic.policy import POLICY_ENV, load_policy
+
+    path = getattr(args, "policy", None) or os.environ.get(POLICY_ENV)
+    return load_policy(path) if path else None
+
+
 def cmd_validate(args) -> int:
+    from fastimagic.policy import enforce
     from fastimagic.storyboard_yaml import load_storyboard
 
+    policy = _policy(args)
     board = load_storyboard(args.file)
+    if policy is not None:
+        enforce(board, policy)
     print(
         f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
         f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
@@ -196,14 +208,17 @@ def cmd_open(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from fastimagic.storyboard_yaml import load_storyboard
+    """Check the storyboard as the worker will (schema and the operator's policy, the safe default without one),
+    then create the flow run with the policy as a parameter, so the worker checks the same rules again."""
+    from fastimagic.policy import default_policy, enforce, for_home, home_of
+    from flows.run import read_storyboard
 
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
-    if not args.file.startswith("s3://"):
-        load_storyboard(args.file)
+    policy = for_home(_policy(args) or default_policy(), home_of(uri))
+    enforce(read_storyboard(uri), policy)
     from prefect.deployments import run_deployment
 
-    run = run_deployment(args.deployment, parameters={"storyboard": uri}, timeout=0)
+    run = run_deployment(args.deployment, parameters={"storyboard": uri, "policy": policy.model_dump()}, timeout=0)
     print(f"submitted flow run {run.name} ({run.id}) of deployment {args.deployment} for {uri}")
     return EXIT_OK
 
@@ -213,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("validate", help="check a storyboard file")
     s.add_argument("file")
+    s.add_argument("--policy", metavar="FILE", help="also check an operator policy (default: $FASTIMAGIC_POLICY)")
     s.set_defaults(func=cmd_validate)
     s = sub.add_parser("run", help="run a storyboard here")
     s.add_argument("file")
@@ -244,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="create a flow run of a deployment on a Prefect server")
     s.add_argument("file", help="storyboard path (must be readable by the worker) or s3:// URI")
     s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")
+    s.add_argument("--policy", metavar="FILE", help="the operator policy it must keep (default: $FASTIMAGIC_POLICY)")
     s.set_defaults(func=cmd_submit)
     return p
 

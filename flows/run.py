@@ -19,14 +19,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fastimagic import autoforget
 from fastimagic import keyframes as kf
+from fastimagic.config import DEFAULT_MAX_STORYBOARD_BYTES
 from fastimagic.errors import InputError
 from fastimagic.images import describe_fit, load_reference
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
 from fastimagic.models import default_device, model_identity
+from fastimagic.policy import guard
 from fastimagic.precision import resolve_precision
 from fastimagic.store import NotFound
 from fastimagic.storyboard import Scene, Storyboard
-from fastimagic.storyboard_yaml import StoryboardError, load_storyboard
+from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.pipeline import (
     fetch_reference,
     publish_summary,
@@ -47,20 +49,21 @@ LINK_EXPIRES_SECONDS = 24 * 3600
 RENDER_THREADS = ThreadPoolTaskRunner(max_workers=2)
 
 
-def read_storyboard(storyboard: str, *, output: str | None = None, model: str | None = None) -> Storyboard:
-    """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides.
+def read_storyboard(
+    storyboard: str, *, output: str | None = None, model: str | None = None, policy: dict | str | None = None
+) -> Storyboard:
+    """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides, and check it
+    against the operator's ``policy`` or ``$FASTIMAGIC_POLICY`` (:func:`fastimagic.policy.guard`).
 
     A storyboard fetched from S3 is decoded as strictly as a local file (UTF-8, a BOM allowed).
     """
     text = None
     if storyboard.startswith("s3://"):
-        data = read(storyboard)
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise StoryboardError([f"{storyboard}: not UTF-8 text (bad byte at offset {e.start})"]) from None
+        text = decode_storyboard(read(storyboard, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), storyboard)
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
-    return load_storyboard(storyboard, text=text, overrides=overrides or None)
+    board = load_storyboard(storyboard, text=text, overrides=overrides or None)
+    guard(board, policy)
+    return board
 
 
 def preflight(board: Storyboard) -> None:
@@ -76,7 +79,7 @@ def preflight(board: Storyboard) -> None:
         raise InputError(f"{board.source} {e}") from None
     uri = board.reference.resolved
     try:
-        data = read(uri)
+        data = read(uri, max_bytes=board.max_reference_bytes)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
     board.size_for(load_reference(data, uri).size)
@@ -122,9 +125,11 @@ def render_scene(
     return write_scene_outputs(scene, records, output, run_prefix, auto), records, kept
 
 
-def start_run(storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool):
-    """Validate, check the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
-    board = read_storyboard(storyboard, output=output, model=model)
+def start_run(
+    storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool, policy: dict | None = None
+):
+    """Validate, check the policy and the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
+    board = read_storyboard(storyboard, output=output, model=model, policy=policy)
     store = output_store(board.output.resolved)
     store.check()  # fail fast on an unreachable endpoint, wrong credentials or a missing bucket
     if resume and not run_id:
@@ -144,14 +149,16 @@ def run_storyboard(
     model: str | None = None,
     run_id: str | None = None,
     resume: bool = False,
+    policy: dict | None = None,
 ) -> dict:
-    """Run a storyboard with ``backend`` doing the GPU work; write the run's manifest last. Returns a summary:
+    """Run a storyboard with ``backend`` doing the GPU work; write the run's manifest last. ``policy``: the
+    operator's rules as data (:mod:`fastimagic.policy`), for storyboards someone else wrote. Returns a summary:
     ``run_id``, ``run_uri``, ``index_url``, ``manifest``, ``keyframes``, ``tuning_key``, ``tuning_reused``,
     ``kept``."""
     logger = get_run_logger()
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume)
+    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume, policy)
     logger.info(
         "run %s: %d scenes, up to %d keyframes -> %s/%s",
         run_id,

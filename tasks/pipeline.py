@@ -71,7 +71,7 @@ def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
 def fetch_reference(board: Storyboard) -> Reference:
     """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
-    data = read(uri)
+    data = read(uri, max_bytes=board.max_reference_bytes)
     image = load_reference(data, uri)  # refuse a broken image before any model is loaded
     return Reference.of(data, uri, image.size)
 
