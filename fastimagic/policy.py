@@ -235,7 +235,11 @@ def check(board: Any, policy: Policy, home: str | None = None) -> list[str]:
     for field, allowed in (("reference", policy.references), ("output", policy.outputs)):
         prefixes = allowed if allowed is not None else homes
         value = getattr(board, field).resolved
-        if not any(_under(value, p) for p in prefixes):
+        if not prefixes:
+            refuse((field,), f"{_clean(getattr(board, field).given)}: no {field} location is allowed (a local"
+                   " storyboard has no home bucket); the operator names them in a policy file (--policy FILE or"
+                   f" ${POLICY_ENV}: {field}s: [...])")
+        elif not any(_under(value, p) for p in prefixes):
             where = "allowed prefixes" if allowed is not None else "the storyboard's home"
             refuse((field,), f"{_clean(getattr(board, field).given)} is not under {where}: {_shown(prefixes)}")
 
@@ -266,13 +270,18 @@ def check(board: Any, policy: Policy, home: str | None = None) -> list[str]:
     total = board.keyframe_count()
     if total > caps.keyframes:
         refuse(("scenes",), f"{total} keyframes is more than the cap of {caps.keyframes}")
+    def scene_field(i: int, field: str) -> tuple:
+        # A value the scene inherits is pointed at where it is written: under defaults.
+        own = ("scenes", i, field)
+        return ("defaults", field) if own not in board._lines and ("defaults", field) in board._lines else own
+
     for i, scene in enumerate(board.scenes):
         if len(scene.seeds) > caps.seeds:
-            refuse(("scenes", i, "seeds"), f"{len(scene.seeds)} seeds is more than the cap of {caps.seeds}")
+            refuse(scene_field(i, "seeds"), f"{len(scene.seeds)} seeds is more than the cap of {caps.seeds}")
         for field in ("prompt", "negative_prompt", "motion"):
             text = getattr(scene, field)
             if text is not None and len(text) > caps.prompt_chars:
-                refuse(("scenes", i, field), f"{len(text)} characters is more than the cap of {caps.prompt_chars}")
+                refuse(scene_field(i, field), f"{len(text)} characters is more than the cap of {caps.prompt_chars}")
     if board.source_prompt is not None and len(board.source_prompt) > caps.prompt_chars:
         refuse(("source_prompt",), f"{len(board.source_prompt)} characters is more than the cap of {caps.prompt_chars}")
     sides = board.resolution if isinstance(board.resolution, tuple) else (board.resolution,)

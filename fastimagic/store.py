@@ -648,14 +648,20 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
         raise StoreError(f"{shown}: is a folder, expected a file") from exc
     except OSError as exc:
         raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        mode = info.st_mode
+        if stat.S_ISDIR(mode):
             raise StoreError(f"{shown}: is a folder, expected a file")
-        if not stat.S_ISREG(info.st_mode):
-            what = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or \
-                stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file"
-            raise StoreError(f"{shown}: is {what}, expected a regular file")
+        what = (
+            "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise StoreError(f"{shown}: is {what}, expected a regular file")
+    with os.fdopen(fd, "rb") as f:
         if max_bytes is not None and info.st_size > max_bytes:
             raise TooLarge(f"{shown}: is {info.st_size:,} bytes, more than the limit of {max_bytes:,}")
         try:
