@@ -23,10 +23,11 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from fastimagic.config import BUCKET_RULE, bucket_problem, split_s3
-from fastimagic.errors import FastImagicError
+from fastimagic.errors import FastImagicError, InputError
 
 __all__ = [
     "LocalStore",
+    "NotAFile",
     "NotFound",
     "S3Store",
     "Store",
@@ -49,8 +50,12 @@ class StoreError(FastImagicError):
     """A storage failure, explained in one line: the URI, then what is wrong. Never contains a secret."""
 
 
-class TooLarge(StoreError):
-    """The object or file is larger than the caller's limit; it was not read."""
+class NotAFile(StoreError, InputError):
+    """The path names a folder, FIFO, device or socket, not a regular file; nothing was read (bad input: exit 2)."""
+
+
+class TooLarge(StoreError, InputError):
+    """The object or file is larger than the caller's limit; it was not read (bad input: exit 2)."""
 
 
 class NotFound(StoreError, KeyError):
@@ -362,9 +367,16 @@ _NO_BUCKET_CODES = {"NoSuchBucket"}
 _NO_KEY_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
+def shown_endpoint(endpoint: str | None) -> str:
+    """An endpoint URL fit to print: a ``user:password@`` in it is replaced by ``***@``."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", str(endpoint)) if endpoint else str(endpoint)
+
+
 def _s3_error(exc: Exception, where: str, bucket: str, endpoint: str, action: str) -> StoreError:
     """Map a botocore exception to a one-line StoreError (never containing a secret)."""
     from botocore import exceptions as bce
+
+    endpoint = shown_endpoint(endpoint)
 
     if isinstance(exc, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionClosedError)):
         return StoreError(f"{where}: cannot reach S3 endpoint {endpoint} ({type(exc).__name__} while {action})")
@@ -407,7 +419,7 @@ class S3Store(Store):
     @property
     def endpoint(self) -> str:
         """The endpoint URL the client talks to."""
-        return str(getattr(self.client.meta, "endpoint_url", "") or "default AWS endpoint")
+        return shown_endpoint(getattr(self.client.meta, "endpoint_url", "") or "default AWS endpoint")
 
     def _err(self, exc: Exception, action: str) -> StoreError:
         return _s3_error(exc, self.uri, self.bucket, self.endpoint, action)
@@ -585,7 +597,7 @@ def _s3_client(session: Any = None, *, quick: bool = False, where: str = "") -> 
         client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
     except ValueError as exc:  # botocore: "Invalid endpoint: ..." (no scheme, bad port)
         raise StoreError(
-            f"{where}: invalid S3 endpoint {endpoint!r} (from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL): "
+            f"{where}: invalid S3 endpoint {shown_endpoint(endpoint)!r} (from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL): "
             "expected http(s)://host[:port]"
         ) from exc
     with _CLIENTS_LOCK:
@@ -645,7 +657,7 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
     except FileNotFoundError as exc:
         raise NotFound(f"{shown}: no such file") from exc
     except IsADirectoryError as exc:
-        raise StoreError(f"{shown}: is a folder, expected a file") from exc
+        raise NotAFile(f"{shown}: is a folder, expected a file") from exc
     except OSError as exc:
         raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
     info = os.fstat(fd)
@@ -653,14 +665,14 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
         os.close(fd)
         mode = info.st_mode
         if stat.S_ISDIR(mode):
-            raise StoreError(f"{shown}: is a folder, expected a file")
+            raise NotAFile(f"{shown}: is a folder, expected a file")
         what = (
             "a FIFO" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode)
             else "not a regular file"
         )
-        raise StoreError(f"{shown}: is {what}, expected a regular file")
+        raise NotAFile(f"{shown}: is {what}, expected a regular file")
     with os.fdopen(fd, "rb") as f:
         if max_bytes is not None and info.st_size > max_bytes:
             raise TooLarge(f"{shown}: is {info.st_size:,} bytes, more than the limit of {max_bytes:,}")

@@ -199,13 +199,15 @@ def _edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
     if isinstance(value, tuple):  # already validated (built in Python)
         value = list(value)
     if isinstance(value, dict):
-        return _expand_range(value, _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES))
+        return _bounded(_expand_range(value, _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)))
     if not isinstance(value, list):
         try:
-            return (_rounded(_number(value)),)
+            return _bounded((_rounded(_number(value)),))
         except _Bad:
             usage = "must be a number, a list of numbers or a range like {from: 0.8, to: 1.5, step: 0.1}"
             raise _problem(f"{usage} (got {describe_value(value)})") from None
+    if len(value) > _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES):
+        raise _problem(f"lists {len(value)} values, more than max_keyframes; render fewer")
     if not value:
         raise _problem("list at least one value")
     found, values = [], {}  # a dict keeps the order
@@ -220,7 +222,37 @@ def _edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
         values[number] = None
     if found:
         raise _problems(found)
-    return tuple(values)
+    return _bounded(tuple(values))
+
+
+def _bounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    """Refuse coefficients far outside anything that edits an image (they name files with hundreds of digits and
+    render black frames), and values whose keyframe names would be the same (names keep 2 decimals)."""
+    found = [((i,), f"{v!r} is outside -{MAX_COEFFICIENT}..{MAX_COEFFICIENT}; useful values are around 0-2")
+             for i, v in enumerate(values) if abs(v) > MAX_COEFFICIENT]
+    if found:
+        raise _problems(found) if len(values) > 1 else _problem(found[0][1])
+    first: dict[str, float] = {}
+    for i, v in enumerate(values):
+        label = f"{v:.2f}"
+        if label in first:
+            raise _problems([((i,) if len(values) > 1 else (), f"{first[label]!r} and {v!r} would both name keyframes"
+                              f" '{label}' (names keep 2 decimals); use values that differ in the first 2 decimals")])
+        first[label] = v
+    return values
+
+
+# Edit coefficients (gamma, alpha, beta) beyond this are refused; the paper's are 0-2.
+MAX_COEFFICIENT = 100.0
+
+
+def _short_text(value: str) -> str:
+    if len(value) > config.DEFAULT_MAX_PROMPT_CHARS:
+        raise _problem(
+            f"is {len(value)} characters, more than {config.DEFAULT_MAX_PROMPT_CHARS}; CLIP reads the first 77 tokens"
+            " (about 300 characters)"
+        )
+    return value
 
 
 def _context(info: ValidationInfo, key: str, default: Any) -> Any:
@@ -419,6 +451,18 @@ class ProjectSweep(_Frozen):
 
     _values = field_validator("alpha", "beta", mode="before")(_edit_values)
 
+    @model_validator(mode="after")
+    def _pairs(self, info: ValidationInfo) -> ProjectSweep:
+        # Counted, never expanded: two ranges under the cap can still make 100 million pairs.
+        cap = _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)
+        pairs = len(self.alpha) * len(self.beta)
+        if pairs > cap:
+            raise _problem(
+                f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than max_keyframes"
+                f" ({cap}); use fewer values"
+            )
+        return self
+
 
 class Edit(_Frozen):
     """How a scene merges e_src with its prompt's embedding: exactly one of ``subtract`` or ``project``."""
@@ -446,6 +490,13 @@ class Edit(_Frozen):
     @property
     def mode(self) -> Literal["subtract", "project"]:
         return "subtract" if self.subtract is not None else "project"
+
+    def count(self) -> int:
+        """How many merges :meth:`combos` makes, without making them."""
+        if self.subtract is not None:
+            return len(self.subtract.gamma)
+        assert self.project is not None
+        return len(self.project.alpha) * len(self.project.beta)
 
     def combos(self) -> list[MergeEdit]:
         """Every merge this edit asks for, in render order: a :class:`~fastimagic.merge.Subtract` per gamma, or a
@@ -530,7 +581,12 @@ class Scene(_Frozen):
     def _prompt(cls, value: str) -> str:
         if not value.strip():
             raise _problem("must not be empty")
-        return value
+        return _short_text(value)
+
+    @field_validator("negative_prompt", "motion")
+    @classmethod
+    def _texts(cls, value: str | None) -> str | None:
+        return None if value is None else _short_text(value)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -595,7 +651,7 @@ class Scene(_Frozen):
     def keyframe_count(self) -> int:
         """Keyframes this scene renders: seeds x edit combos x forgetting strategies (``auto``: at most 3 passes)."""
         passes = 3 if self.auto_forget else len(self.forget)
-        return len(self.seeds) * len(self.edit.combos()) * passes
+        return len(self.seeds) * self.edit.count() * passes
 
 
 class Storyboard(_Frozen):
@@ -738,7 +794,7 @@ class Storyboard(_Frozen):
     def _source_prompt(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise _problem("must not be empty; leave it out to caption the reference image with BLIP")
-        return value
+        return None if value is None else _short_text(value)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -906,7 +962,7 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
             (
                 ("scenes",),
                 f"the storyboard makes {total} keyframes, more than max_keyframes ({cap}); the largest scene,"
-                f" '{big.id}', makes {big.keyframe_count()} ({len(big.seeds)} seeds x {len(big.edit.combos())} edits"
+                f" '{big.id}', makes {big.keyframe_count()} ({len(big.seeds)} seeds x {big.edit.count()} edits"
                 f" x {len(big.forget)} forget strategies). Render fewer, or raise max_keyframes",
             )
         )

@@ -28,6 +28,8 @@ from fastimagic.errors import InputError
 from fastimagic.storyboard import Scene, Storyboard, describe_value, unknown_key
 
 _MAX_YAML_NODES = 100_000  # anchors and aliases can make a small file expand to billions of values
+_MAX_DIGITS = 40  # the longest number a storyboard needs is a seed (10 digits) or a float written out
+_NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
 
 
 class StoryboardError(InputError):
@@ -192,6 +194,10 @@ class _Tree:
             self.refused_tags = True
             tag = _short_tag(node.tag)
             self.problems.append((line, f"{self.source}:{line}: YAML tag '{tag}' is not allowed (plain YAML only)"))
+        if first and isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > _MAX_DIGITS:
+            self.refused_tags = True  # stop before construction: int() refuses 4300+ digits with a bare ValueError
+            self.problems.append((line, f"{self.source}:{line}: a number of {len(node.value)} characters;"
+                                        f" numbers here have at most {_MAX_DIGITS}"))
         on_path = on_path | {id(node)}
         if isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -264,7 +270,10 @@ def _parse(
         try:
             tree.visit(root, ())
         except _TooBig:
-            message = f"expands to more than {_MAX_YAML_NODES} values through aliases; write it out plainly"
+            if "*" in text:
+                message = f"expands to more than {_MAX_YAML_NODES} values through aliases; write it out plainly"
+            else:
+                message = f"has more than {_MAX_YAML_NODES} values; a storyboard needs far fewer"
             return None, None, [(1, f"{source}:1: {message}")]
         if tree.refused_tags:
             return None, tree, tree.problems
