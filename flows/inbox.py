@@ -255,6 +255,8 @@ def _prepare(claim: _Claim, data: bytes, policy: Policy) -> None:
     board = load_storyboard(uri, text=decode_storyboard(data, uri))
     enforce(board, policy)
     output = board.output.resolved
+    if claim.record["resume"] and not output_store(output).list(f"{board.slug}/{claim.record['run_id']}/"):
+        claim.save(resume=False)  # the dead claimant wrote nothing: there is nothing to resume, start the run
     claim.save(output=output, manifest_key=f"{board.slug}/{claim.record['run_id']}/{kf.MANIFEST}",
                manifest=f"{output_store(output).uri.rstrip('/')}/{board.slug}/{claim.record['run_id']}/{kf.MANIFEST}")
 

@@ -31,8 +31,10 @@ from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.pipeline import (
     fetch_reference,
+    kept_settings_match,
     publish_summary,
     render_keyframes,
+    render_settings,
     verify_written,
     write_plan,
     write_run_outputs,
@@ -110,8 +112,10 @@ def render_scene(
     def render(strategies: tuple[str, ...]) -> list[KeyframeRecord]:
         nonlocal kept
         launched = []
+        settings = render_settings(board, scene, tuning_key)
         for seed in scene.seeds:
-            done = verify_written(scene, seed, output, run_prefix, strategies) if resume else None
+            proven = resume and kept_settings_match(scene, seed, output, run_prefix, strategies, settings)
+            done = verify_written(scene, seed, output, run_prefix, strategies) if proven else None
             if done is not None:
                 kept += len(done)
                 launched.append(done)
@@ -136,9 +140,30 @@ def start_run(
         raise InputError("resume needs the run id of the run to continue")
     run_id = run_id or kf.new_run_id()
     run_prefix = f"{board.slug}/{run_id}"
-    if not resume and store.list(run_prefix + "/"):
+    written = store.list(run_prefix + "/")
+    if not resume and written:
         raise InputError(f"run {run_id} already exists under {store.uri}; resume it or choose another run id")
+    if resume:
+        check_resumable(board, store, run_prefix, written)
     return board, store, run_id, run_prefix
+
+
+def check_resumable(board: Storyboard, store, run_prefix: str, written: list[str]) -> None:
+    """Refuse (exit 2) to resume a run that does not exist, or one with scenes this storyboard no longer lists
+    (its files would stay in the run folder, listed by no manifest)."""
+    if not written:
+        raise InputError(
+            f"no run {run_prefix.rsplit('/', 1)[-1]} of '{board.name}' under {store.uri} to resume;"
+            f" `fastimagic runs {store.uri}` lists the runs there"
+        )
+    ids = {s.id for s in board.scenes}
+    parts = [k.split("/") for k in written]  # <slug>/<run>/scenes|picks|.progress/<scene>/...
+    gone = sorted({p[3] for p in parts if len(p) >= 5 and p[2] in ("scenes", kf.PICKS, kf.PROGRESS)} - ids)
+    if gone:
+        raise InputError(
+            f"run {run_prefix} has scenes the storyboard no longer lists ({', '.join(gone)}); --resume finishes"
+            " an interrupted run of the same storyboard: run it without --resume for a new run"
+        )
 
 
 def run_storyboard(

@@ -244,6 +244,42 @@ def _progress_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
     return f"{kf.PROGRESS}/{scene_id}/{seed}-{'-'.join(strategies).replace('+', '_')}.json"
 
 
+def render_settings(board: Storyboard, scene: Scene, tuning_key: str) -> dict:
+    """What a scene's keyframes depend on besides the seed: the tuning (reference, model, source prompt, fine-tune
+    settings, size: its content key) and the scene's render settings. Recorded beside each progress record, so that
+    a resume keeps only keyframes made with the settings it is asked to finish with."""
+    rendering = scene.model_dump(mode="json", exclude={"id", "select", "motion", "auto"})
+    return {"tuning": tuning_key, "scene": rendering}
+
+
+def _settings_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
+    return _progress_key(scene_id, seed, strategies).removesuffix(".json") + ".settings.json"
+
+
+def kept_settings_match(
+    scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...], settings: dict
+) -> bool:
+    """For a resumed run: True when (scene, seed)'s keyframes were rendered with ``settings``; False when nothing
+    records how they were made (they are rendered again). Raises :class:`InputError` saying what changed when the
+    recorded settings differ: a resume finishes the run it was, it does not mix two storyboards in one manifest."""
+    store = output_store(output).child(run_prefix)
+    try:
+        recorded = json.loads(store.get_bytes(_settings_key(scene.id, seed, tuple(strategies))))
+    except (NotFound, ValueError):
+        return False
+    if recorded == settings:
+        return True
+    changed = []
+    if recorded.get("tuning") != settings["tuning"]:
+        changed.append("the fine-tune (reference, model, source prompt, resolution or finetune settings)")
+    old_scene, new_scene = recorded.get("scene") or {}, settings["scene"]
+    changed += [k for k in new_scene if old_scene.get(k) != new_scene[k]]
+    raise InputError(
+        f"{run_prefix}: scene {scene.id} seed {seed} was rendered with other settings (changed: {', '.join(changed)});"
+        " --resume only finishes an interrupted run of the same storyboard: run it without --resume for a new run"
+    )
+
+
 def _reference_image(board: Storyboard, width: int, height: int):
     """The reference image fitted as the fine-tune saw it, read once per process (fidelity scores need it)."""
     key = (board.reference.resolved, width, height, board.fit)
@@ -302,6 +338,7 @@ def render_keyframes(
         _put(store, rel, data, "image/png")
         settings = f.settings() | {"precision": model.precision.name}
         records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
+    _put(store, _settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
     _put(store, _progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
     progress.keyframes_written(len(records))
     return records

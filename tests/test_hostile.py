@@ -207,3 +207,71 @@ def test_a_utf16_storyboard_is_told_to_save_as_utf8(tmp_path):
 def test_a_big_file_without_aliases_is_not_told_about_aliases(tmp_path):
     [problem] = problems(tmp_path, HEAD + "scenes: [" + "1, " * 100_001 + "]\n")
     assert "aliases" not in problem and "has more than 100000 values" in problem
+
+
+# --- 5. resume proves what it keeps -------------------------------------------------------------------------------
+
+RESUME_STORY = """\
+name: resume
+reference: ref.jpg
+model: tiny
+resolution: 64
+source_prompt: a photo of a bird
+finetune: {steps: 2, min_steps: 2}
+defaults: {seeds: 1, steps: 2, edit: {subtract: {gamma: [1.0]}}}
+output: out
+scenes:
+  - {id: one, prompt: a photo of a bird flying}
+  - {id: two, prompt: a photo of a bird sitting}
+"""
+
+
+def _resume_story(tmp_path: Path, photo_bytes: bytes, text: str = RESUME_STORY) -> Path:
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    path = tmp_path / "story.yaml"
+    path.write_text(text)
+    return path
+
+
+def _interrupted_run(tmp_path: Path, photo_bytes: bytes) -> tuple[Path, str]:
+    """A finished run with its manifest removed: what an interrupted run leaves behind."""
+    from flows.storyboard import storyboard_flow
+
+    path = _resume_story(tmp_path, photo_bytes)
+    result = storyboard_flow(storyboard=str(path), run_id="r1")
+    (Path(result["manifest"])).unlink()
+    return path, "r1"
+
+
+def test_resume_after_editing_the_storyboard_refuses_saying_what_changed(tmp_path, photo_bytes):
+    from flows.storyboard import storyboard_flow
+
+    path, run_id = _interrupted_run(tmp_path, photo_bytes)
+    for old, new, said in [
+        ("a photo of a bird flying", "a photo of a cat flying", "changed: prompt"),
+        ("defaults: {seeds: 1, steps: 2,", "defaults: {seeds: 1, steps: 2, guidance: 5.0,", "changed: guidance"),
+        ("finetune: {steps: 2, min_steps: 2}", "finetune: {steps: 2, min_steps: 2, seed: 7}", "the fine-tune"),
+    ]:
+        path.write_text(RESUME_STORY.replace(old, new))
+        with pytest.raises(InputError, match=said):
+            storyboard_flow(storyboard=str(path), run_id=run_id, resume=True)
+    path.write_text(RESUME_STORY)  # the same storyboard resumes, keeping both scenes' keyframes
+    result = storyboard_flow(storyboard=str(path), run_id=run_id, resume=True)
+    assert result["kept"] == 2 and result["keyframes"] == 2
+
+
+def test_resume_with_fewer_scenes_is_refused_so_no_unlisted_files_stay(tmp_path, photo_bytes):
+    from flows.storyboard import storyboard_flow
+
+    path, run_id = _interrupted_run(tmp_path, photo_bytes)
+    path.write_text(RESUME_STORY.split("  - {id: two")[0])
+    with pytest.raises(InputError, match=r"has scenes the storyboard no longer lists \(two\)"):
+        storyboard_flow(storyboard=str(path), run_id=run_id, resume=True)
+
+
+def test_resume_of_an_unknown_run_id_exits_2(tmp_path, photo_bytes):
+    path = _resume_story(tmp_path, photo_bytes)
+    r = fastimagic("run", str(path), "--resume", "20990101T000000Z-abcdef")
+    assert r.returncode == 2, r.stderr
+    assert "no run 20990101T000000Z-abcdef of 'resume' under" in r.stderr and "fastimagic runs" in r.stderr
+    assert not any((tmp_path / "out").rglob("*.png"))
