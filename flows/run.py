@@ -30,6 +30,7 @@ from fastimagic.store import NotFound
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.pipeline import (
+    SETTINGS,
     fetch_reference,
     kept_settings_match,
     publish_summary,
@@ -158,7 +159,7 @@ def check_resumable(board: Storyboard, store, run_prefix: str, written: list[str
         )
     ids = {s.id for s in board.scenes}
     parts = [k.split("/") for k in written]  # <slug>/<run>/scenes|picks|.progress/<scene>/...
-    gone = sorted({p[3] for p in parts if len(p) >= 5 and p[2] in ("scenes", kf.PICKS, kf.PROGRESS)} - ids)
+    gone = sorted({p[3] for p in parts if len(p) >= 5 and p[2] in ("scenes", kf.PICKS, kf.PROGRESS, SETTINGS)} - ids)
     if gone:
         raise InputError(
             f"run {run_prefix} has scenes the storyboard no longer lists ({', '.join(gone)}); --resume finishes"

@@ -252,8 +252,11 @@ def render_settings(board: Storyboard, scene: Scene, tuning_key: str) -> dict:
     return {"tuning": tuning_key, "scene": rendering}
 
 
+SETTINGS = ".settings"  # <run>/.settings/<scene>/<seed>-<forget>.json: how that unit's keyframes were made
+
+
 def _settings_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
-    return _progress_key(scene_id, seed, strategies).removesuffix(".json") + ".settings.json"
+    return SETTINGS + _progress_key(scene_id, seed, strategies).removeprefix(kf.PROGRESS)
 
 
 def kept_settings_match(
