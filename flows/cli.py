@@ -9,7 +9,8 @@
     fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
     fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
 
-Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure.
+Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure, 128 + the signal when
+stopped (130 for Ctrl-C, 143 for SIGTERM), after stopping what this process started.
 """
 
 from __future__ import annotations
@@ -32,8 +33,64 @@ def _prefect_env() -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"fastimagic: {message}", file=sys.stderr)
+    from fastimagic.config import printable
+
+    # Values from a storyboard reach messages: escape control characters so none can forge a line or drive the
+    # terminal; the lines of a multi-problem message stay lines.
+    print("fastimagic: " + "\n".join(printable(line) for line in message.split("\n")), file=sys.stderr)
     return code
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C, so Prefect marks the run crashed and every
+    ``finally`` and ``atexit`` runs (the embedded Prefect server this process started is stopped there)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def _supervise() -> None:
+    """Signals this process can catch end it cleanly (exit 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
+
+    For the one it cannot catch (SIGKILL), every child process the main thread starts (Prefect's embedded server)
+    is asked to receive SIGTERM when this process dies (Linux ``PR_SET_PDEATHSIG``), so none outlives it holding
+    the caller's stdout and stderr open.
+    """
+    import signal
+    import subprocess
+    import threading
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child between fork and exec
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    original = subprocess.Popen.__init__
+
+    def popen(self, *args, **kwargs):
+        # Only from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
+        if kwargs.get("preexec_fn") is None and threading.current_thread() is threading.main_thread():
+            kwargs["preexec_fn"] = die_with_parent
+        original(self, *args, **kwargs)
+
+    subprocess.Popen.__init__ = popen
 
 
 def _policy(args):
@@ -267,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_run:
+        _supervise()
     handler = logging.StreamHandler()
     handler.setLevel(logging.WARNING)  # records that propagate from Prefect's INFO loggers stop here
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -280,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), EXIT_INVALID)
     except FastImagicError as e:
         return _fail(str(e), EXIT_FAILED)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_FAILED)
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        return _fail(f"stopped by {name}; nothing more is written (resume an interrupted run with --resume RUN_ID)",
+                     128 + signum)
     except Exception as e:  # keep the promise of one clear line; the log above has the details
         first = (str(e).strip().splitlines() or [""])[0]
         return _fail(f"{type(e).__name__}: {first}", EXIT_FAILED)

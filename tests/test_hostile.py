@@ -275,3 +275,57 @@ def test_resume_of_an_unknown_run_id_exits_2(tmp_path, photo_bytes):
     assert r.returncode == 2, r.stderr
     assert "no run 20990101T000000Z-abcdef of 'resume' under" in r.stderr and "fastimagic runs" in r.stderr
     assert not any((tmp_path / "out").rglob("*.png"))
+
+
+# --- 4. hangs and orphans -----------------------------------------------------------------------------------------
+
+
+def _running_cli(tmp_path: Path, photo_bytes: bytes):
+    import subprocess
+    import sys
+    import time
+
+    from test_cli import ROOT
+
+    path = _resume_story(tmp_path, photo_bytes, RESUME_STORY.replace("steps: 2, edit", "steps: 400, edit"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(path), "--run-id", "sig"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    plan = tmp_path / "out" / "resume" / "sig" / "run.json"
+    deadline = time.monotonic() + 240
+    while not plan.exists():  # the flow has started: Prefect's embedded server is up
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    return proc
+
+
+def _read_all(proc, timeout: float) -> str:
+    """Everything the process and whatever shares its stdout write, until EOF; fails if EOF takes too long."""
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), "stdout stayed open: a child outlived the CLI"
+    return out[0]
+
+
+def test_sigterm_mid_run_stops_the_server_and_exits_143_with_a_line(tmp_path, photo_bytes):
+    import signal
+
+    proc = _running_cli(tmp_path, photo_bytes)
+    proc.send_signal(signal.SIGTERM)
+    output = _read_all(proc, 90)
+    assert proc.wait(30) == 143, output[-3000:]
+    assert output.rstrip().splitlines()[-1].startswith("fastimagic: stopped by SIGTERM")
+    assert "Traceback" not in output
+
+
+def test_sigkill_mid_run_leaves_no_server_behind(tmp_path, photo_bytes):
+    import signal
+
+    proc = _running_cli(tmp_path, photo_bytes)
+    os.kill(proc.pid, signal.SIGKILL)  # the CLI alone, not its process group
+    _read_all(proc, 60)  # EOF: the embedded server holding the same stdout died with the CLI
+    assert proc.wait(10) == -signal.SIGKILL
