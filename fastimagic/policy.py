@@ -140,7 +140,7 @@ class PolicyError(InputError):
     """The policy file itself is broken; ``problems`` holds one ``FILE:LINE FIELD: message`` line each."""
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [config.printable(p) for p in ([problems] if isinstance(problems, str) else problems)]
         super().__init__("\n".join(self.problems))
 
     def __reduce__(self):
@@ -332,7 +332,7 @@ class PolicyRefused(InputError):
     """A storyboard the policy refuses; ``problems``: one line each. Safe to show the uploader."""
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [config.printable(p) for p in ([problems] if isinstance(problems, str) else problems)]
         super().__init__("\n".join(self.problems))
 
     def __reduce__(self):

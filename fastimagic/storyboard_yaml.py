@@ -36,7 +36,8 @@ class StoryboardError(InputError):
     """The storyboard has problems. ``problems`` holds one ``FILE:LINE FIELD.PATH: message`` line for each."""
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        # Values from the file reach the messages: control characters are escaped so none can forge a line.
+        self.problems = [config.printable(p) for p in ([problems] if isinstance(problems, str) else problems)]
         super().__init__("\n".join(self.problems))
 
     def __reduce__(self):  # keep the lines separate across pickling (orchestrators ship exceptions)

@@ -32,13 +32,22 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str | BaseException, code: int) -> int:
+    """Print one error (an exception with ``problems`` prints one line per problem) and return ``code``. Values
+    from a storyboard reach messages: control characters are escaped, so none can forge a line or drive the
+    terminal."""
     from fastimagic.config import printable
 
-    # Values from a storyboard reach messages: escape control characters so none can forge a line or drive the
-    # terminal; the lines of a multi-problem message stay lines.
-    print("fastimagic: " + "\n".join(printable(line) for line in message.split("\n")), file=sys.stderr)
+    lines = getattr(message, "problems", None) or [str(message)]
+    print("fastimagic: " + "\n".join(printable(line) for line in lines), file=sys.stderr)
     return code
+
+
+def _say(text: str) -> None:
+    """One line of output: values from a storyboard in it are escaped like error lines."""
+    from fastimagic.config import printable
+
+    print(printable(text))
 
 
 class Stopped(KeyboardInterrupt):
@@ -109,7 +118,7 @@ def cmd_validate(args) -> int:
     board = load_storyboard(args.file)
     if policy is not None:
         enforce(board, policy)
-    print(
+    _say(
         f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
         f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
     )
@@ -165,7 +174,7 @@ def cmd_run(args) -> int:
             f"resumed {args.resume}: {result['kept']} keyframes verified and kept, "
             f"{result['keyframes'] - result['kept']} rendered"
         )
-    print(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
+    _say(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
     print(f"browse:   {result['index_url']}")
     if result["index_url"].startswith("http") and not args.quiet:
@@ -336,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InputError, NotFound) as e:  # storyboard problems, missing or bad images, bad models: one line each
-        return _fail(str(e), EXIT_INVALID)
+        return _fail(e, EXIT_INVALID)
     except FastImagicError as e:
-        return _fail(str(e), EXIT_FAILED)
+        return _fail(e, EXIT_FAILED)
     except KeyboardInterrupt as e:
         import signal
 

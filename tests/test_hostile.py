@@ -329,3 +329,24 @@ def test_sigkill_mid_run_leaves_no_server_behind(tmp_path, photo_bytes):
     os.kill(proc.pid, signal.SIGKILL)  # the CLI alone, not its process group
     _read_all(proc, 60)  # EOF: the embedded server holding the same stdout died with the CLI
     assert proc.wait(10) == -signal.SIGKILL
+
+
+# --- 7. messages --------------------------------------------------------------------------------------------------
+
+
+def test_control_characters_cannot_forge_lines(tmp_path):
+    path = tmp_path / "story.yaml"
+    path.write_text(HEAD + 'scenes:\n  - {id: "a\\e[2J", prompt: p, forget: "x\\nfastimagic: ok"}\n')
+    r = fastimagic("validate", str(path))
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert not any(line.startswith("fastimagic: ok") for line in lines), r.stderr
+    assert "\x1b" not in r.stderr and "\\x1b[2J" in r.stderr and "x\\nfastimagic: ok" in r.stderr
+
+
+def test_a_unicode_name_gets_an_ascii_slug(tmp_path):
+    path = tmp_path / "story.yaml"
+    path.write_text(HEAD.replace("name: demo", "name: 海辺の一日") + "scenes:\n  - {id: a, prompt: p}\n",
+                    encoding="utf-8")
+    board = load_storyboard(path)
+    assert board.slug.startswith("u-") and board.slug.isascii() and board.slug.replace("-", "").isalnum()
