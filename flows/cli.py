@@ -19,6 +19,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -150,13 +151,26 @@ def cmd_run(args) -> int:
     if not args.verbose:
         # Prefect's per-task lines still reach its API (the UI, `prefect flow-run logs`); the console shows warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    from fastimagic.errors import InputError
     from fastimagic.progress import ProgressDisplay, listening
+    from fastimagic.store import NotFound, StoreError
     from flows.run import preflight, read_storyboard
     from flows.storyboard import storyboard_flow
 
+    for flag, value in (("--run-id", args.run_id), ("--resume", args.resume)):
+        if value is not None and not _RUN_ID.fullmatch(value):
+            raise InputError(
+                f"{flag} {value!r}: a run id is 1-100 characters of letters, digits, '.', '_' and '-', starting"
+                " with a letter or digit (it names a folder); `fastimagic runs OUTPUT` lists existing ones"
+            )
+    if args.output is not None and not args.output.strip():
+        raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
+                         " storyboard's output")
     output, model = _absolute_output(args.output), _absolute_model(args.model)
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
     preflight(board)
+    if not args.verbose:
+        _one_line_logs()
 
     run_id = args.resume or args.run_id
     display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
@@ -165,6 +179,8 @@ def cmd_run(args) -> int:
             result = storyboard_flow(
                 storyboard=args.file, output=output, model=model, run_id=run_id, resume=bool(args.resume)
             )
+        except NotFound as e:  # the inputs were checked above: something vanished from storage mid-run (exit 1)
+            raise StoreError(str(e)) from None
         finally:
             if display:
                 display.close()
@@ -181,6 +197,28 @@ def cmd_run(args) -> int:
         print("          (presigned, expires in 24 h; for a private bucket, `fastimagic open "
               f"{result['run_uri']}` makes a page whose images are presigned too)")
     return EXIT_OK
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps log records to their message: the traceback Prefect attaches to a failed task or flow stays in its
+    API (the UI, ``prefect flow-run logs``) and reaches the console only with ``-v``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if isinstance(record.msg, str) and "Traceback (most recent call last)" in record.msg:
+            record.msg = record.msg.split("Traceback (most recent call last)")[0].rstrip() or "(traceback hidden)"
+        return True
+
+
+def _one_line_logs() -> None:
+    names = [n for n in logging.root.manager.loggerDict if n == "prefect" or n.startswith("prefect.")]
+    for logger in [logging.getLogger(n) for n in names] + [logging.getLogger()]:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_NoTraceback())
 
 
 def _nothing():

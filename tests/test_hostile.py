@@ -350,3 +350,27 @@ def test_a_unicode_name_gets_an_ascii_slug(tmp_path):
                     encoding="utf-8")
     board = load_storyboard(path)
     assert board.slug.startswith("u-") and board.slug.isascii() and board.slug.replace("-", "").isalnum()
+
+
+# --- 6. checked before the flow starts; one line, no traceback ------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--run-id", "../x"), ("--resume", "a b"), ("--run-id", "")])
+def test_run_id_syntax_is_checked_first(tmp_path, photo_bytes, flag, value):
+    path = _resume_story(tmp_path, photo_bytes)
+    r = fastimagic("run", str(path), flag, value)
+    assert r.returncode == 2 and f"{flag} {value!r}: a run id is" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_output_is_a_message(tmp_path, photo_bytes):
+    r = fastimagic("run", str(_resume_story(tmp_path, photo_bytes)), "--output", "")
+    assert r.returncode == 2 and "--output '': give a folder or s3://bucket/prefix" in r.stderr
+
+
+def test_a_refusal_inside_the_flow_is_one_line_without_a_traceback(tmp_path, photo_bytes):
+    path, run_id = _interrupted_run(tmp_path, photo_bytes)
+    path.write_text(RESUME_STORY.replace("a photo of a bird flying", "a photo of a cat flying"))
+    r = fastimagic("run", str(path), "--resume", run_id)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "changed: prompt" in r.stderr.splitlines()[-1]
