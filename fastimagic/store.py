@@ -221,6 +221,16 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
 
+    def remove_temporaries(self, prefix: str) -> int:
+        """Delete what interrupted atomic writes left under the folder ``prefix`` (a process killed mid-write);
+        returns how many. Only for a folder no live writer uses, e.g. a run being resumed."""
+        folder = self._path(prefix.rstrip("/"))
+        count = 0
+        for path in folder.rglob(f"*{_TMP_SUFFIX}") if folder.is_dir() else ():
+            path.unlink(missing_ok=True)
+            count += 1
+        return count
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*self._key(key).split("/"))
 

@@ -26,7 +26,7 @@ from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, Source
 from fastimagic.models import default_device, model_identity
 from fastimagic.policy import guard
 from fastimagic.precision import resolve_precision
-from fastimagic.store import NotFound
+from fastimagic.store import LocalStore, NotFound
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.pipeline import (
@@ -157,6 +157,8 @@ def check_resumable(board: Storyboard, store, run_prefix: str, written: list[str
             f"no run {run_prefix.rsplit('/', 1)[-1]} of '{board.name}' under {store.uri} to resume;"
             f" `fastimagic runs {store.uri}` lists the runs there"
         )
+    if isinstance(store, LocalStore):
+        store.remove_temporaries(run_prefix)  # half-written files of the killed run
     ids = {s.id for s in board.scenes}
     parts = [k.split("/") for k in written]  # <slug>/<run>/scenes|picks|.progress/<scene>/...
     gone = sorted({p[3] for p in parts if len(p) >= 5 and p[2] in ("scenes", kf.PICKS, kf.PROGRESS, SETTINGS)} - ids)
