@@ -402,6 +402,11 @@ def _s3_error(exc: Exception, where: str, bucket: str, endpoint: str, action: st
         if code in _NO_BUCKET_CODES:
             return StoreError(f"{where}: bucket {bucket!r} does not exist")
         message = str(err.get("Message", "")).splitlines()[0] if err.get("Message") else ""
+        if not code or code.isdigit():  # an HTTP status with no S3 error document: probably not an S3 server
+            return StoreError(
+                f"{where}: {endpoint} answered HTTP {code or '?'} with no S3 error while {action}: is it an S3 server?"
+                " (check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
+            )
         return StoreError(f"{where}: S3 error {code or '?'} while {action}" + (f": {message}" if message else ""))
     if isinstance(exc, bce.BotoCoreError):
         return StoreError(f"{where}: S3 client error while {action} ({type(exc).__name__})")
@@ -555,9 +560,18 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
             return True
         except Exception as exc:
-            if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+            if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"} and _from_s3(exc):
                 return False
             raise self._err(exc, "checking the bucket") from exc
+
+
+def _from_s3(exc: Exception) -> bool:
+    """Whether an error answer came from an S3 server (AWS, MinIO and SeaweedFS send ``x-amz-*`` headers or an S3
+    error document), not from some other web server at the endpoint's address."""
+    response = getattr(exc, "response", None) or {}
+    headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+    code = str((response.get("Error") or {}).get("Code", ""))
+    return any(h.lower().startswith("x-amz-") for h in headers) or (bool(code) and not code.isdigit())
 
 
 def _client_code(exc: Exception) -> str:

@@ -212,6 +212,13 @@ class _Tree:
                     merged.append(value)
                     continue
                 child = None
+                if first and key.tag == "tag:yaml.org,2002:null":
+                    self.refused_tags = True  # stop: a null key has no field name to report against
+                    key_line = key.start_mark.line + 1
+                    shown = key.value or "an empty key"
+                    self.problems.append((key_line, f"{self.source}:{key_line}: key '{shown}' is YAML's null, not a"
+                                                    " field name; write the field's name (or put it in quotes)"))
+                    continue
                 if isinstance(key, yaml.ScalarNode):
                     child = None if path is None else (*path, key.value)
                     key_line = key.start_mark.line + 1

@@ -116,7 +116,14 @@ def cmd_validate(args) -> int:
     from fastimagic.storyboard_yaml import load_storyboard
 
     policy = _policy(args)
-    board = load_storyboard(args.file)
+    text = None
+    if args.file.startswith("s3://"):  # fetched and decoded as strictly as a local file
+        from fastimagic.config import DEFAULT_MAX_STORYBOARD_BYTES
+        from fastimagic.storyboard_yaml import decode_storyboard
+        from tasks.storage import read
+
+        text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
+    board = load_storyboard(args.file, text=text)
     if policy is not None:
         enforce(board, policy)
     _say(
@@ -293,6 +300,11 @@ def cmd_open(args) -> int:
             raise InputError(f"{target}: no finished run{' ' + args.run_id if args.run_id else ''} under {base.uri}")
         store = base.child(runs[-1])
     else:
+        if not target.rstrip("/") or target.rstrip("/") == "s3:":
+            raise InputError(
+                f"open {target!r}: give a run folder (a path or s3://bucket/.../<storyboard>/<run-id>) or a"
+                " storyboard file; `fastimagic runs OUTPUT` lists the runs under an output"
+            )
         store = output_store(target.rstrip("/"))
     if not store.exists(kf.MANIFEST):
         raise InputError(f"{store.uri}: no manifest.json: not a finished run folder")
@@ -320,9 +332,28 @@ def cmd_submit(args) -> int:
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
     policy = for_home(_policy(args) or default_policy(), home_of(uri))
     enforce(read_storyboard(uri), policy)
+    import httpx
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
-    run = run_deployment(args.deployment, parameters={"storyboard": uri, "policy": policy.model_dump()}, timeout=0)
+    from fastimagic.errors import FastImagicError, InputError
+    from fastimagic.store import shown_endpoint
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise InputError(
+            "submit creates a flow run on a Prefect server, and none is set: set PREFECT_API_URL (for example"
+            " http://prefect:4200/api); to run the storyboard here, use `fastimagic run FILE`"
+        )
+    try:
+        run = run_deployment(args.deployment, parameters={"storyboard": uri, "policy": policy.model_dump()}, timeout=0)
+    except ObjectNotFound:
+        raise InputError(f"no deployment {args.deployment!r} on {shown_endpoint(url)}; `prefect deployment ls`"
+                         " lists them (names are FLOW/DEPLOYMENT)") from None
+    except (httpx.TransportError, OSError) as e:
+        raise FastImagicError(f"cannot reach the Prefect server at {shown_endpoint(url)} ({type(e).__name__}); is"
+                              " it running, and is PREFECT_API_URL right?") from None
     print(f"submitted flow run {run.name} ({run.id}) of deployment {args.deployment} for {uri}")
     return EXIT_OK
 

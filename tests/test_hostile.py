@@ -374,3 +374,60 @@ def test_a_refusal_inside_the_flow_is_one_line_without_a_traceback(tmp_path, pho
     r = fastimagic("run", str(path), "--resume", run_id)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "changed: prompt" in r.stderr.splitlines()[-1]
+
+
+def test_a_null_key_is_named_at_its_line(tmp_path):
+    [problem] = problems(tmp_path, HEAD + "~: 3\nscenes: [{id: a, prompt: p}]\n")
+    assert problem.endswith("story.yaml:4: key '~' is YAML's null, not a field name; write the field's name"
+                            " (or put it in quotes)")
+
+
+def test_validate_reads_an_s3_storyboard_as_strictly_as_a_local_file(s3_server, s3_env):
+    bucket = s3_env
+    client = s3_server.client()
+    good = "name: x\nreference: refs/r.png\nmodel: tiny\nscenes: [{id: a, prompt: caf\u00e9}]\n"
+    client.put_object(Bucket=bucket, Key="good.yaml", Body=good.encode())
+    client.put_object(Bucket=bucket, Key="latin1.yaml", Body=good.encode("latin-1"))
+    env = s3_server.env()
+    r = fastimagic("validate", f"s3://{bucket}/good.yaml", env=env)
+    assert r.returncode == 0 and f"s3://{bucket}/good.yaml: ok: 1 scenes" in r.stdout, r.stderr
+    r = fastimagic("validate", f"s3://{bucket}/latin1.yaml", env=env)
+    assert r.returncode == 2 and f"s3://{bucket}/latin1.yaml: not UTF-8 text" in r.stderr
+
+
+def test_open_of_the_root_folder_is_a_message():
+    r = fastimagic("open", "/")
+    assert r.returncode == 2 and "open '/': give a run folder" in r.stderr
+
+
+def test_submit_without_a_server_or_with_an_unreachable_one(tmp_path, photo_bytes):
+    path = _resume_story(tmp_path, photo_bytes)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"references: [{tmp_path}]\noutputs: [{tmp_path}]\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    args = ("submit", str(path), "--deployment", "storyboard/storyboard", "--policy", str(policy))
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**env, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "ph")}, timeout=300)
+    assert r.returncode == 2 and "none is set: set PREFECT_API_URL" in r.stderr, r.stderr
+    r = fastimagic(*args, env={"PREFECT_API_URL": "http://user:pw-secret@127.0.0.1:9/api"}, timeout=300)
+    assert r.returncode == 1 and "cannot reach the Prefect server at http://***@127.0.0.1:9/api" in r.stderr
+    assert "pw-secret" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_endpoint_that_is_not_s3_is_named(tmp_path):
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "AWS_ACCESS_KEY_ID": "k",
+               "AWS_SECRET_ACCESS_KEY": "s"}
+        r = fastimagic("runs", "s3://some-bucket/out", env=env, timeout=120)
+    finally:
+        server.shutdown()
+    assert r.returncode == 1 and "is it an S3 server?" in r.stderr, r.stderr
