@@ -174,14 +174,14 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def slugify(text: str, max_length: int = 64) -> str:
+def slugify(text: str, max_length: int = 64, *, transliterate: bool = True) -> str:
     """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'.
 
     Letters with no ASCII form (Japanese, Greek...) still give a slug: ``u-`` and the text's Punycode, so
-    '海辺の一日' -> 'u-' + letters and digits; text of punctuation only gives ''."""
+    '海辺の一日' -> 'u-' + letters and digits (``transliterate=False``: ''); text of punctuation only gives ''."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-_")
-    if not slug and any(c.isalnum() for c in text):
+    if not slug and transliterate and any(c.isalnum() for c in text):
         letters = "".join(c for c in unicodedata.normalize("NFKC", text) if c.isalnum())
         slug = "u-" + re.sub(r"[^a-z0-9]+", "", letters.encode("punycode").decode().lower())
     return slug[:max_length].rstrip("-_")

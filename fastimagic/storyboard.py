@@ -568,7 +568,7 @@ class Scene(_Frozen):
         if not isinstance(value, str):
             raise _problem(f"scene id must be text like 'beach-walk' (got {describe_value(value)})")
         if not SLUG.fullmatch(value):
-            slug = slugify(value)
+            slug = slugify(value, transliterate=False)  # suggest only a slug a person would recognise
             if slug:
                 raise _problem(f"scene id '{value}' must be a slug like '{slug}'")
             raise _problem(
