@@ -40,7 +40,10 @@ FIT_MODES = ("crop", "pad", "resize")
 DEFAULT_MAX_SEEDS = 64
 DEFAULT_MAX_KEYFRAMES = 10_000
 DEFAULT_MAX_SIDE = 2048
-
+# Bounds on what one storyboard may hand the worker, whoever wrote it (an operator policy can lower them).
+DEFAULT_MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; thousands of characters are a mistake or an attack
+DEFAULT_MAX_REFERENCE_BYTES = 50_000_000
+DEFAULT_MAX_STORYBOARD_BYTES = 1_000_000
 
 
 def size_for(image_size: tuple[int, int], short_side: int, multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
@@ -144,11 +147,42 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def s3_key_problem(key: str) -> str | None:
+    """Why an S3 key (or prefix without its trailing ``/``) would name something other than it seems: ``..`` or
+    ``.`` segments, ``//``, a backslash or a control character. None when it is plain."""
+    if not key:
+        return None
+    if "\\" in key:
+        return "has a backslash; S3 keys use '/'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "has a control character"
+    segments = key.split("/")
+    if any(s in (".", "..") for s in segments):
+        return "has a '.' or '..' segment; write the key it means"
+    if "" in segments:
+        return "has '//' or starts with '/'; write the key without empty segments"
+    return None
+
+
 # --- names ---------------------------------------------------------------------------------------------------
 
 
-def slugify(text: str, max_length: int = 64) -> str:
-    """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'."""
+def printable(text: str) -> str:
+    """``text`` with control characters, ANSI escapes and other unprintables written as escapes (``\\n``,
+    ``\\x1b``), so a value from a storyboard cannot forge a line or drive the terminal; other Unicode stays."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def slugify(text: str, max_length: int = 64, *, transliterate: bool = True) -> str:
+    """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'.
+
+    Letters with no ASCII form (Japanese, Greek...) still give a slug: ``u-`` and the text's Punycode, so
+    '海辺の一日' -> 'u-' + letters and digits (``transliterate=False``: ''); text of punctuation only gives ''."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-_")
+    if not slug and transliterate and any(c.isalnum() for c in text):
+        letters = "".join(c for c in unicodedata.normalize("NFKC", text) if c.isalnum())
+        slug = "u-" + re.sub(r"[^a-z0-9]+", "", letters.encode("punycode").decode().lower())
     return slug[:max_length].rstrip("-_")

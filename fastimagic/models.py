@@ -262,6 +262,7 @@ def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = N
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise InputError(f"{spec}: not a diffusers model folder (no model_index.json or unet/)")
+        _refuse_pickle_folder(spec, path, allow_pickle)
         return _folder_identity(path)
     try:
         kind = model_kind(spec)
@@ -269,6 +270,9 @@ def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = N
         raise InputError(str(e)) from None
     if kind != "hub":
         raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
+    snapshot = _hub_snapshot(spec)
+    if snapshot is not None:
+        _refuse_pickle_folder(spec, snapshot, allow_pickle)
     return _hub_identity(spec)
 
 
@@ -317,6 +321,37 @@ def model_family(spec: str, *, allow_pickle: bool = False) -> Family:
     return family_of_unet(config)
 
 
+_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _refuse_pickle_folder(spec: str, folder: Path, allow_pickle: bool) -> None:
+    """A diffusers folder (or hub snapshot) whose weights for some component are only pickle files (``.bin``...)
+    would run code when loaded: refused unless ``allow_pickle``. (Loading also asks for safetensors only.)"""
+    if allow_pickle:
+        return
+    pickled = []
+    for part in _COMPONENTS:
+        files = [p for p in (folder / part).glob("*") if p.is_file()] if (folder / part).is_dir() else []
+        pickle_only = not any(p.suffix == ".safetensors" for p in files)
+        if pickle_only and any(p.suffix.lower() in PICKLE_SUFFIXES for p in files):
+            pickled.append(part)
+    if pickled:
+        raise InputError(
+            f"{spec}: the weights of {', '.join(pickled)} are pickle files ({', '.join(PICKLE_SUFFIXES)}), which can"
+            " run code when loaded; convert them to .safetensors or allow it explicitly (allow_pickle: true)"
+        )
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub repo, None when it is not cached (nothing is downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or no hub library: nothing to inspect
+        return None
+
+
 def load_base_model(
     spec: str,
     *,
@@ -349,9 +384,9 @@ def load_base_model(
     elif path.is_file():
         parts = _load_single_file(path, config)
     elif path.is_dir():
-        parts = _load_pretrained(str(path), local_only=True)
+        parts = _load_pretrained(str(path), local_only=True, allow_pickle=allow_pickle)
     else:
-        parts = _load_pretrained(spec, local_only=False)
+        parts = _load_pretrained(spec, local_only=False, allow_pickle=allow_pickle)
     if vae is not None:
         parts["vae"] = _load_vae(vae)
     return _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
@@ -413,7 +448,7 @@ def _assemble(
     )
 
 
-def _load_pretrained(source: str, *, local_only: bool) -> dict:
+def _load_pretrained(source: str, *, local_only: bool, allow_pickle: bool = False) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -421,15 +456,16 @@ def _load_pretrained(source: str, *, local_only: bool) -> dict:
 
     # huggingface_hub itself honours HF_HUB_OFFLINE and the local cache (HF_HOME / HF_HUB_CACHE).
     kw = {"local_files_only": True} if local_only else {}
+    weights = {} if allow_pickle else {"use_safetensors": True}  # never fall back to a pickle .bin on its own
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw, **weights)
         family = family_of_unet(dict(unet.config))
         _check_unet(source, unet.config)
         parts = {
             "family": family,
             "unet": unet,
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kw, **weights),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw, **weights),
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
             "prediction_type": DDIMScheduler.load_config(source, subfolder="scheduler", **kw).get(
                 "prediction_type", "epsilon"
@@ -437,7 +473,7 @@ def _load_pretrained(source: str, *, local_only: bool) -> dict:
         }
         if family.pooled:
             parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", **kw
+                source, subfolder="text_encoder_2", **kw, **weights
             )
             parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
     except OSError as e:

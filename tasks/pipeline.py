@@ -90,7 +90,7 @@ def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
 def fetch_reference(board: Storyboard) -> Reference:
     """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
-    data = read(uri)
+    data = read(uri, max_bytes=board.max_reference_bytes)
     image = load_reference(data, uri)  # refuse a broken image before any model is loaded
     return Reference.of(data, uri, image.size)
 
@@ -263,6 +263,45 @@ def _progress_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
     return f"{kf.PROGRESS}/{scene_id}/{seed}-{'-'.join(strategies).replace('+', '_')}.json"
 
 
+def render_settings(board: Storyboard, scene: Scene, tuning_key: str) -> dict:
+    """What a scene's keyframes depend on besides the seed: the tuning (reference, model, source prompt, fine-tune
+    settings, size: its content key) and the scene's render settings. Recorded beside each progress record, so that
+    a resume keeps only keyframes made with the settings it is asked to finish with."""
+    rendering = scene.model_dump(mode="json", exclude={"id", "select", "motion", "auto"})
+    return {"tuning": tuning_key, "scene": rendering}
+
+
+SETTINGS = ".settings"  # <run>/.settings/<scene>/<seed>-<forget>.json: how that unit's keyframes were made
+
+
+def _settings_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
+    return SETTINGS + _progress_key(scene_id, seed, strategies).removeprefix(kf.PROGRESS)
+
+
+def kept_settings_match(
+    scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...], settings: dict
+) -> bool:
+    """For a resumed run: True when (scene, seed)'s keyframes were rendered with ``settings``; False when nothing
+    records how they were made (they are rendered again). Raises :class:`InputError` saying what changed when the
+    recorded settings differ: a resume finishes the run it was, it does not mix two storyboards in one manifest."""
+    store = output_store(output).child(run_prefix)
+    try:
+        recorded = json.loads(store.get_bytes(_settings_key(scene.id, seed, tuple(strategies))))
+    except (NotFound, ValueError):
+        return False
+    if recorded == settings:
+        return True
+    changed = []
+    if recorded.get("tuning") != settings["tuning"]:
+        changed.append("the fine-tune (reference, model, source prompt, resolution or finetune settings)")
+    old_scene, new_scene = recorded.get("scene") or {}, settings["scene"]
+    changed += [k for k in new_scene if old_scene.get(k) != new_scene[k]]
+    raise InputError(
+        f"{run_prefix}: scene {scene.id} seed {seed} was rendered with other settings (changed: {', '.join(changed)});"
+        " --resume only finishes an interrupted run of the same storyboard: run it without --resume for a new run"
+    )
+
+
 def _reference_image(board: Storyboard, width: int, height: int):
     """The reference image fitted as the fine-tune saw it, read once per process (fidelity scores need it)."""
     key = (board.reference.resolved, width, height, board.fit)
@@ -321,6 +360,7 @@ def render_keyframes(
         _put(store, rel, data, "image/png")
         settings = f.settings() | {"precision": model.precision.name}
         records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
+    _put(store, _settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
     _put(store, _progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
     progress.keyframes_written(len(records))
     return records
