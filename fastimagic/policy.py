@@ -284,7 +284,8 @@ def check(board: Any, policy: Policy, home: str | None = None) -> list[str]:
                 refuse(scene_field(i, field), f"{len(text)} characters is more than the cap of {caps.prompt_chars}")
     if board.source_prompt is not None and len(board.source_prompt) > caps.prompt_chars:
         refuse(("source_prompt",), f"{len(board.source_prompt)} characters is more than the cap of {caps.prompt_chars}")
-    sides = board.resolution if isinstance(board.resolution, tuple) else (board.resolution,)
+    # An unset resolution is the model's own side; like a one-number one, its longer side is capped at run time.
+    sides = board.resolution if isinstance(board.resolution, tuple) else (board.resolution or 0,)
     if max(sides) > caps.side:
         refuse(("resolution",), f"{max(sides)} px is more than the cap of {caps.side} px a side")
     size = len(board.source_text.encode("utf-8", "replace"))

@@ -155,7 +155,11 @@ def _absolute_model(value: str | None) -> str | None:
 
 def cmd_run(args) -> int:
     _prefect_env()  # before anything imports prefect: it reads its settings once
-    if not args.verbose:
+    if args.verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # every flow and task line, whatever the environment says
+        for handler in logging.getLogger().handlers:  # they reach the console through the root logger's handler
+            handler.setLevel(logging.INFO)
+    else:
         # Prefect's per-task lines still reach its API (the UI, `prefect flow-run logs`); the console shows warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     from fastimagic.errors import InputError

@@ -59,8 +59,9 @@ def test_a_run_with_select_and_auto_writes_a_valid_sequence_of_its_picks(tmp_pat
     assert picked["chosen_by"] == "pick" and picked["keyframe"]["key"] == scene_picks[0]["key"]
     assert picked["motion"] == "the bird turns its head" and plain["motion"] is None
     assert plain["chosen_by"] == "default" and plain["keyframe"]["key"] == "scenes/plain/0-g0.90-none.png"
-    chosen = next(s for s in manifest["scenes"] if s["id"] == "auto")["auto"]["chosen"]
-    assert chosen == "encoderattn" and auto["forget"] == chosen  # the strategy forget: auto kept
+    decision = next(s for s in manifest["scenes"] if s["id"] == "auto")["auto"]
+    assert decision["overfitted"] and decision["strategies"] == ["encoderattn"]
+    assert auto["forget"] == decision["chosen"]  # the frame comes from the strategy forget: auto kept
     for i, frame in enumerate(frames):
         copy = run_dir / frame["key"]
         assert frame["key"] == f"sequence/{i:03d}-{frame['scene']}.png"
@@ -97,7 +98,7 @@ def test_a_resumed_run_writes_the_same_sequence_as_an_uninterrupted_one(tmp_path
 def test_a_run_on_s3_writes_its_sequence_there(tmp_path, photo_bytes, s3_server, s3_env):
     bucket = s3_server.make_bucket("handoff")
     path = _board(tmp_path, photo_bytes, output=f"s3://{bucket}/out")
-    r = fastimagic("run", str(path), "-q", env=s3_env)
+    r = fastimagic("run", str(path), "-q")
     assert r.returncode == 0, r.stderr[-2000:]
     client = s3_server.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/cli-test/")["Contents"]]
