@@ -23,12 +23,6 @@ Path, URI and model-name rules come from :mod:`fastimagic.config`, which the run
 
 from __future__ import annotations
 
-import difflib
-import math
-import os
-import posixpath
-import re
-from collections.abc import Iterable
 from itertools import product
 from typing import Annotated, Any, Literal
 
@@ -43,12 +37,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fastimagic import config
+from fastimagic import storyboard_values as values
 from fastimagic.autoforget import AUTO, Thresholds
 from fastimagic.config import (
-    BLOCK_PRESETS,
     DEFAULT_MAX_KEYFRAMES,
     DEFAULT_MAX_SEEDS,
     DEFAULT_MAX_SIDE,
@@ -57,250 +50,12 @@ from fastimagic.config import (
     MIN_SIDE,
     PRECISIONS,
     SIDE_MULTIPLE,
-    UNET_BLOCKS,
-    UNET_LEVELS,
     size_for,
     slugify,
 )
 from fastimagic.errors import InputError
-from fastimagic.forgetting import ALIASES, STRATEGIES
 from fastimagic.merge import Edit as MergeEdit
 from fastimagic.merge import Project, Subtract
-
-SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_RANGE_KEYS = ("from", "to", "step")
-_RANGE_TOLERANCE = 1e-9
-_DECIMALS = 6
-_BLOCK_NAME = re.compile(r"[a-z_]+(\.[a-z0-9_]+)*")
-
-
-# --- messages -------------------------------------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    """One problem with one value, found by a helper below; the validator that called it says where."""
-
-
-def describe_value(value: Any) -> str:
-    """A value as a person wrote it in YAML, for 'got ...' in messages."""
-    if value is None:
-        return "an empty value"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, (int, float)):
-        text = repr(value)
-        return text if len(text) <= 30 else text[:27] + "..."
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"{type(value).__name__} {str(value)[:40]}"
-
-
-def unknown_key(key: Any, allowed: Iterable[str]) -> str:
-    allowed = list(allowed)
-    close = difflib.get_close_matches(str(key), allowed, n=1)
-    if close:
-        return f"unknown key '{key}' (did you mean '{close[0]}'?)"
-    return f"unknown key '{key}'; allowed here: {', '.join(allowed)}"
-
-
-def _one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
-    """``value`` if it is one of ``allowed``, else a problem naming the nearest and every allowed value."""
-    if value in allowed:
-        return value
-    close = difflib.get_close_matches(value, allowed, n=1) or difflib.get_close_matches(value.lower(), allowed, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise _problem(f"unknown {what} '{value}'{hint}; allowed: {', '.join(allowed)}")
-
-
-def _problem(message: str) -> PydanticCustomError:
-    # The message travels in the context so that braces in user values never meet str.format.
-    return PydanticCustomError("storyboard", "{message}", {"message": message})
-
-
-def _problems(found: list) -> ValidationError:
-    """Several problems at once, at locations relative to the value being validated (pydantic prefixes them).
-
-    Each item is ``(location, message)``, or a pydantic error dict carried over from a nested validation (see
-    :func:`_carried`), which keeps its own type so that the loader words it like any other.
-    """
-    details = []
-    for item in found:
-        if isinstance(item, tuple):
-            loc, msg = item
-            details.append(InitErrorDetails(type=_problem(msg), loc=loc, input=None))
-        elif item["type"] == "storyboard":
-            details.append(InitErrorDetails(type=_problem(item["msg"]), loc=item["loc"], input=item.get("input")))
-        else:
-            detail = InitErrorDetails(type=item["type"], loc=item["loc"], input=item.get("input"))
-            if item.get("ctx"):
-                detail["ctx"] = item["ctx"]
-            details.append(detail)
-    return ValidationError.from_exception_data("storyboard", details)
-
-
-def _carried(errors: list[dict], prefix: tuple = ()) -> list[dict]:
-    """Errors of a nested validation (a scene, the defaults), moved under ``prefix``."""
-    return [{**err, "loc": (*prefix, *err["loc"])} for err in errors]
-
-
-# --- values ---------------------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"must be a number (got {describe_value(value)})")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise _Bad(f"must be a finite number (got {describe_value(value)})")
-    return number
-
-
-def _rounded(number: float) -> float:
-    return round(number, _DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
-
-
-def _expand_range(spec: dict, max_count: int) -> tuple[float, ...]:
-    """``{from, to, step}`` as its values, ``to`` included within a 1e-9 tolerance."""
-    found = [((key,), unknown_key(key, _RANGE_KEYS)) for key in spec if key not in _RANGE_KEYS]
-    numbers = {}
-    for key in _RANGE_KEYS:
-        if key not in spec:
-            found.append(((), f"a range needs '{key}': write {{from: 0.8, to: 1.5, step: 0.1}}"))
-            continue
-        try:
-            numbers[key] = _number(spec[key])
-        except _Bad as e:
-            found.append(((key,), str(e)))
-    if found:
-        raise _problems(found)
-    start, stop, step = numbers["from"], numbers["to"], numbers["step"]
-    if step <= 0:
-        raise _problems([(("step",), f"must be more than 0 (got {describe_value(spec['step'])})")])
-    if stop < start:
-        raise _problems([((), f"the range goes down (from {start!r} to {stop!r}); put the smaller number in 'from'")])
-    steps = (stop - start + _RANGE_TOLERANCE) / step
-    if not steps < max_count:  # also catches inf
-        raise _problems([((), f"the range makes more than max_keyframes ({max_count}) values; use a larger step")])
-    values = tuple(_rounded(start + k * step) for k in range(math.floor(steps) + 1))
-    if len(set(values)) < len(values):
-        raise _problems([(("step",), f"step {step!r} is finer than the {_DECIMALS} decimals values are rounded to")])
-    return values
-
-
-def _edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
-    """LIST_OR_RANGE: one number, a list of numbers, or ``{from, to, step}``; rounded to 6 decimals."""
-    if isinstance(value, tuple):  # already validated (built in Python)
-        value = list(value)
-    if isinstance(value, dict):
-        return _bounded(_expand_range(value, _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)))
-    if not isinstance(value, list):
-        try:
-            return _bounded((_rounded(_number(value)),))
-        except _Bad:
-            usage = "must be a number, a list of numbers or a range like {from: 0.8, to: 1.5, step: 0.1}"
-            raise _problem(f"{usage} (got {describe_value(value)})") from None
-    if len(value) > _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES):
-        raise _problem(f"lists {len(value)} values, more than max_keyframes; render fewer")
-    if not value:
-        raise _problem("list at least one value")
-    found, values = [], {}  # a dict keeps the order
-    for i, item in enumerate(value):
-        try:
-            number = _rounded(_number(item))
-        except _Bad as e:
-            found.append(((i,), str(e)))
-            continue
-        if number in values:
-            found.append(((i,), f"value {number!r} is listed twice"))
-        values[number] = None
-    if found:
-        raise _problems(found)
-    return _bounded(tuple(values))
-
-
-def _bounded(values: tuple[float, ...]) -> tuple[float, ...]:
-    """Refuse coefficients far outside anything that edits an image (they name files with hundreds of digits and
-    render black frames), and values whose keyframe names would be the same (names keep 2 decimals)."""
-    found = [((i,), f"{v!r} is outside -{MAX_COEFFICIENT}..{MAX_COEFFICIENT}; useful values are around 0-2")
-             for i, v in enumerate(values) if abs(v) > MAX_COEFFICIENT]
-    if found:
-        raise _problems(found) if len(values) > 1 else _problem(found[0][1])
-    first: dict[str, float] = {}
-    for i, v in enumerate(values):
-        label = f"{v:.2f}"
-        if label in first:
-            raise _problems([((i,) if len(values) > 1 else (), f"{first[label]!r} and {v!r} would both name keyframes"
-                              f" '{label}' (names keep 2 decimals); use values that differ in the first 2 decimals")])
-        first[label] = v
-    return values
-
-
-# Edit coefficients (gamma, alpha, beta) beyond this are refused; the paper's are 0-2.
-MAX_COEFFICIENT = 100.0
-
-
-def _short_text(value: str) -> str:
-    if len(value) > config.DEFAULT_MAX_PROMPT_CHARS:
-        raise _problem(
-            f"is {len(value)} characters, more than {config.DEFAULT_MAX_PROMPT_CHARS}; CLIP reads the first 77 tokens"
-            " (about 300 characters)"
-        )
-    return value
-
-
-def _context(info: ValidationInfo, key: str, default: Any) -> Any:
-    return (info.context or {}).get(key, default)
-
-
-def _base(info: ValidationInfo) -> str:
-    """The folder relative paths resolve against: the storyboard's folder (local or s3://), else the cwd."""
-    return _context(info, "base", None) or os.getcwd()
-
-
-def _split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key) under the runtime's bucket rules; the key may be empty."""
-    try:
-        return config.split_s3(uri)
-    except ValueError as e:
-        raise _Bad(f"s3 URI '{uri}': {e}") from None
-
-
-def _resolve(value: str, base: str, *, need_key: bool) -> str:
-    """A path or URI from the storyboard, resolved: an absolute local path, or an s3:// URI."""
-    if not value:
-        raise _Bad("must not be empty")
-    if value.startswith("s3://"):
-        bucket, key = _split_s3(value)
-        if need_key and not key:
-            raise _Bad(f"s3 URI '{value}' names no key; write s3://{bucket}/path/to/file")
-        problem = config.s3_key_problem(key if need_key else key.rstrip("/"))
-        if problem:
-            raise _Bad(f"s3 URI '{config.printable(value)}' {problem}")
-        return value
-    if config.URL_SCHEME.match(value):
-        raise _Bad(f"'{value}': only local paths and s3:// URIs are supported")
-    if value.startswith("~"):
-        return os.path.normpath(os.path.expanduser(value))
-    if os.path.isabs(value):
-        return os.path.normpath(value)
-    if not base.startswith("s3://"):
-        return os.path.normpath(os.path.join(base, value))
-    bucket, prefix = _split_s3(base)
-    key = posixpath.normpath(posixpath.join(prefix, value))
-    if key == ".." or key.startswith("../"):
-        raise _Bad(f"'{value}' climbs out of the bucket (relative to s3://{bucket}/{prefix})")
-    key = "" if key == "." else key
-    if need_key and not key:
-        raise _Bad(f"'{value}' names the storyboard's folder, not a file")
-    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-
 
 # --- models ---------------------------------------------------------------------------------------------------
 
@@ -326,11 +81,11 @@ def _location(value: Any, info: ValidationInfo, *, need_key: bool) -> Location:
     if isinstance(value, Location):
         return value
     if not isinstance(value, str):
-        raise _problem(f"must be a path or an s3:// URI (got {describe_value(value)})")
+        raise values.problem(f"must be a path or an s3:// URI (got {values.describe_value(value)})")
     try:
-        return Location(given=value, resolved=_resolve(value, _base(info), need_key=need_key))
-    except _Bad as e:
-        raise _problem(str(e)) from None
+        return Location(given=value, resolved=values.resolve(value, values.base_folder(info), need_key=need_key))
+    except values.Bad as e:
+        raise values.problem(str(e)) from None
 
 
 class ModelSource(_Frozen):
@@ -352,21 +107,21 @@ def _model_source(value: Any, info: ValidationInfo, *, allow_pickle: bool) -> Mo
     if isinstance(value, ModelSource):
         return value
     if not isinstance(value, str):
-        raise _Bad(f"must be a hub repo id, a local path or 'tiny' (got {describe_value(value)})")
+        raise values.Bad(f"must be a hub repo id, a local path or 'tiny' (got {values.describe_value(value)})")
     if not value:
-        raise _Bad("must not be empty")
-    base = _base(info)
+        raise values.Bad("must not be empty")
+    base = values.base_folder(info)
     try:
         kind = config.model_kind(value, base)
     except ValueError as e:
-        raise _Bad(str(e)) from None
+        raise values.Bad(str(e)) from None
     if kind in ("tiny", "hub"):
         return ModelSource(given=value, kind=kind, resolved=value)
-    resolved = _resolve(value, base, need_key=True)
+    resolved = values.resolve(value, base, need_key=True)
     if resolved.startswith("s3://"):
-        raise _Bad(f"'{value}' is relative to an s3:// storyboard; models load from local paths or hub repo ids")
+        raise values.Bad(f"'{value}' is relative to an s3:// storyboard; models load from local paths or hub repo ids")
     if config.is_pickle(value) and not allow_pickle:
-        raise _Bad("pickle checkpoints can run code; set allow_pickle: true to load it anyway")
+        raise values.Bad("pickle checkpoints can run code; set allow_pickle: true to load it anyway")
     return ModelSource(given=value, kind=kind, resolved=resolved)
 
 
@@ -393,39 +148,7 @@ class FinetuneSettings(_Frozen):
     @field_validator("trained_blocks", mode="before")
     @classmethod
     def _trained_blocks(cls, value: Any) -> str | tuple[str, ...]:
-        if isinstance(value, str):
-            if value in BLOCK_PRESETS:
-                return value
-            close = difflib.get_close_matches(value, BLOCK_PRESETS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise _problem(
-                f"unknown preset '{value}'{hint}; use {' or '.join(BLOCK_PRESETS)}, or a list of UNet blocks"
-                " like [down_blocks.0, up_blocks.1]"
-            )
-        if not isinstance(value, (list, tuple)) or not value:
-            presets = ", ".join(BLOCK_PRESETS)
-            raise _problem(f"must be a preset ({presets}) or a list of UNet blocks (got {describe_value(value)})")
-        found, seen = [], set()
-        for i, name in enumerate(value):
-            if not isinstance(name, str) or not _BLOCK_NAME.fullmatch(name):
-                found.append(((i,), f"must be a UNet block name like down_blocks.0 (got {describe_value(name)})"))
-                continue
-            root, _, rest = name.partition(".")
-            if root not in UNET_BLOCKS:
-                close = difflib.get_close_matches(root, UNET_BLOCKS, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"the UNet has {', '.join(UNET_BLOCKS)}"
-                found.append(((i,), f"unknown UNet block '{name}' ({hint})"))
-            elif root in ("down_blocks", "up_blocks") and rest.split(".")[0].isdigit():
-                # The model's own levels (SDXL: 3) are checked against its family before the run starts.
-                if int(rest.split(".")[0]) >= UNET_LEVELS:
-                    levels = f"{root}.0 to {root}.{UNET_LEVELS - 1}, SDXL {root}.0 to {root}.2"
-                    found.append(((i,), f"'{name}': SD 1.x and 2.x have {levels}"))
-            if name in seen:
-                found.append(((i,), f"'{name}' is listed twice"))
-            seen.add(name)
-        if found:
-            raise _problems(found)
-        return tuple(value)
+        return values.trained_blocks(value)
 
 
 class CaptionSettings(_Frozen):
@@ -442,7 +165,7 @@ class SubtractSweep(_Frozen):
 
     gamma: tuple[float, ...]
 
-    _values = field_validator("gamma", mode="before")(_edit_values)
+    _values = field_validator("gamma", mode="before")(values.edit_values)
 
 
 class ProjectSweep(_Frozen):
@@ -451,15 +174,15 @@ class ProjectSweep(_Frozen):
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
 
-    _values = field_validator("alpha", "beta", mode="before")(_edit_values)
+    _values = field_validator("alpha", "beta", mode="before")(values.edit_values)
 
     @model_validator(mode="after")
     def _pairs(self, info: ValidationInfo) -> ProjectSweep:
         # Counted, never expanded: two ranges under the cap can still make 100 million pairs.
-        cap = _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)
+        cap = values.context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)
         pairs = len(self.alpha) * len(self.beta)
         if pairs > cap:
-            raise _problem(
+            raise values.problem(
                 f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than max_keyframes"
                 f" ({cap}); use fewer values"
             )
@@ -477,16 +200,16 @@ class Edit(_Frozen):
     def _one_mode(cls, data: Any) -> Any:
         if isinstance(data, dict):
             if "subtract" in data and "project" in data:
-                raise _problem("choose one of subtract or project, not both")
+                raise values.problem("choose one of subtract or project, not both")
             for mode, needs in (("subtract", "gamma"), ("project", "alpha and beta")):
                 if mode in data and data[mode] is None:
-                    raise _problems([((mode,), f"needs {needs}")])
+                    raise values.problems([((mode,), f"needs {needs}")])
         return data
 
     @model_validator(mode="after")
     def _has_mode(self) -> Edit:
         if self.subtract is None and self.project is None:
-            raise _problem("choose subtract: {gamma: ...} or project: {alpha: ..., beta: ...}")
+            raise values.problem("choose subtract: {gamma: ...} or project: {alpha: ..., beta: ...}")
         return self
 
     @property
@@ -526,20 +249,6 @@ class Select(_Frozen):
     min_fidelity: Annotated[_Float, Field(ge=-1, le=1)] | None = None
 
 
-def _forget_name(name: Any) -> str:
-    if not isinstance(name, str):
-        raise _Bad(f"must be a strategy name (got {describe_value(name)})")
-    if name in STRATEGIES:
-        return name
-    if name in ALIASES:
-        return ALIASES[name]
-    known = [*STRATEGIES, *ALIASES]
-    close = difflib.get_close_matches(name, known, n=1) or difflib.get_close_matches(name.lower(), known, n=1)
-    if close:
-        raise _Bad(f"unknown strategy '{name}' (did you mean '{close[0]}'?)")
-    raise _Bad(f"unknown strategy '{name}'; valid: {', '.join(STRATEGIES)} (aliases: {', '.join(ALIASES)})")
-
-
 class Scene(_Frozen):
     """One scene: a prompt rendered for every seed x edit combo x forgetting strategy (defaults merged in).
 
@@ -567,88 +276,29 @@ class Scene(_Frozen):
     @field_validator("id", mode="before")
     @classmethod
     def _id(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise _problem(f"scene id must be text like 'beach-walk' (got {describe_value(value)})")
-        if not SLUG.fullmatch(value):
-            slug = slugify(value, transliterate=False)  # suggest only a slug a person would recognise
-            if slug:
-                raise _problem(f"scene id '{value}' must be a slug like '{slug}'")
-            raise _problem(
-                f"scene id '{value}' must be a slug: lowercase a-z, 0-9, '-' and '_', starting with a letter or digit"
-            )
-        return value
+        return values.scene_id(value)
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
         if not value.strip():
-            raise _problem("must not be empty")
-        return _short_text(value)
+            raise values.problem("must not be empty")
+        return values.short_text(value)
 
     @field_validator("negative_prompt", "motion")
     @classmethod
     def _texts(cls, value: str | None) -> str | None:
-        return None if value is None else _short_text(value)
+        return None if value is None else values.short_text(value)
 
     @field_validator("seeds", mode="before")
     @classmethod
     def _seeds(cls, value: Any, info: ValidationInfo) -> tuple[int, ...]:
-        cap = _context(info, "max_seeds", DEFAULT_MAX_SEEDS)
-        raise_cap = "; raise max_seeds at the top level if you mean it"
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value < 1:
-                raise _problem(f"must be at least 1 seed (got {value})")
-            if value > cap:
-                raise _problem(f"{value} seeds is more than max_seeds ({cap}){raise_cap}")
-            return tuple(range(value))
-        if not isinstance(value, (list, tuple)):
-            raise _problem(f"must be a count like 4 or a list of seeds like [0, 7, 42] (got {describe_value(value)})")
-        if not value:
-            raise _problem("list at least one seed")
-        found, seen = [], set()
-        for i, seed in enumerate(value):
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-                got = describe_value(seed)
-                found.append(((i,), f"a seed must be a whole number from 0 to {MAX_SEED} (got {got})"))
-            elif seed in seen:
-                found.append(((i,), f"seed {seed} is listed twice"))
-            seen.add(seed if isinstance(seed, int) else None)
-        if len(value) > cap:
-            found.append(((), f"{len(value)} seeds is more than max_seeds ({cap}){raise_cap}"))
-        if found:
-            raise _problems(found)
-        return tuple(value)
+        return values.seeds(value, values.context(info, "max_seeds", DEFAULT_MAX_SEEDS))
 
     @field_validator("forget", mode="before")
     @classmethod
     def _forget(cls, value: Any) -> tuple[str, ...]:
-        if value == AUTO:
-            return (AUTO,)
-        if isinstance(value, (list, tuple)) and AUTO in value:
-            raise _problem("'auto' chooses the strategies itself: write forget: auto on its own, not in a list")
-        if isinstance(value, str):
-            try:
-                return (_forget_name(value),)
-            except _Bad as e:
-                raise _problem(str(e)) from None
-        if not isinstance(value, (list, tuple)):
-            raise _problem(f"must be a strategy name or a list of them (got {describe_value(value)})")
-        if not value:
-            raise _problem("list at least one strategy (none keeps every learned weight)")
-        found, names = [], {}  # a dict keeps the order
-        for i, name in enumerate(value):
-            try:
-                canonical = _forget_name(name)
-            except _Bad as e:
-                found.append(((i,), str(e)))
-                continue
-            if canonical in names:
-                same = f" ('{name}' means '{canonical}')" if name != canonical else ""
-                found.append(((i,), f"strategy '{canonical}' is listed twice{same}"))
-            names[canonical] = None
-        if found:
-            raise _problems(found)
-        return tuple(names)
+        return values.forget(value)
 
     def keyframe_count(self) -> int:
         """Keyframes this scene renders: seeds x edit combos x forgetting strategies (``auto``: at most 3 passes)."""
@@ -697,7 +347,7 @@ class Storyboard(_Frozen):
     @classmethod
     def _name(cls, value: str) -> str:
         if not slugify(value):
-            raise _problem(f"name '{value}' needs letters or digits: its slug names the run's folder")
+            raise values.problem(f"name '{value}' needs letters or digits: its slug names the run's folder")
         return value
 
     @field_validator("reference", mode="before")
@@ -715,8 +365,8 @@ class Storyboard(_Frozen):
     def _model(cls, value: Any, info: ValidationInfo) -> ModelSource:
         try:
             return _model_source(value, info, allow_pickle=info.data.get("allow_pickle", False))
-        except _Bad as e:
-            raise _problem(str(e)) from None
+        except values.Bad as e:
+            raise values.problem(str(e)) from None
 
     @field_validator("model_config_source", mode="before")
     @classmethod
@@ -725,13 +375,13 @@ class Storyboard(_Frozen):
             return None
         try:
             source = _model_source(value, info, allow_pickle=False)
-        except _Bad as e:
-            raise _problem(str(e)) from None
+        except values.Bad as e:
+            raise values.problem(str(e)) from None
         if source.kind not in ("hub", "folder"):
-            raise _problem("must be a hub repo id or a diffusers folder: it supplies configs and the tokenizer")
+            raise values.problem("must be a hub repo id or a diffusers folder: it supplies configs and the tokenizer")
         model = info.data.get("model")
         if model is not None and model.kind != "single_file":
-            raise _problem("only applies when model is a single-file checkpoint (.safetensors); remove it")
+            raise values.problem("only applies when model is a single-file checkpoint (.safetensors); remove it")
         return source
 
     @field_validator("vae", mode="before")
@@ -741,51 +391,26 @@ class Storyboard(_Frozen):
             return None
         try:
             source = _model_source(value, info, allow_pickle=False)
-        except _Bad as e:
-            raise _problem(str(e)) from None
+        except values.Bad as e:
+            raise values.problem(str(e)) from None
         if source.kind not in ("hub", "folder"):
-            raise _problem("must be a hub repo id or a diffusers VAE folder (with config.json)")
+            raise values.problem("must be a hub repo id or a diffusers VAE folder (with config.json)")
         return source
 
     @field_validator("resolution", mode="before")
     @classmethod
     def _resolution(cls, value: Any, info: ValidationInfo) -> int | tuple[int, int] | None:
-        if value is None:
-            return None
-        usage = f"must be a size like 512 or '768x512' (got {describe_value(value)})"
-        if isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value):
-            (width, height), labels = value, ("width", "height")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            width = height = value
-            labels = ("side",)
-        elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", value)):
-            (width, height), labels = (int(m[1]), int(m[2])), ("width", "height")
-        else:
-            raise _problem(usage)
-        cap = info.data.get("max_side", DEFAULT_MAX_SIDE)
-        issues = []
-        for label, side in zip(labels, (width, height)):
-            if side < MIN_SIDE:
-                issues.append(f"{label} {side} is less than {MIN_SIDE}")
-            elif side > cap:
-                issues.append(f"{label} {side} is more than max_side {cap} (raise max_side if you mean it)")
-            if side % 8:
-                below = side // 8 * 8
-                near = f"{below} or {below + 8}" if below >= MIN_SIDE else f"{max(below + 8, MIN_SIDE)}"
-                issues.append(f"{label} {side} is not a multiple of 8 (try {near})")
-        if issues:
-            raise _problem(f"{width}x{height}: " + "; ".join(issues))
-        return width if labels == ("side",) else (width, height)
+        return values.resolution(value, info.data.get("max_side", DEFAULT_MAX_SIDE))
 
     @field_validator("fit")
     @classmethod
     def _fit(cls, value: str) -> str:
-        return _one_of(value, FIT_MODES, "mode")
+        return values.one_of(value, FIT_MODES, "mode")
 
     @field_validator("precision")
     @classmethod
     def _precision(cls, value: str) -> str:
-        return _one_of(value, PRECISIONS, "precision")
+        return values.one_of(value, PRECISIONS, "precision")
 
     @field_validator("scorer")
     @classmethod
@@ -794,10 +419,10 @@ class Storyboard(_Frozen):
             return value
         try:
             source = _model_source(value, info, allow_pickle=False)
-        except _Bad as e:
-            raise _problem(str(e).replace("'tiny'", "'auto', 'none' or 'tiny'")) from None
+        except values.Bad as e:
+            raise values.problem(str(e).replace("'tiny'", "'auto', 'none' or 'tiny'")) from None
         if source.kind not in ("hub", "folder"):
-            raise _problem("must be 'auto', 'none', 'tiny', a CLIP hub repo id or a local CLIP folder")
+            raise values.problem("must be 'auto', 'none', 'tiny', a CLIP hub repo id or a local CLIP folder")
         return source.resolved
 
     @property
@@ -813,8 +438,8 @@ class Storyboard(_Frozen):
     @classmethod
     def _source_prompt(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise _problem("must not be empty; leave it out to caption the reference image with BLIP")
-        return None if value is None else _short_text(value)
+            raise values.problem("must not be empty; leave it out to caption the reference image with BLIP")
+        return None if value is None else values.short_text(value)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -830,7 +455,7 @@ class Storyboard(_Frozen):
         try:
             board = handler(top)  # first the top level alone: the scenes need its limits
         except ValidationError as e:
-            found += _carried(e.errors())
+            found += values.carried(e.errors())
         limits = {
             name: getattr(board, name) if board else _raw_limit(data, name, default)
             for name, default in (("max_seeds", DEFAULT_MAX_SEEDS), ("max_keyframes", DEFAULT_MAX_KEYFRAMES))
@@ -846,7 +471,7 @@ class Storyboard(_Frozen):
                 )
             )
         if found:
-            raise _problems(found)
+            raise values.problems(found)
         # Once more with the scenes, so that Storyboard(...) fills in itself (validated Scenes are kept as they are).
         return handler({**top, "scenes": scenes})
 
@@ -933,7 +558,7 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
     """Validate ``defaults`` and ``scenes``; append problems to ``found``; return the scenes that validated."""
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
-        found.append((("defaults",), f"must be a mapping of scene fields (got {describe_value(defaults)})"))
+        found.append((("defaults",), f"must be a mapping of scene fields (got {values.describe_value(defaults)})"))
         defaults = {}
     if "id" in defaults:
         found.append((("defaults", "id"), "a default id makes no sense; give each scene its own"))
@@ -942,14 +567,14 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
         try:
             Scene.model_validate({"id": "defaults", "prompt": "defaults", **inherited}, context=context)
         except ValidationError as e:
-            found += _carried(e.errors(), ("defaults",))
+            found += values.carried(e.errors(), ("defaults",))
 
     raw = data.get("scenes")
     if raw is None:
         found.append((("scenes",), "is required: list at least one scene, each with an id and a prompt"))
         return ()
     if not isinstance(raw, (list, tuple)):
-        found.append((("scenes",), f"must be a list of scenes (got {describe_value(raw)})"))
+        found.append((("scenes",), f"must be a list of scenes (got {values.describe_value(raw)})"))
         return ()
     if not raw:
         found.append((("scenes",), "list at least one scene"))
@@ -959,7 +584,7 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
         if isinstance(item, Scene):
             scenes.append(item)
         elif not isinstance(item, dict):
-            got = describe_value(item)
+            got = values.describe_value(item)
             found.append((("scenes", i), f"a scene must be a mapping with an id and a prompt (got {got})"))
         else:
             try:
@@ -969,9 +594,9 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
                 own = [
                     err for err in e.errors() if not (err["loc"] and err["loc"][0] in inherited.keys() - item.keys())
                 ]
-                found += _carried(own, ("scenes", i))
+                found += values.carried(own, ("scenes", i))
         scene_id = item.id if isinstance(item, Scene) else item.get("id") if isinstance(item, dict) else None
-        if isinstance(scene_id, str) and SLUG.fullmatch(scene_id):
+        if isinstance(scene_id, str) and values.SLUG.fullmatch(scene_id):
             if scene_id in first_index:
                 used = f"scene id '{scene_id}' is already used by scenes[{first_index[scene_id]}]"
                 found.append((("scenes", i, "id"), used))

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ValidationError
 
 from fastimagic import config
 from fastimagic.errors import InputError
-from fastimagic.storyboard import Scene, Storyboard, describe_value, unknown_key
+from fastimagic.storyboard import Scene, Storyboard
+from fastimagic.storyboard_values import describe_value, unknown_key
 
 _MAX_YAML_NODES = 100_000  # anchors and aliases can make a small file expand to billions of values
 _MAX_DIGITS = 40  # the longest number a storyboard needs is a seed (10 digits) or a float written out
