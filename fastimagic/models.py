@@ -17,12 +17,16 @@ unless ``allow_pickle=True``.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fastimagic.cache import LruCache
 from fastimagic.config import PICKLE_SUFFIXES, model_kind
 from fastimagic.errors import InputError
 from fastimagic.precision import Precision, precision_for_dtype, resolve_precision
@@ -241,8 +245,11 @@ def load_base_model(
     return _assemble(parts, identity, dev, resolved)
 
 
-_WARM: dict[tuple, Components] = {}
-_WARM_LOCK = threading.Lock()
+# Base models a process keeps loaded, least recently used out: one by default (an SD UNet and its encoders take
+# several GB of GPU memory); a worker with room for more sets FASTIMAGIC_WARM_MODELS.
+WARM_MODELS_ENV = "FASTIMAGIC_WARM_MODELS"
+_WARM: LruCache[Components] = LruCache(max(1, int(os.environ.get(WARM_MODELS_ENV) or 1)))
+_log = logging.getLogger(__name__)
 
 
 def cached_base_model(
@@ -254,18 +261,22 @@ def cached_base_model(
     precision: str = "auto",
     allow_pickle: bool = False,
 ) -> Components:
-    """:func:`load_base_model`, once per process and model identity: render workers keep the base model warm.
+    """:func:`load_base_model`, once per process and model identity: workers keep base models warm.
 
-    Only the most recent model stays loaded (a GPU worker rarely holds two SD UNets at once).
+    At most ``$FASTIMAGIC_WARM_MODELS`` models (default 1) stay loaded, least recently used out; two threads asking
+    for the same model at once load it once.
     """
     key = (model_identity(spec, allow_pickle=allow_pickle), config, device, str(dtype), precision)
-    with _WARM_LOCK:
-        if key not in _WARM:
-            _WARM.clear()
-            _WARM[key] = load_base_model(
-                spec, config=config, device=device, dtype=dtype, precision=precision, allow_pickle=allow_pickle
-            )
-        return _WARM[key]
+
+    def load() -> Components:
+        started = time.perf_counter()
+        model = load_base_model(
+            spec, config=config, device=device, dtype=dtype, precision=precision, allow_pickle=allow_pickle
+        )
+        _log.info("loaded base model %s in %.1f s", key[0], time.perf_counter() - started)
+        return model
+
+    return _WARM.get(key, load)
 
 
 def _assemble(parts: dict, identity: str, device: torch.device, precision: Precision) -> Components:
