@@ -182,7 +182,9 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
     replaced = None
     if store.exists(META_FILE):
         try:
-            tuning = _TUNINGS.get(key, lambda: Tuning.read(store.get_bytes, where=store.uri))
+            tuning = Tuning.read(store.get_bytes, where=store.uri)  # verified on every reuse: it may have rotted
+            _log.info("fetched tuning %s (stored: reused)", key)
+            _TUNINGS.put(key, tuning)
             logger.info("reusing stored tuning %s (no fine-tune)", key)
             return _tuning_ref(tuning, store.uri, reused=True)
         except (CorruptTuning, NotFound) as e:
