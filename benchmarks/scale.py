@@ -46,12 +46,13 @@ from fastimagic.tiny import reference_photo_bytes  # noqa: E402
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
-def storyboard(bucket: str, name: str, subject: str, scenes: int, seeds: int, steps: int) -> str:
+def storyboard(bucket: str, side: str, name: str, subject: str, scenes: int, seeds: int, steps: int) -> str:
+    # each side writes (and fine-tunes) under its own output prefix: neither reuses the other's tunings
     return (
-        f"name: {name}\nreference: s3://{bucket}/refs/r.jpg\nmodel: tiny\nresolution: 64\n"
+        f"name: {side}-{name}\nreference: s3://{bucket}/refs/r.jpg\nmodel: tiny\nresolution: 64\n"
         f"source_prompt: a photo of a {subject}\nfinetune: {{steps: 8, min_steps: 8}}\nscorer: none\n"
         f"defaults: {{seeds: {seeds}, steps: {steps}, edit: {{subtract: {{gamma: [0.9, 1.2]}}}}}}\n"
-        f"output: s3://{bucket}/out\nscenes:\n"
+        f"output: s3://{bucket}/out-{side}\nscenes:\n"
         + "".join(f"  - {{id: scene-{i}, prompt: a photo of a {subject} number {i}}}\n" for i in range(scenes))
     )
 
@@ -116,7 +117,7 @@ def main() -> None:
         for side in ("inprocess", "warm"):
             for name, subject in (("first", "bird"), ("second", "cat")):
                 key = f"storyboards/{side}-{name}.yaml"
-                text = storyboard(bucket, f"{side}-{name}", subject, args.scenes, args.seeds, args.steps)
+                text = storyboard(bucket, side, name, subject, args.scenes, args.seeds, args.steps)
                 client.put_object(Bucket=bucket, Key=key, Body=text.encode())
                 uris[side, name] = f"s3://{bucket}/{key}"
 

@@ -223,6 +223,8 @@ def cmd_worker(args) -> int:
     """A warm GPU worker (one per GPU; ``CUDA_VISIBLE_DEVICES`` picks it): keeps the base model and recent tunings
     loaded across tasks and storyboards. Refuses to start without the shared storage block or a Prefect server."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # background task runs belong to no flow run: their log lines stay on this worker's console
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     from flows.workers import serve, storage_block
 
     storage_block()  # before importing the tasks (and torch): a misconfigured worker says so at once

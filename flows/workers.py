@@ -12,10 +12,11 @@ in-process backend calls them directly: one code path) and waits for them with a
   (an S3/MinIO bucket), so a worker on any machine can take the work; a worker or submitter without it refuses at
   once, naming the setting;
 * a task run that has been running longer than its lease (:class:`Lease`, from the work's size and the speed
-  measured so far) belongs to a worker presumed dead (a killed task worker leaves its run Running for ever): it is
-  marked Crashed and submitted again, after checking whether its keyframes were written and verify intact
-  (:func:`tasks.pipeline.verify_written`); a render rewrites its (scene, seed) unit under the same names, so a retry
-  never leaves a gap or a duplicate;
+  measured so far) belongs to a worker presumed dead (a killed task worker leaves its run Running for ever), and so
+  does one still Scheduled a lease floor after a run submitted later has started (a worker took it and died before
+  starting it; the queue is first in, first out): it is marked Crashed and submitted again, after checking whether
+  its keyframes were written and verify intact (:func:`tasks.pipeline.verify_written`); a render rewrites its
+  (scene, seed) unit under the same names, so a retry never leaves a gap or a duplicate;
 * a task that fails (a model no worker can load, say) fails the run with the worker's reason.
 
 No ``gpu`` tag limit is needed on this path: each worker takes one task at a time (:class:`IdleTaskWorker`), and
@@ -155,11 +156,15 @@ def serve(limit: int = 1) -> None:
     async def run() -> None:
         await _idle_task_worker()(*GPU_TASKS, limit=limit).astart()  # built inside the loop, as Prefect requires
 
+    from prefect.task_worker import StopTaskWorker
+
+    stops = (KeyboardInterrupt, asyncio.CancelledError, StopTaskWorker)  # SIGTERM / Ctrl-C: a clean stop
     with temporary_settings(updates={"tasks.scheduling.default_storage_block": block}):
         try:
             asyncio.run(run())
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            pass
+        except BaseException as e:  # alone, or in an exception group from the worker's task group
+            if not all(isinstance(inner, stops) for inner in getattr(e, "exceptions", (e,))):
+                raise
 
 
 # -- the submitter -------------------------------------------------------------------------------------------------
@@ -196,6 +201,9 @@ class _Runs:
         self.seen: dict = {}
         self.lock = threading.Lock()
         self.at = 0.0
+        # the creation time of the newest run seen started: a run still Scheduled that is older was passed over
+        # (the queue is first in, first out), which happens when a worker took it and died before starting it
+        self.started_up_to = None
 
     def add(self, task_run_id) -> None:
         with self.lock:
@@ -215,6 +223,9 @@ class _Runs:
                 with get_client(sync_client=True) as client:
                     runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(self.ids))))
                 self.seen.update({r.id: r for r in runs})
+                for r in runs:
+                    if r.state is not None and not r.state.is_scheduled():
+                        self.started_up_to = max(self.started_up_to or r.created, r.created)
                 self.at = time.monotonic()
             return self.seen.get(task_run_id)
 
@@ -223,7 +234,7 @@ class Warm:
     """Tune and render on warm GPU workers (background tasks; see the module docstring)."""
 
     def __init__(self, lease: Lease | None = None):
-        check_shared_storage()  # before anything is submitted: one line, and nothing waits on work nobody can read
+        self.block = check_shared_storage()  # before anything is submitted: one line, nothing waits on lost work
         self.lease = lease or Lease()
         self.runs = _Runs()
         # one thread per unit of work in flight, each mostly asleep waiting for its task run
@@ -233,9 +244,20 @@ class Warm:
         """Submit ``task(*args)`` to the workers and return its result, submitting again (at most
         :data:`ATTEMPTS` times) when its worker dies. ``steps``: the work's size in denoising steps (the lease).
         ``done()``: before a resubmission, the result if the lost run finished its work after all, else None."""
+        from prefect.settings import temporary_settings
+
         logger = get_run_logger()
         for attempt in range(1, ATTEMPTS + 1):
-            future = task.delay(*args)
+            def submit():
+                # parameters go to the shared storage, where workers read them (this process's settings were read
+                # before the block was known)
+                with temporary_settings(updates={"tasks.scheduling.default_storage_block": self.block}):
+                    return task.delay(*args)
+
+            # From an empty context: Prefect ships the caller's flow-run context with the parameters, and a flow
+            # loaded from a deployment's entrypoint lives in a module no worker can import. The task runs are
+            # therefore not linked to the storyboard's flow run in the UI; their names say what they are.
+            future = contextvars.Context().run(submit)
             run_id = future.task_run_id
             self.runs.add(run_id)
             running_since = None
@@ -244,7 +266,16 @@ class Warm:
                     time.sleep(self.runs.poll_seconds)
                     run = self.runs.get(run_id)
                     state = run.state if run else None
-                    if state is None or state.is_scheduled():
+                    if state is None:
+                        continue
+                    if state.is_scheduled():
+                        passed_over = self.runs.started_up_to is not None and self.runs.started_up_to > run.created
+                        if passed_over:  # taken by a worker that died before it started: a floor's grace
+                            running_since = running_since or time.monotonic()
+                            if time.monotonic() - running_since > self.lease.floor_seconds:
+                                reason = "was taken by a worker that never started it: worker presumed dead"
+                                self._crash(run_id, reason)
+                                break
                         continue
                     if state.is_completed():
                         if run.start_time and run.end_time:
