@@ -19,6 +19,10 @@ in-process backend calls them directly: one code path) and waits for them with a
   (scene, seed) unit under the same names, so a retry never leaves a gap or a duplicate;
 * a task that fails (a model no worker can load, say) fails the run with the worker's reason.
 
+The passed-over rule has a cost: the server hands each connected worker the next run even while it is busy, so a
+run waiting behind a task that takes longer than the lease floor is also presumed lost and submitted again; the
+worker then renders that unit a second time (same names, same bytes). A floor above the slowest unit avoids it.
+
 No ``gpu`` tag limit is needed on this path: each worker takes one task at a time (:class:`IdleTaskWorker`), and
 there is one worker per GPU, so a GPU never runs two tasks. The tag limit made every GPU task ask the server for a
 slot (a 423 answer means waiting its Retry-After, ~2 s, even when a slot frees sooner).
@@ -260,7 +264,7 @@ class Warm:
             future = contextvars.Context().run(submit)
             run_id = future.task_run_id
             self.runs.add(run_id)
-            running_since = None
+            running_since = passed_over_since = None
             try:
                 while True:
                     time.sleep(self.runs.poll_seconds)
@@ -270,9 +274,9 @@ class Warm:
                         continue
                     if state.is_scheduled():
                         passed_over = self.runs.started_up_to is not None and self.runs.started_up_to > run.created
-                        if passed_over:  # taken by a worker that died before it started: a floor's grace
-                            running_since = running_since or time.monotonic()
-                            if time.monotonic() - running_since > self.lease.floor_seconds:
+                        if passed_over:  # taken by a worker that died before it started, or one still busy
+                            passed_over_since = passed_over_since or time.monotonic()
+                            if time.monotonic() - passed_over_since > self.lease.floor_seconds:
                                 reason = "was taken by a worker that never started it: worker presumed dead"
                                 self._crash(run_id, reason)
                                 break
@@ -340,9 +344,12 @@ class Warm:
         def one(scene: Scene):
             return render_scene(board, scene, tuning_key, run_prefix, resume, submit=self.submit_render)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(board.scenes), SCENE_THREADS))) as pool:
-            futures = [pool.submit(contextvars.copy_context().run, one, scene) for scene in board.scenes]
-            done = [f.result() for f in futures]
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(len(board.scenes), SCENE_THREADS))) as pool:
+                futures = [pool.submit(contextvars.copy_context().run, one, scene) for scene in board.scenes]
+                done = [f.result() for f in futures]
+        finally:
+            self.waiting.shutdown(wait=False, cancel_futures=True)
         return [d[0] for d in done], [r for d in done for r in d[1]], sum(d[2] for d in done)
 
     def submit_render(self, *args) -> Future:

@@ -247,7 +247,7 @@ def test_the_dockerfile_builds_on_cuda_pytorch_installs_the_project_and_starts_a
     [base] = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-(runtime|devel)", base)
     assert re.search(r"pip install\b[^\n]*-e \.", text)
-    assert re.search(r"^CMD .*\"worker\", \"start\"", text, re.M)
+    assert re.search(r'^CMD \["fastimagic", "worker"\]', text, re.M)
     # the workers' Prefect is the server's
     version = re.search(r"ARG PREFECT_VERSION=(\S+)", text).group(1)
     assert compose["services"]["prefect-server"]["image"] == f"prefecthq/prefect:{version}-python3.11"
