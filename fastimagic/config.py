@@ -11,19 +11,19 @@ import os
 import re
 import unicodedata
 
+from fastimagic.families import MAX_LEVELS, SD1, TINY_FAMILIES
+
 # --- the fine-tune ---------------------------------------------------------------------------------------------
 
-# Which UNet blocks the fine-tune trains. "reference" (the default): what the released Forgedit code trains, every
-# parameter whose name contains "down_blocks" but not "down_blocks.0", or "up_blocks" but not "up_blocks.0", i.e.
-# encoder blocks 1-3 and decoder blocks 1-3; the published TEdBench figures come from it. "paper": encoder blocks
-# 0-2 and decoder blocks 1-3, as the paper's §3.2 describes them. The mid block and up_blocks.0 stay frozen in both.
-BLOCK_PRESETS: dict[str, tuple[str, ...]] = {
-    "reference": ("down_blocks.1", "down_blocks.2", "down_blocks.3", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
-    "paper": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
-}
-# UNet2DConditionModel children that hold parameters, and how many down/up levels SD 1.x has.
-UNET_BLOCKS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
-UNET_LEVELS = 4
+# Which UNet blocks the fine-tune trains, by preset name, on SD 1.x: see fastimagic.families, which holds every
+# family's presets (the names are the same on every family).
+BLOCK_PRESETS: dict[str, tuple[str, ...]] = SD1.presets
+# UNet2DConditionModel children that hold parameters (SDXL adds add_embedding), and the most down/up levels a
+# family has (SD 1.x and 2.x: 4, SDXL: 3; fastimagic.families checks a model's own).
+UNET_BLOCKS = (
+    "conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out"
+)
+UNET_LEVELS = MAX_LEVELS
 
 # Numeric precision of the UNet's compute and the frozen encoders (see fastimagic.precision for what each means).
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
@@ -40,7 +40,10 @@ FIT_MODES = ("crop", "pad", "resize")
 DEFAULT_MAX_SEEDS = 64
 DEFAULT_MAX_KEYFRAMES = 10_000
 DEFAULT_MAX_SIDE = 2048
-
+# Bounds on what one storyboard may hand the worker, whoever wrote it (an operator policy can lower them).
+DEFAULT_MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; thousands of characters are a mistake or an attack
+DEFAULT_MAX_REFERENCE_BYTES = 50_000_000
+DEFAULT_MAX_STORYBOARD_BYTES = 1_000_000
 
 
 def size_for(image_size: tuple[int, int], short_side: int, multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
@@ -66,6 +69,7 @@ def size_for(image_size: tuple[int, int], short_side: int, multiple: int = SIDE_
 # --- models ----------------------------------------------------------------------------------------------------
 
 TINY_MODEL = "tiny"
+TINY_MODELS = tuple(TINY_FAMILIES)  # tiny (SD 1.x-shaped), tiny-sd2, tiny-sdxl
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # loading these can run code
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -73,13 +77,13 @@ URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def model_kind(spec: str, base: str | None = None) -> str:
-    """What a ``model:`` value names, from its text: ``tiny``, ``hub`` (an ``org/name`` repo id), ``single_file``
-    (a checkpoint file) or ``folder`` (a diffusers folder). ``base``: the folder relative paths resolve against;
-    a bare ``org/name`` that exists there is a folder, not a repo id.
+    """What a ``model:`` value names, from its text: ``tiny`` (any of :data:`TINY_MODELS`), ``hub`` (an
+    ``org/name`` repo id), ``single_file`` (a checkpoint file) or ``folder`` (a diffusers folder). ``base``: the
+    folder relative paths resolve against; a bare ``org/name`` that exists there is a folder, not a repo id.
 
     Raises :class:`ValueError` (the message is a sentence about ``spec``) for a URL or a value that is neither.
     """
-    if spec == TINY_MODEL:
+    if spec in TINY_MODELS:
         return "tiny"
     if URL_SCHEME.match(spec):
         raise ValueError(
@@ -143,11 +147,42 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def s3_key_problem(key: str) -> str | None:
+    """Why an S3 key (or prefix without its trailing ``/``) would name something other than it seems: ``..`` or
+    ``.`` segments, ``//``, a backslash or a control character. None when it is plain."""
+    if not key:
+        return None
+    if "\\" in key:
+        return "has a backslash; S3 keys use '/'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "has a control character"
+    segments = key.split("/")
+    if any(s in (".", "..") for s in segments):
+        return "has a '.' or '..' segment; write the key it means"
+    if "" in segments:
+        return "has '//' or starts with '/'; write the key without empty segments"
+    return None
+
+
 # --- names ---------------------------------------------------------------------------------------------------
 
 
-def slugify(text: str, max_length: int = 64) -> str:
-    """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'."""
+def printable(text: str) -> str:
+    """``text`` with control characters, ANSI escapes and other unprintables written as escapes (``\\n``,
+    ``\\x1b``), so a value from a storyboard cannot forge a line or drive the terminal; other Unicode stays."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def slugify(text: str, max_length: int = 64, *, transliterate: bool = True) -> str:
+    """``text`` as a folder-safe slug (ASCII lowercase, digits, ``-``, ``_``): 'Beach Walk' -> 'beach-walk'.
+
+    Letters with no ASCII form (Japanese, Greek...) still give a slug: ``u-`` and the text's Punycode, so
+    '海辺の一日' -> 'u-' + letters and digits (``transliterate=False``: ''); text of punctuation only gives ''."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-_")
+    if not slug and transliterate and any(c.isalnum() for c in text):
+        letters = "".join(c for c in unicodedata.normalize("NFKC", text) if c.isalnum())
+        slug = "u-" + re.sub(r"[^a-z0-9]+", "", letters.encode("punycode").decode().lower())
     return slug[:max_length].rstrip("-_")

@@ -4,6 +4,7 @@
 place, merges embeddings and samples. Closing it puts the base weights back, so one warm base model serves any
 number of tunings in turn.
 
+>>> from fastimagic.merge import Subtract
 >>> with Editor(model, tuning) as editor:
 ...     frames = editor.render("two people dancing on the beach", seeds=[0, 1],
 ...                            edits=[Subtract(g) for g in (0.8, 1.0, 1.2)],
@@ -23,6 +24,7 @@ from PIL import Image
 
 from fastimagic import images
 from fastimagic.errors import InputError
+from fastimagic.families import FAMILIES
 from fastimagic.forgetting import Forgetting, StrategyReport, canonical
 from fastimagic.merge import Edit, as_edit, merge
 from fastimagic.models import Components
@@ -67,6 +69,12 @@ class Editor:
     """A base model with a tuning applied in place. Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, model: Components, tuning: Tuning):
+        if tuning.family != model.family.name:
+            made_on = FAMILIES[tuning.family].label if tuning.family in FAMILIES else tuning.family
+            raise InputError(
+                f"tuning {tuning.key} was made on a {made_on} model and cannot be used with this"
+                f" {model.family.label} model ('{model.identity}'); fine-tune on it instead"
+            )
         if tuning.model_identity != model.identity:
             raise InputError(
                 f"tuning {tuning.key} was fine-tuned on '{tuning.model_identity}', not on '{model.identity}'"
@@ -83,7 +91,7 @@ class Editor:
             for n, delta in tuning.deltas.items():
                 params[n].add_(delta.to(device=params[n].device, dtype=params[n].dtype))
         self._originals = originals
-        self.forgetting = Forgetting(model.unet, originals)
+        self.forgetting = Forgetting(model.unet, originals, model.family)
         self._closed = False
 
     def __enter__(self) -> Editor:

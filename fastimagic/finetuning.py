@@ -1,11 +1,14 @@
 """Joint vision-language fine-tuning (paper §3.2): the source embedding and part of the UNet, together, once.
 
-The source text embedding e_src (the CLIP embedding of the source prompt) becomes a parameter and is optimised
+The source text embedding e_src (the CLIP embedding of the source prompt; on SDXL both encoders' per-token states
+and the pooled vector, packed as :mod:`fastimagic.families` describes) becomes a parameter and is optimised
 jointly with the UNet's shallow blocks on the one reference image: a batch is the image latent repeated with
-independent noise and timesteps, the loss is the usual noise-prediction MSE. Different learning rates bridge the
-gap between text and image (1e-3 for e_src, 6e-5 for the UNet). The mid block and the deepest decoder block stay
-frozen because training them overfits; which other blocks train is a preset (:data:`fastimagic.config.BLOCK_PRESETS`, by
-default the released implementation's). About 40 steps; the result is a :class:`~fastimagic.tuning.Tuning`.
+independent noise and timesteps, the loss is the MSE to what the model predicts (noise, or velocity for SD 2.0/2.1
+768 px: the scheduler's ``prediction_type``). Different learning rates bridge the gap between text and image
+(1e-3 for e_src, 6e-5 for the UNet). The mid block and the deepest decoder block stay frozen because training them
+overfits; which other blocks train is a preset of the model's family (``reference``, the released
+implementation's, by default; see :mod:`fastimagic.families`). About 40 steps; the result is a
+:class:`~fastimagic.tuning.Tuning`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastimagic import images
-from fastimagic.config import BLOCK_PRESETS
+from fastimagic.config import BLOCK_PRESETS  # noqa: F401  (SD 1.x's presets, as callers import them from here)
 from fastimagic.errors import FinetuneError, InputError
+from fastimagic.families import SD1, Family, all_presets
 from fastimagic.models import Components
 from fastimagic.precision import resolve_precision
 from fastimagic.tuning import Tuning, content_key
@@ -62,17 +66,23 @@ class FinetuneConfig:
     precision: str = "auto"
     fit: str = "crop"
 
-    def blocks(self) -> tuple[str, ...]:
+    def blocks(self, family: Family = SD1) -> tuple[str, ...]:
+        """The UNet blocks trained on a model of ``family``: the preset's, or the names given (checked against the
+        family's levels)."""
         if isinstance(self.trained_blocks, str):
-            if self.trained_blocks not in BLOCK_PRESETS:
+            if self.trained_blocks not in family.presets:
                 raise InputError(
-                    f"trained_blocks: unknown preset '{self.trained_blocks}'; allowed: {', '.join(BLOCK_PRESETS)}"
+                    f"trained_blocks: unknown preset '{self.trained_blocks}'; allowed: {', '.join(all_presets())}"
                     " or a list of block names such as down_blocks.0"
                 )
-            return BLOCK_PRESETS[self.trained_blocks]
+            return family.presets[self.trained_blocks]
+        for block in self.trained_blocks:
+            problem = family.block_problem(block)
+            if problem:
+                raise InputError(f"trained_blocks: {problem}")
         return tuple(self.trained_blocks)
 
-    def as_dict(self, device: str | torch.device | None = None) -> dict:
+    def as_dict(self, device: str | torch.device | None = None, family: Family = SD1) -> dict:
         """The settings recorded in a tuning and hashed into its content key (no model needed).
 
         ``precision`` is resolved for ``device`` (default: the device :func:`~fastimagic.models.load_base_model`
@@ -83,7 +93,7 @@ class FinetuneConfig:
         if self.fit not in images.FIT_MODES:
             raise InputError(f"fit: unknown mode {self.fit!r}; allowed: {', '.join(images.FIT_MODES)}")
         d = asdict(self)
-        d["trained_blocks"] = list(self.blocks())
+        d["trained_blocks"] = list(self.blocks(family))
         d["precision"] = resolve_precision(self.precision, device or default_device()).name
         return d
 
@@ -93,7 +103,7 @@ def trained_parameter_names(unet: torch.nn.Module, blocks: tuple[str, ...]) -> l
     names = [n for n, _ in unet.named_parameters()]
     for b in blocks:
         if not any(n.startswith(b + ".") for n in names):
-            raise InputError(f"trained_blocks: the UNet has no block '{b}'")
+            raise InputError(f"trained_blocks: the UNet has no block '{b}' (or it has no weights)")
     return [n for n in names if n.startswith(tuple(b + "." for b in blocks))]
 
 
@@ -102,10 +112,22 @@ def encode_image(
     model: Components, image: Image.Image, width: int, height: int, generator: torch.Generator, fit: str = "crop"
 ):
     """The scaled VAE latent ``[1, 4, H/8, W/8]`` of ``image`` fitted (``fit`` mode) to ``width`` x ``height``."""
-    x = images.to_tensor(images.fit(image, width, height, mode=fit)).to(model.device, model.dtype)
+    x = images.to_tensor(images.fit(image, width, height, mode=fit)).to(model.device, model.vae.dtype)
     dist = model.vae.encode(x).latent_dist
     eps = torch.randn(dist.mean.shape, generator=generator).to(model.device, dist.mean.dtype)
     return ((dist.mean + dist.std * eps) * model.latent_scale).float()
+
+
+def finetune_time_ids(image_size: tuple[int, int], width: int, height: int, fit: str = "crop") -> torch.Tensor:
+    """SDXL's size conditioning for the reference: its original (h, w), the top-left corner of the crop ``fit``
+    cuts (in output pixels; 0, 0 for ``pad`` and ``resize``) and the target (h, w), as SDXL was trained."""
+    top = left = 0
+    info = images.describe_fit(image_size, width, height, fit)
+    if "crop_box" in info:
+        x0, y0, x1, _ = info["crop_box"]
+        scale = width / (x1 - x0)
+        top, left = round(y0 * scale), round(x0 * scale)
+    return Family.time_ids((image_size[1], image_size[0]), (top, left), (height, width))
 
 
 def finetune(
@@ -142,17 +164,21 @@ def finetune(
             f"finetune: precision {config.precision} asked for, but the model was loaded in {precision.name};"
             f" load it with precision={config.precision!r}"
         )
-    settings = config.as_dict(model.device) | {"precision": precision.name}
+    family = model.family
+    settings = config.as_dict(model.device, family) | {"precision": precision.name}
     started = time.perf_counter()
     unet = model.unet
-    names = trained_parameter_names(unet, config.blocks())
+    names = trained_parameter_names(unet, config.blocks(family))
     params = dict(unet.named_parameters())
     trained = [params[n] for n in names]
     originals = {n: params[n].detach().clone() for n in names}
 
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
     latent = encode_image(model, image, width, height, gen, config.fit)
+    # SDXL: the pooled vector is a row of this one tensor, so it is optimised jointly at the text learning rate.
     source_embedding = torch.nn.Parameter(model.encode_prompts([source_prompt]).clone())
+    time_ids = finetune_time_ids(image.size, width, height, config.fit) if family.pooled else None
+    velocity = model.prediction_type == "v_prediction"
 
     fused = model.device.type == "cuda"
     optimizer = torch.optim.Adam(
@@ -165,7 +191,8 @@ def finetune(
     )
     # float16 gradients below ~6e-8 flush to zero; the learned changes are made of gradients near 1e-6 and smaller.
     scaler = torch.amp.GradScaler(model.device.type, enabled=precision.grad_scaler)
-    if config.gradient_checkpointing:
+    checkpointing = config.gradient_checkpointing or 0 < family.checkpointing_from <= width * height
+    if checkpointing:
         unet.enable_gradient_checkpointing()
     for p in trained:
         p.requires_grad_(True)
@@ -178,9 +205,11 @@ def finetune(
             noise = torch.randn(latents.shape, generator=gen).to(model.device)
             timesteps = torch.randint(0, num_train_timesteps, (config.batch_size,), generator=gen).to(model.device)
             noisy = model.scheduler.add_noise(latents, noise, timesteps)
+            cond = model.unet_inputs(source_embedding.expand(config.batch_size, -1, -1), time_ids)
             with model.autocast():
-                pred = unet(noisy, timesteps, source_embedding.expand(config.batch_size, -1, -1)).sample
-            loss = F.mse_loss(pred.float(), noise)
+                pred = unet(noisy, timesteps, **cond).sample
+            target = model.scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
+            loss = F.mse_loss(pred.float(), target)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FinetuneError(
@@ -199,7 +228,7 @@ def finetune(
         unet.eval()
         for p in trained:
             p.requires_grad_(False)
-        if config.gradient_checkpointing:
+        if checkpointing:
             unet.disable_gradient_checkpointing()
         del optimizer
         with torch.no_grad():
@@ -228,6 +257,7 @@ def finetune(
         width=width,
         height=height,
         image_sha256=image_sha256,
+        family=family.name,
         losses=losses,
         seconds=time.perf_counter() - started,
     )

@@ -6,9 +6,12 @@ ignores the prompt), blending part of it back to the base weights restores edita
 
     w = sigma * w_learned + (1 - sigma) * w_orig        (sigma = 0 forgets completely)
 
-Each strategy is a rule over UNet parameter names. "attn" means the ``attn1`` / ``attn2`` modules (self- and
-cross-attention), "kv" means ``attn2.to_k`` / ``attn2.to_v``; "encoder1" is ``down_blocks.1`` and "decoder2"
-``up_blocks.2``. A rule names the tensors that are *forgotten*; everything else keeps its learned value.
+Each strategy is a rule over UNet parameter names, the same on every model family. "attn" means the ``attn1`` /
+``attn2`` modules (self- and cross-attention), "kv" means ``attn2.to_k`` / ``attn2.to_v``; "encoder1" and
+"decoder2" name the level they name on SD 1.x (``down_blocks.1`` and ``up_blocks.2``, both 640 channels wide) by
+its channel width, so on SDXL they are ``down_blocks.1`` and ``up_blocks.1`` (see
+:meth:`fastimagic.families.Family.down_block`). A rule names the tensors that are *forgotten*; everything else
+keeps its learned value.
 
 Switching strategy between scenes must stay cheap, so :class:`Forgetting` edits only the affected tensors in
 place and keeps the learned values of exactly those tensors to undo bit for bit. The UNet is never copied.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastimagic.errors import InputError
+from fastimagic.families import SD1, Family
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched, so the storyboard schema can use the names cheaply
     import torch
@@ -38,34 +42,35 @@ def _in(block: str) -> Callable[[str], bool]:
 _encoder = _in("down_blocks")
 _decoder = _in("up_blocks")
 
-# name -> (rule over a parameter name that says "forget this tensor", one-line description)
-STRATEGIES: dict[str, tuple[Callable[[str], bool], str]] = {
-    "none": (lambda name: False, "keep every learned weight"),
-    "encoder": (_encoder, "forget the whole encoder (down_blocks)"),
-    "decoder": (_decoder, "forget the whole decoder (up_blocks)"),
+# name -> (rule over a parameter name and the model's family that says "forget this tensor", one-line description;
+# {encoder1} and {decoder2} stand for the family's blocks of those levels)
+STRATEGIES: dict[str, tuple[Callable[[str, Family], bool], str]] = {
+    "none": (lambda n, f: False, "keep every learned weight"),
+    "encoder": (lambda n, f: _encoder(n), "forget the whole encoder (down_blocks)"),
+    "decoder": (lambda n, f: _decoder(n), "forget the whole decoder (up_blocks)"),
     "encoderattn": (
-        lambda n: _encoder(n) and not _ATTN.search(n),
+        lambda n, f: _encoder(n) and not _ATTN.search(n),
         "forget the encoder except its self/cross-attention (attn1, attn2)",
     ),
     "decoderattn": (
-        lambda n: _decoder(n) and not _ATTN.search(n),
+        lambda n, f: _decoder(n) and not _ATTN.search(n),
         "forget the decoder except its self/cross-attention (attn1, attn2)",
     ),
     "encoderkv": (
-        lambda n: _encoder(n) and not _KV.search(n),
+        lambda n, f: _encoder(n) and not _KV.search(n),
         "forget the encoder except cross-attention keys/values (attn2.to_k, attn2.to_v)",
     ),
     "decoderkv": (
-        lambda n: _decoder(n) and not _KV.search(n),
+        lambda n, f: _decoder(n) and not _KV.search(n),
         "forget the decoder except cross-attention keys/values (attn2.to_k, attn2.to_v)",
     ),
     "encoderattn+encoder1": (
-        lambda n: _encoder(n) and not (_ATTN.search(n) or n.startswith("down_blocks.1.")),
-        "forget the encoder except its attention and the whole down_blocks.1",
+        lambda n, f: _encoder(n) and not (_ATTN.search(n) or _in(f.down_block(1))(n)),
+        "forget the encoder except its attention and the whole {encoder1}",
     ),
     "decoderattn+decoder2": (
-        lambda n: _decoder(n) and not (_ATTN.search(n) or n.startswith("up_blocks.2.")),
-        "forget the decoder except its attention and the whole up_blocks.2",
+        lambda n, f: _decoder(n) and not (_ATTN.search(n) or _in(f.up_block(2))(n)),
+        "forget the decoder except its attention and the whole {decoder2}",
     ),
 }
 
@@ -88,10 +93,16 @@ def canonical(strategy: str) -> str:
     return name
 
 
-def forgotten_names(strategy: str, names: Iterable[str]) -> list[str]:
-    """The subset of parameter ``names`` that ``strategy`` puts back to the original weights."""
+def forgotten_names(strategy: str, names: Iterable[str], family: Family = SD1) -> list[str]:
+    """The subset of parameter ``names`` of a ``family`` UNet that ``strategy`` puts back to the original weights."""
     rule = STRATEGIES[canonical(strategy)][0]
-    return [n for n in names if rule(n)]
+    return [n for n in names if rule(n, family)]
+
+
+def description(strategy: str, family: Family = SD1) -> str:
+    """The one-line description of ``strategy`` with the block names of ``family``."""
+    text = STRATEGIES[canonical(strategy)][1]
+    return text.format(encoder1=family.down_block(1), decoder2=family.up_block(2))
 
 
 @dataclass(frozen=True)
@@ -104,13 +115,15 @@ class StrategyReport:
     parameters: int
 
 
-def describe(strategy: str, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> StrategyReport:
-    """List what ``strategy`` would forget among trained tensors given as ``{name: shape}``."""
+def describe(
+    strategy: str, shapes: Mapping[str, torch.Size | tuple[int, ...]], family: Family = SD1
+) -> StrategyReport:
+    """List what ``strategy`` would forget among trained tensors of a ``family`` UNet given as ``{name: shape}``."""
     name = canonical(strategy)
-    touched = forgotten_names(name, shapes)
+    touched = forgotten_names(name, shapes, family)
     return StrategyReport(
         strategy=name,
-        description=STRATEGIES[name][1],
+        description=description(name, family),
         tensors=tuple(touched),
         parameters=sum(math.prod(shapes[n]) for n in touched),
     )
@@ -120,7 +133,8 @@ class Forgetting:
     """Apply forgetting strategies to a fine-tuned UNet in place, and undo them exactly.
 
     ``originals`` holds the base weights of the trained tensors only (name -> tensor, any device/dtype). Only
-    those names can ever be forgotten: every other UNet tensor already equals its original.
+    those names can ever be forgotten: every other UNet tensor already equals its original. ``family``: the
+    model's (:mod:`fastimagic.families`), which says which blocks ``encoder1`` / ``decoder2`` are.
 
     An :class:`~fastimagic.editor.Editor` holds one for the tuning it applied:
 
@@ -133,13 +147,14 @@ class Forgetting:
     >>> editor.close()
     """
 
-    def __init__(self, unet: torch.nn.Module, originals: Mapping[str, torch.Tensor]):
+    def __init__(self, unet: torch.nn.Module, originals: Mapping[str, torch.Tensor], family: Family = SD1):
         params = dict(unet.named_parameters())
         missing = [n for n in originals if n not in params]
         if missing:
             raise InputError(f"original weights name tensors the UNet lacks, e.g. '{missing[0]}'")
         self._params = {n: params[n] for n in originals}
         self._originals = dict(originals)
+        self.family = family
         self._saved: dict[str, torch.Tensor] = {}  # learned values of the tensors currently forgotten
         self.strategy = "none"
         self.sigma = 0.0
@@ -149,7 +164,7 @@ class Forgetting:
         name = canonical(strategy)
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and 0.0 <= sigma <= 1.0):
             raise InputError(f"sigma must be a number in [0, 1], got {sigma!r}")
-        report = describe(name, {n: p.shape for n, p in self._params.items()})
+        report = describe(name, {n: p.shape for n, p in self._params.items()}, self.family)
         if (name, float(sigma)) == (self.strategy, self.sigma):
             return report
         import torch

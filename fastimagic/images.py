@@ -20,6 +20,21 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 40_000_000
 
+# The formats a reference may have: plain raster images. Anything else Pillow could open (EPS hands the file to
+# Ghostscript, PSD, ICO, DDS...) is refused by name. (JPEG also opens the multi-picture JPEGs many cameras write.)
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+ACCEPTED = "a PNG, JPEG, WebP, TIFF or BMP image (or the first frame of a GIF)"
+
+
+def _format_of(data: bytes) -> str | None:
+    """The format name Pillow gives ``data`` when it is not an accepted one, read from the header only (no
+    plugin decodes anything here), or None when Pillow does not know it."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            return other.format
+    except Exception:  # noqa: BLE001 - only a name for the message
+        return None
+
 # How a reference is fitted to the fine-tune's width x height (fastimagic.config.FIT_MODES): "crop" scales it to
 # cover and centre-crops (nothing is distorted, the edges are lost), "pad" scales it to fit inside and letterboxes it
 # on PAD_COLOUR (nothing is lost, bars are added), "resize" stretches it to the size, as the released code does.
@@ -35,15 +50,23 @@ def load_reference(data: bytes, name: str = "reference") -> Image.Image:
     images are converted. ``name`` is used in messages (a path or URI).
     """
     if not data:
-        raise InputError(f"{name}: the file is empty (0 bytes); expected a PNG, JPEG or WebP image")
+        raise InputError(f"{name}: the file is empty (0 bytes); expected {ACCEPTED}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            Image.init()  # register every plugin, so that each accepted format is known by name
+            img = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
     except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image PIL can read (expected PNG, JPEG, WebP, TIFF or BMP)") from None
+        other = _format_of(data)
+        if other:
+            raise InputError(f"{name}: {other} images are not accepted as references; use {ACCEPTED}") from None
+        raise InputError(f"{name}: not an image PIL can read (expected {ACCEPTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{name}: image is too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # e.g. a PNG text or ICC chunk that inflates without bound
+        raise InputError(f"{name}: image header is corrupt or too large to read safely ({e})") from None
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # an animated GIF or WebP: the first frame
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise InputError(f"{name}: image is {w}x{h}, over the {MAX_PIXELS:,}-pixel limit")

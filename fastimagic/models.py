@@ -1,14 +1,19 @@
-"""Base models: load a Stable Diffusion 1.x model (UNet, VAE, CLIP text encoder + tokenizer, DDIM scheduler).
+"""Base models: load a Stable Diffusion 1.x, 2.x or SDXL model (UNet, VAE, text encoder(s) + tokenizer(s), DDIM).
 
-Where a model can come from, as a user writes it in ``model:``:
+Which family a model belongs to (:mod:`fastimagic.families`) is read from the model itself: the UNet's config for
+diffusers folders and repo ids, the safetensors header for single files. Where a model can come from, as a user
+writes it in ``model:``:
 
-* ``tiny``: the built-in seeded random model (:mod:`fastimagic.tiny`), for tests and the demo.
-* a Hugging Face repo id, e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``CompVis/stable-diffusion-v1-4``:
-  loaded with ``from_pretrained``; the local HF cache is used and ``HF_HUB_OFFLINE=1`` is honoured.
-* a local diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``).
-* a single-file ``.safetensors`` checkpoint in the original SD layout (community fine-tunes such as Realistic
-  Vision). diffusers' single-file loader needs the model's configs and tokenizer: ``config`` names a local
-  diffusers folder or a repo id already in the HF cache (default: SD 1.5's repo id), so it works offline.
+* ``tiny``, ``tiny-sd2``, ``tiny-sdxl``: the built-in seeded random models (:mod:`fastimagic.tiny`).
+* a Hugging Face repo id, e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+  ``stabilityai/stable-diffusion-2-1`` or ``stabilityai/stable-diffusion-xl-base-1.0``: loaded with
+  ``from_pretrained``; the local HF cache is used and ``HF_HUB_OFFLINE=1`` is honoured.
+* a local diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, and
+  ``text_encoder_2/``, ``tokenizer_2/`` for SDXL).
+* a single-file ``.safetensors`` checkpoint in the original layout (community fine-tunes such as Realistic Vision
+  or RealVisXL). diffusers' single-file loader needs the model's configs and tokenizers: ``config`` names a local
+  diffusers folder or a repo id already in the HF cache (default: the family's base repo id, e.g. SDXL base's),
+  so it works offline. SDXL refiners, inpainting models, SD 3 and FLUX are refused by name.
 
 Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) can run arbitrary code when loaded, so they are refused
 unless ``allow_pickle=True``.
@@ -17,6 +22,7 @@ unless ``allow_pickle=True``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -29,15 +35,20 @@ import torch
 from fastimagic.cache import LruCache
 from fastimagic.config import PICKLE_SUFFIXES, model_kind
 from fastimagic.errors import InputError
+from fastimagic.families import FAMILIES, SD1, SUPPORTED, TINY_FAMILIES, UNSUPPORTED, Family
 from fastimagic.precision import Precision, precision_for_dtype, resolve_precision
 
-DEFAULT_SINGLE_FILE_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_SINGLE_FILE_CONFIG = SD1.config_repo
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def make_scheduler():
-    """The DDIM scheduler of SD 1.x: scaled-linear betas 0.00085-0.012, no sample clipping."""
+def make_scheduler(prediction_type: str = "epsilon"):
+    """The DDIM scheduler SD 1.x, 2.x and SDXL were trained with: scaled-linear betas 0.00085-0.012, no sample
+    clipping; ``prediction_type``: ``epsilon`` (noise) or ``v_prediction`` (velocity, SD 2.0/2.1 768 px)."""
     from diffusers import DDIMScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"prediction type {prediction_type!r} is not supported; one of {', '.join(PREDICTION_TYPES)}")
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -46,6 +57,7 @@ def make_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -88,11 +100,13 @@ def default_device() -> torch.device:
 
 @dataclass
 class Components:
-    """The frozen components of an SD 1.x model, on one device.
+    """The frozen components of a Stable Diffusion model of any family, on one device.
 
     The UNet keeps float32 master weights (fine-tuning updates them, tunings and forgetting edit them); its compute
-    runs under autocast in ``precision.compute_dtype``. The VAE and text encoder are stored in ``dtype`` (the
-    precision's frozen dtype). ``identity`` names the weights for tuning content keys.
+    runs under autocast in ``precision.compute_dtype``. The text encoders are stored in ``dtype`` (the precision's
+    frozen dtype), the VAE too where the family's VAE does not overflow in it (SDXL's: float32). ``identity`` names
+    the weights for tuning content keys. ``family``: what kind of model it is (:mod:`fastimagic.families`);
+    ``text_encoder_2`` / ``tokenizer_2``: SDXL's second encoder (OpenCLIP bigG with projection).
     """
 
     unet: torch.nn.Module
@@ -106,10 +120,40 @@ class Components:
     precision: Precision = field(default_factory=lambda: resolve_precision("fp32", "cpu"))
     # Applying a tuning or a forgetting strategy edits the UNet in place: one user at a time.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    family: Family = SD1
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
 
     @property
     def latent_scale(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: ``epsilon`` (noise) or ``v_prediction`` (velocity), from its scheduler config."""
+        return self.scheduler.config.prediction_type
+
+    @property
+    def default_resolution(self) -> int:
+        """The side the model was trained at: 512 (SD 1.x, SD 2 base), 768 (SD 2.0/2.1), 1024 (SDXL), 64 (tiny)."""
+        return int(self.unet.config.sample_size) * 8
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text vector (SDXL: 1280) inside the packed embedding; 0 for families without one."""
+        return int(self.text_encoder_2.config.projection_dim) if self.family.pooled else 0
+
+    def unet_inputs(self, embeddings: torch.Tensor, time_ids: torch.Tensor | None = None) -> dict:
+        """The UNet's conditioning keywords for packed ``embeddings`` ``[n, tokens, C]``: ``encoder_hidden_states``,
+        and for SDXL ``added_cond_kwargs`` (the pooled vector and ``time_ids`` ``[1 or n, 6]``, see
+        :meth:`fastimagic.families.Family.time_ids`)."""
+        tokens, pooled = self.family.split(embeddings, self.pooled_dim)
+        if pooled is None:
+            return {"encoder_hidden_states": tokens}
+        if time_ids is None:
+            raise ValueError(f"{self.family.label} needs time ids (original size, crop, target size)")
+        ids = time_ids.to(device=tokens.device, dtype=tokens.dtype).expand(tokens.shape[0], -1)
+        return {"encoder_hidden_states": tokens, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
 
     def autocast(self):
         """The autocast context for UNet compute (a no-op for fp32 and tf32)."""
@@ -118,15 +162,32 @@ class Components:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text embeddings ``[len(prompts), 77, C]`` (float32) for ``prompts``, padded to the max length."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].float()
+        """Text embeddings ``[len(prompts), 77, C]`` (float32) for ``prompts``, padded to the max length.
+
+        SDXL: both encoders' penultimate hidden states, concatenated on the channels, and the pooled vector packed
+        as one more row, ``[n, 78, C]`` (:mod:`fastimagic.families`); an empty prompt gives zeros, as SDXL base's
+        pipeline does for the unconditional embedding.
+        """
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        states, pooled = [], None
+        for tokenizer, encoder in pairs[: len(self.family.text_encoders)]:
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            if self.family.text_hidden == "last":
+                states.append(encoder(ids)[0].float())
+                continue
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].float())
+            pooled = out[0].float()  # the last encoder's projected pooled output (SDXL: bigG's text_embeds)
+        packed = self.family.pack(torch.cat(states, dim=-1), pooled)
+        if self.family.zero_empty_prompt:
+            packed[[i for i, p in enumerate(prompts) if not p]] = 0.0
+        return packed
 
     def truncated_part(self, prompt: str) -> str | None:
         """The words of ``prompt`` the text encoder cannot see (beyond 77 tokens), or None if it all fits."""
@@ -181,16 +242,19 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
+def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = None) -> str:
     """The identity of the weights ``spec`` names, without loading them (cheap: for tuning content keys).
 
     ``tiny:v1``; ``file:<name>:<fingerprint>``; ``folder:<name>:<hash of configs and weight fingerprints>``;
-    ``hf:<repo>@<cached commit>``. Raises :class:`InputError` for missing paths and refused pickle files.
+    ``hf:<repo>@<cached commit>``; with a ``vae`` override, ``+vae:<its identity>`` follows. Raises
+    :class:`InputError` for missing paths and refused pickle files.
     """
-    if spec == "tiny":
+    if vae is not None:
+        return f"{model_identity(spec, allow_pickle=allow_pickle)}+vae:{_vae_identity(vae)}"
+    if spec in TINY_FAMILIES:
         from fastimagic import tiny
 
-        return tiny.TINY_IDENTITY
+        return tiny.IDENTITIES[spec]
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise InputError(
@@ -202,6 +266,7 @@ def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise InputError(f"{spec}: not a diffusers model folder (no model_index.json or unet/)")
+        _refuse_pickle_folder(spec, path, allow_pickle)
         return _folder_identity(path)
     try:
         kind = model_kind(spec)
@@ -209,7 +274,86 @@ def model_identity(spec: str, *, allow_pickle: bool = False) -> str:
         raise InputError(str(e)) from None
     if kind != "hub":
         raise InputError(f"{spec}: model path does not exist (expected a diffusers folder or a .safetensors file)")
+    snapshot = _hub_snapshot(spec)
+    if snapshot is not None:
+        _refuse_pickle_folder(spec, snapshot, allow_pickle)
     return _hub_identity(spec)
+
+
+def _vae_identity(spec: str) -> str:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "vae" / "config.json").is_file():
+            raise InputError(f"vae: {spec}: not a diffusers VAE folder (no config.json or vae/config.json)")
+        return _folder_identity(path)
+    if path.is_file():
+        return f"file:{path.name}:{fingerprint(path)}"
+    try:
+        kind = model_kind(spec)
+    except ValueError as e:
+        raise InputError(f"vae: {e}") from None
+    if kind != "hub":
+        raise InputError(f"vae: {spec}: no such folder (expected a diffusers VAE folder or a hub repo id)")
+    return _hub_identity(spec)
+
+
+def model_family(spec: str, *, allow_pickle: bool = False) -> Family:
+    """The family of the model ``spec`` names, without loading it (cheap: for content keys and checks before a
+    run): a tiny model's own, a single file's from its header, a folder's or cached repo's from ``unet/config.json``.
+    Raises :class:`InputError` as :func:`model_identity` does, and for a refused architecture."""
+    model_identity(spec, allow_pickle=allow_pickle)  # the same refusals, first
+    if spec in TINY_FAMILIES:
+        return TINY_FAMILIES[spec]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return SD1 if path.suffix.lower() in PICKLE_SUFFIXES else _check_single_file(path)
+    from fastimagic.families import family_of_unet
+
+    try:
+        if path.is_dir():
+            config = json.loads((path / "unet" / "config.json").read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                config = json.loads(Path(hf_hub_download(spec, "unet/config.json", local_files_only=True)).read_text())
+            except Exception:
+                return SD1  # not in the cache: loading it will say so; until then, the name is all there is
+    except (OSError, ValueError) as e:
+        raise InputError(f"{spec}: cannot read the UNet's config ({_first_line(e)})") from None
+    _check_unet(spec, config)
+    return family_of_unet(config)
+
+
+_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _refuse_pickle_folder(spec: str, folder: Path, allow_pickle: bool) -> None:
+    """A diffusers folder (or hub snapshot) whose weights for some component are only pickle files (``.bin``...)
+    would run code when loaded: refused unless ``allow_pickle``. (Loading also asks for safetensors only.)"""
+    if allow_pickle:
+        return
+    pickled = []
+    for part in _COMPONENTS:
+        files = [p for p in (folder / part).glob("*") if p.is_file()] if (folder / part).is_dir() else []
+        pickle_only = not any(p.suffix == ".safetensors" for p in files)
+        if pickle_only and any(p.suffix.lower() in PICKLE_SUFFIXES for p in files):
+            pickled.append(part)
+    if pickled:
+        raise InputError(
+            f"{spec}: the weights of {', '.join(pickled)} are pickle files ({', '.join(PICKLE_SUFFIXES)}), which can"
+            " run code when loaded; convert them to .safetensors or allow it explicitly (allow_pickle: true)"
+        )
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub repo, None when it is not cached (nothing is downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or no hub library: nothing to inspect
+        return None
 
 
 def load_base_model(
@@ -220,29 +364,36 @@ def load_base_model(
     dtype: str | torch.dtype | None = None,
     precision: str = "auto",
     allow_pickle: bool = False,
+    vae: str | None = None,
 ) -> Components:
-    """Load a Stable Diffusion 1.x base model from ``spec`` (``tiny``, repo id, diffusers folder or single file).
+    """Load a Stable Diffusion base model of any family from ``spec`` (a tiny name, repo id, diffusers folder or
+    single file); the family is read from the model (UNet config or checkpoint header).
 
     ``config``: for single-file checkpoints, the diffusers folder or cached repo id that supplies configs and the
-    tokenizer (default :data:`DEFAULT_SINGLE_FILE_CONFIG`). ``device``/``dtype``/``precision``: see
-    :func:`pick_device` and :mod:`fastimagic.precision`; the result's ``precision`` records the resolved one.
-    Raises :class:`InputError` for a missing path, a refused pickle file or a checkpoint of another architecture.
+    tokenizers (default: the family's base repo, e.g. :data:`DEFAULT_SINGLE_FILE_CONFIG` for SD 1.x).
+    ``device``/``dtype``/``precision``: see :func:`pick_device` and :mod:`fastimagic.precision`; the result's
+    ``precision`` records the resolved one. ``vae``: a diffusers VAE (folder, or repo id in the cache) replacing the
+    model's, e.g. a float16-safe SDXL VAE; it then runs in the precision's dtype (the model's own SDXL VAE runs in
+    float32, as it overflows in float16). Raises :class:`InputError` for a missing path, a refused pickle file or a
+    checkpoint of an unsupported architecture.
     """
     dev = _pick(device)
     resolved = resolve_precision(_precision_name(precision, dtype), dev)
-    identity = model_identity(spec, allow_pickle=allow_pickle)
+    identity = model_identity(spec, allow_pickle=allow_pickle, vae=vae)
     path = Path(spec).expanduser()
-    if spec == "tiny":
+    if spec in TINY_FAMILIES:
         from fastimagic import tiny
 
-        parts = tiny.build_components()
+        parts = tiny.build_components(name=spec) | {"family": TINY_FAMILIES[spec]}
     elif path.is_file():
-        parts = _load_single_file(path, config or DEFAULT_SINGLE_FILE_CONFIG)
+        parts = _load_single_file(path, config)
     elif path.is_dir():
-        parts = _load_pretrained(str(path), local_only=True)
+        parts = _load_pretrained(str(path), local_only=True, allow_pickle=allow_pickle)
     else:
-        parts = _load_pretrained(spec, local_only=False)
-    return _assemble(parts, identity, dev, resolved)
+        parts = _load_pretrained(spec, local_only=False, allow_pickle=allow_pickle)
+    if vae is not None:
+        parts["vae"] = _load_vae(vae)
+    return _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
 
 
 # Base models a process keeps loaded, least recently used out: one by default (an SD UNet and its encoders take
@@ -252,40 +403,37 @@ _WARM: LruCache[Components] = LruCache(max(1, int(os.environ.get(WARM_MODELS_ENV
 _log = logging.getLogger(__name__)
 
 
-def cached_base_model(
-    spec: str,
-    *,
-    config: str | None = None,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    precision: str = "auto",
-    allow_pickle: bool = False,
-) -> Components:
-    """:func:`load_base_model`, once per process and model identity: workers keep base models warm.
+def cached_base_model(spec: str, **options) -> Components:
+    """:func:`load_base_model` (same keyword arguments), once per process and model: workers keep base models warm.
 
     At most ``$FASTIMAGIC_WARM_MODELS`` models (default 1) stay loaded, least recently used out; two threads asking
     for the same model at once load it once.
     """
-    key = (model_identity(spec, allow_pickle=allow_pickle), config, device, str(dtype), precision)
+    identity = model_identity(spec, allow_pickle=options.get("allow_pickle", False), vae=options.get("vae"))
+    key = (identity, *sorted((k, str(v)) for k, v in options.items()))
 
     def load() -> Components:
         started = time.perf_counter()
-        model = load_base_model(
-            spec, config=config, device=device, dtype=dtype, precision=precision, allow_pickle=allow_pickle
-        )
-        _log.info("loaded base model %s in %.1f s", key[0], time.perf_counter() - started)
+        model = load_base_model(spec, **options)
+        _log.info("loaded base model %s in %.1f s", identity, time.perf_counter() - started)
         return model
 
     return _WARM.get(key, load)
 
 
-def _assemble(parts: dict, identity: str, device: torch.device, precision: Precision) -> Components:
+def _assemble(
+    parts: dict, identity: str, device: torch.device, precision: Precision, *, fixed_vae: bool = False
+) -> Components:
     dtype = precision.frozen_dtype
+    family: Family = parts.get("family", SD1)
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-    for m in (unet, vae, text_encoder):
+    text_encoder_2 = parts.get("text_encoder_2")
+    # The SDXL VAE's activations overflow float16 (NaN images): it runs in float32 unless a fixed VAE was given.
+    vae_dtype = dtype if family.vae_fp16 or fixed_vae or dtype != torch.float16 else torch.float32
+    encoders = [(text_encoder, dtype)] + ([(text_encoder_2, dtype)] if text_encoder_2 is not None else [])
+    for m, want in ((unet, torch.float32), (vae, vae_dtype), *encoders):
         m.requires_grad_(False)
         m.eval()
-    for m, want in ((unet, torch.float32), (vae, dtype), (text_encoder, dtype)):
         if next(m.parameters()).dtype != want:  # casting a model to the dtype it has makes diffusers warn
             m.to(dtype=want)
         m.to(device)
@@ -299,32 +447,89 @@ def _assemble(parts: dict, identity: str, device: torch.device, precision: Preci
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=parts["tokenizer"],
-        scheduler=make_scheduler(),
+        scheduler=make_scheduler(parts.get("prediction_type", "epsilon")),
         identity=identity,
         device=device,
         dtype=dtype,
         precision=precision,
+        family=family,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=parts.get("tokenizer_2"),
     )
 
 
-def _load_pretrained(source: str, *, local_only: bool) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _load_pretrained(source: str, *, local_only: bool, allow_pickle: bool = False) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from fastimagic.families import family_of_unet
 
     # huggingface_hub itself honours HF_HUB_OFFLINE and the local cache (HF_HOME / HF_HUB_CACHE).
     kw = {"local_files_only": True} if local_only else {}
+    weights = {} if allow_pickle else {"use_safetensors": True}  # never fall back to a pickle .bin on its own
     try:
-        return {
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw, **weights)
+        family = family_of_unet(dict(unet.config))
+        _check_unet(source, unet.config)
+        parts = {
+            "family": family,
+            "unet": unet,
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kw, **weights),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw, **weights),
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+            "prediction_type": DDIMScheduler.load_config(source, subfolder="scheduler", **kw).get(
+                "prediction_type", "epsilon"
+            ),
         }
+        if family.pooled:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", **kw, **weights
+            )
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
     except OSError as e:
         raise InputError(
             f"{source}: cannot load the model ({_first_line(e)}); give a diffusers folder, a .safetensors file,"
             " or a repo id present in the HF cache (HF_HUB_OFFLINE=1 forbids downloads)"
         ) from None
+    _check_added_embedding(source, parts)
+    return parts
+
+
+def _check_unet(source: object, config) -> None:
+    """Refuse UNets the method does not apply to, by name: inpainting (9 input channels) and the like."""
+    if config.get("in_channels", 4) != 4:
+        raise InputError(
+            f"{source}: the UNet takes {config['in_channels']} input channels (an inpainting or instruct model);"
+            f" fastimagic supports {SUPPORTED}, which take 4"
+        )
+
+
+def _check_added_embedding(source: object, parts: dict) -> None:
+    """An SDXL-family UNet whose added embedding does not take the pooled vector and six time ids is a refiner
+    (five: its aesthetic score replaces the target size)."""
+    unet, encoder = parts["unet"], parts.get("text_encoder_2")
+    if not parts["family"].pooled or encoder is None:
+        return
+    config = unet.config
+    expected = 6 * config.addition_time_embed_dim + encoder.config.projection_dim
+    if config.projection_class_embeddings_input_dim != expected:
+        raise InputError(f"{source}: this is {UNSUPPORTED['sdxl-refiner']}; fastimagic supports {SUPPORTED}")
+
+
+def _load_vae(spec: str):
+    from diffusers import AutoencoderKL
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file():
+            return AutoencoderKL.from_single_file(str(path), local_files_only=True)
+        local = path.is_dir()
+        source = str(path) if local else spec
+        sub = {"subfolder": "vae"} if local and (path / "vae").is_dir() else {}
+        return AutoencoderKL.from_pretrained(source, local_files_only=local, **sub)
+    except (OSError, ValueError) as e:
+        raise InputError(f"vae: cannot load '{spec}' ({_first_line(e)}); give a diffusers VAE folder or repo id")\
+            from None
 
 
 _CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -333,9 +538,11 @@ _CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn
 def describe_checkpoint(path: str | Path) -> dict:
     """Classify a single-file checkpoint from its safetensors header alone (no tensor is read).
 
-    Returns ``{"family": "sd1" | "sd2" | "sdxl" | "unknown", "cross_attention_dim", "has_vae",
-    "has_text_encoder", "in_channels"}``. The cross-attention width (768 for SD 1.x, 1024 for SD 2.x, 2048 for
-    SDXL) comes from the first ``attn2.to_k`` shape; ``in_channels`` is 9 for inpainting models.
+    Returns ``{"family", "cross_attention_dim", "has_vae", "has_text_encoder", "in_channels"}``. ``family`` is a
+    family of :mod:`fastimagic.families` (``sd1``, ``sd2``, ``sdxl``), a refused architecture (``sdxl-refiner``,
+    ``sd3``, ``flux``) or ``unknown``. The cross-attention width (768 for SD 1.x, 1024 for SD 2.x, 2048 for
+    SDXL, 1280 for the SDXL refiner) comes from the first ``attn2.to_k`` shape; ``in_channels`` is 9 for
+    inpainting models.
     """
     from safetensors import safe_open
 
@@ -351,10 +558,16 @@ def describe_checkpoint(path: str | Path) -> dict:
     dim = context_shape[1] if context_shape and len(context_shape) == 2 else None
     open_clip = any(k.startswith("cond_stage_model.model.") for k in keys)
     embedders = any(k.startswith("conditioner.embedders.") for k in keys)
-    if not unet:
+    clip_l = any(k.startswith("conditioner.embedders.0.transformer.") for k in keys)
+    if any("joint_blocks." in k for k in keys):
+        family = "sd3"
+    elif any("double_blocks." in k or "single_blocks." in k for k in keys):
+        family = "flux"
+    elif not unet:
         family = "unknown"
-    elif embedders or any(k.startswith("model.diffusion_model.label_emb") for k in keys) or dim == 2048:
-        family = "sdxl"
+    elif embedders or any(k.startswith("model.diffusion_model.label_emb") for k in keys) or dim in (2048, 1280):
+        # The refiner has only the bigG encoder (embedders.0 is OpenCLIP) and 1280-channel cross-attention.
+        family = "sdxl-refiner" if dim == 1280 or (embedders and not clip_l) else "sdxl"
     elif open_clip or dim == 1024:
         family = "sd2"
     else:
@@ -368,45 +581,59 @@ def describe_checkpoint(path: str | Path) -> dict:
     }
 
 
-def _check_single_file(path: Path) -> None:
-    """Refuse a checkpoint that is not SD 1.x before handing it to diffusers, which guesses "v1" for anything."""
+def _check_single_file(path: Path) -> Family:
+    """The family of a single-file checkpoint, from its header; refuses, by name, what the method does not support
+    before handing it to diffusers (which guesses a model type for anything)."""
     try:
         info = describe_checkpoint(path)
     except Exception as e:
         raise InputError(f"{path}: not a readable .safetensors checkpoint ({e})") from None
-    names = {"sdxl": "an SDXL", "sd2": "a Stable Diffusion 2.x"}
-    if info["family"] in names:
-        raise InputError(f"{path}: this is {names[info['family']]} checkpoint; fastimagic needs Stable Diffusion 1.x")
-    if info["family"] != "sd1":
-        raise InputError(f"{path}: not a Stable Diffusion 1.x checkpoint (no SD UNet weights found)")
+    if info["family"] in UNSUPPORTED:
+        raise InputError(f"{path}: this is {UNSUPPORTED[info['family']]}; fastimagic supports {SUPPORTED}")
+    if info["family"] not in FAMILIES:
+        raise InputError(f"{path}: not a Stable Diffusion checkpoint (no SD UNet weights found); {SUPPORTED} work")
+    family = FAMILIES[info["family"]]
     if info["in_channels"] not in (None, 4):
-        raise InputError(
-            f"{path}: UNet takes {info['in_channels']} input channels (an inpainting model?); fastimagic needs 4"
-        )
+        _check_unet(path, {"in_channels": info["in_channels"]})
     if not (info["has_vae"] and info["has_text_encoder"]):
-        raise InputError(f"{path}: checkpoint lacks its VAE or text encoder; give a full SD 1.x checkpoint")
+        raise InputError(
+            f"{path}: checkpoint lacks its VAE or text encoder; give a full {family.label} checkpoint"
+        )
+    return family
 
 
-def _load_single_file(path: Path, config: str) -> dict:
+def _load_single_file(path: Path, config: str | None) -> dict:
+    import diffusers
+
     if path.suffix.lower() not in PICKLE_SUFFIXES:
-        _check_single_file(path)
-    from diffusers import StableDiffusionPipeline
-
+        family = _check_single_file(path)
+    else:
+        family = SD1  # a pickle cannot be inspected without loading it; the config decides
+    config = config or family.config_repo
     local = Path(config).expanduser()
+    pipeline = getattr(diffusers, family.single_file_pipeline)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if not family.pooled else {}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(local) if local.is_dir() else config,
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
+        pipe = pipeline.from_single_file(
+            str(path), config=str(local) if local.is_dir() else config, local_files_only=True, **extra
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise InputError(
             f"{path}: cannot load the single-file checkpoint with config '{config}' ({_first_line(e)[:300]});"
-            " the config must be a diffusers SD 1.x folder or a repo id in the local HF cache"
+            f" the config must be a diffusers {family.label} folder or a repo id in the local HF cache"
         ) from None
-    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+    parts = {
+        "family": family,
+        "unet": pipe.unet,
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+    }
+    if family.pooled:
+        parts |= {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2}
+    _check_added_embedding(path, parts)
+    return parts
 
 
 # The UNet of SD 1.4/1.5 and their fine-tunes (Realistic Vision, ...): for shapes, sizes and benchmarks.
@@ -424,13 +651,56 @@ SD15_UNET_CONFIG = dict(
 )
 
 
-def unet_shapes(which: str = "sd15") -> dict[str, torch.Size]:
-    """Parameter name -> shape of the ``sd15`` or ``tiny`` UNet, built on the meta device (no memory, no weights)."""
-    from diffusers import UNet2DConditionModel
+# SD 2.0/2.1 (768 px, velocity): SD 1.x's levels, linear projections, OpenCLIP ViT-H's 1024 channels.
+SD2_UNET_CONFIG = SD15_UNET_CONFIG | dict(
+    sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+)
 
+# SDXL base 1.0 (and its fine-tunes: RealVisXL, Juggernaut XL, ...).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+# Which UNet ``unet_shapes`` and the benchmarks build, by name, and the family each is shaped like.
+UNET_ARCHS = {"sd15": SD1, "sd2": FAMILIES["sd2"], "sdxl": FAMILIES["sdxl"], **TINY_FAMILIES}
+
+
+def unet_config(which: str) -> dict:
+    """The diffusers UNet config of ``which``, one of :data:`UNET_ARCHS` (``sd15``, ``sd2``, ``sdxl``, ``tiny``,
+    ``tiny-sd2``, ``tiny-sdxl``)."""
     from fastimagic import tiny
 
-    config = SD15_UNET_CONFIG if which == "sd15" else tiny.unet_config()
+    configs = {
+        "sd15": SD15_UNET_CONFIG,
+        "sd2": SD2_UNET_CONFIG,
+        "sdxl": SDXL_UNET_CONFIG,
+        "tiny": tiny.unet_config(),
+        "tiny-sd2": tiny.sd2_unet_config(),
+        "tiny-sdxl": tiny.sdxl_unet_config(),
+    }
+    if which not in configs:
+        raise InputError(f"unknown UNet '{which}'; one of {', '.join(configs)}")
+    return configs[which]
+
+
+def unet_shapes(which: str = "sd15") -> dict[str, torch.Size]:
+    """Parameter name -> shape of a UNet of :data:`UNET_ARCHS`, built on the meta device (no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = UNet2DConditionModel(**unet_config(which))
     return {n: p.shape for n, p in unet.named_parameters()}

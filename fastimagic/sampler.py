@@ -48,7 +48,9 @@ def sample(
     """Render one image per row of ``embeddings`` ``[K, 77, C]`` with the matching seed; returns ``[K, 3, H, W]``.
 
     ``unconditional`` is the embedding of the empty (or negative) prompt ``[1, 77, C]``; guidance > 1 needs it.
-    Rows are processed in chunks of ``max_batch`` (default :func:`auto_batch_size`).
+    Rows are processed in chunks of ``max_batch`` (default :func:`auto_batch_size`). The UNet predicts what the
+    model's scheduler says (noise or velocity); SDXL embeddings carry their pooled row (``[K, 78, C]``) and are
+    conditioned on the target size (original = target = ``height`` x ``width``, no crop).
     """
     images.check_size(width, height)
     if len(seeds) != embeddings.shape[0]:
@@ -59,6 +61,7 @@ def sample(
     batch = max_batch or auto_batch_size(model, width, height)
     scheduler = model.scheduler
     channels = model.unet.config.in_channels
+    time_ids = model.family.time_ids((height, width), (0, 0), (height, width)) if model.family.pooled else None
     out = []
     for start in range(0, len(seeds), batch):
         cond = embeddings[start : start + batch].to(model.device)
@@ -71,7 +74,7 @@ def sample(
             x = torch.cat([latents, latents]) if guided else latents
             x = scheduler.scale_model_input(x, t)
             with model.autocast():
-                pred = model.unet(x, t, context).sample.float()
+                pred = model.unet(x, t, **model.unet_inputs(context, time_ids)).sample.float()
             if guided:
                 uncond, text = pred.chunk(2)
                 pred = uncond + guidance * (text - uncond)

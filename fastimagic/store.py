@@ -23,14 +23,16 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from fastimagic.config import BUCKET_RULE, bucket_problem, split_s3
-from fastimagic.errors import FastImagicError
+from fastimagic.errors import FastImagicError, InputError
 
 __all__ = [
     "LocalStore",
+    "NotAFile",
     "NotFound",
     "S3Store",
     "Store",
     "StoreError",
+    "TooLarge",
     "open_store",
     "read_uri",
     "safe_key",
@@ -46,6 +48,14 @@ _KEY_RULE = "keys are relative paths of non-empty '/'-separated segments, withou
 
 class StoreError(FastImagicError):
     """A storage failure, explained in one line: the URI, then what is wrong. Never contains a secret."""
+
+
+class NotAFile(StoreError, InputError):
+    """The path names a folder, FIFO, device or socket, not a regular file; nothing was read (bad input: exit 2)."""
+
+
+class TooLarge(StoreError, InputError):
+    """The object or file is larger than the caller's limit; it was not read (bad input: exit 2)."""
 
 
 class NotFound(StoreError, KeyError):
@@ -211,6 +221,16 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
 
+    def remove_temporaries(self, prefix: str) -> int:
+        """Delete what interrupted atomic writes left under the folder ``prefix`` (a process killed mid-write);
+        returns how many. Only for a folder no live writer uses, e.g. a run being resumed."""
+        folder = self._path(prefix.rstrip("/"))
+        count = 0
+        for path in folder.rglob(f"*{_TMP_SUFFIX}") if folder.is_dir() else ():
+            path.unlink(missing_ok=True)
+            count += 1
+        return count
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*self._key(key).split("/"))
 
@@ -357,9 +377,16 @@ _NO_BUCKET_CODES = {"NoSuchBucket"}
 _NO_KEY_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
+def shown_endpoint(endpoint: str | None) -> str:
+    """An endpoint URL fit to print: a ``user:password@`` in it is replaced by ``***@``."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", str(endpoint)) if endpoint else str(endpoint)
+
+
 def _s3_error(exc: Exception, where: str, bucket: str, endpoint: str, action: str) -> StoreError:
     """Map a botocore exception to a one-line StoreError (never containing a secret)."""
     from botocore import exceptions as bce
+
+    endpoint = shown_endpoint(endpoint)
 
     if isinstance(exc, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionClosedError)):
         return StoreError(f"{where}: cannot reach S3 endpoint {endpoint} ({type(exc).__name__} while {action})")
@@ -375,6 +402,11 @@ def _s3_error(exc: Exception, where: str, bucket: str, endpoint: str, action: st
         if code in _NO_BUCKET_CODES:
             return StoreError(f"{where}: bucket {bucket!r} does not exist")
         message = str(err.get("Message", "")).splitlines()[0] if err.get("Message") else ""
+        if not code or code.isdigit():  # an HTTP status with no S3 error document: probably not an S3 server
+            return StoreError(
+                f"{where}: {endpoint} answered HTTP {code or '?'} with no S3 error while {action}: is it an S3 server?"
+                " (check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)"
+            )
         return StoreError(f"{where}: S3 error {code or '?'} while {action}" + (f": {message}" if message else ""))
     if isinstance(exc, bce.BotoCoreError):
         return StoreError(f"{where}: S3 client error while {action} ({type(exc).__name__})")
@@ -402,7 +434,7 @@ class S3Store(Store):
     @property
     def endpoint(self) -> str:
         """The endpoint URL the client talks to."""
-        return str(getattr(self.client.meta, "endpoint_url", "") or "default AWS endpoint")
+        return shown_endpoint(getattr(self.client.meta, "endpoint_url", "") or "default AWS endpoint")
 
     def _err(self, exc: Exception, action: str) -> StoreError:
         return _s3_error(exc, self.uri, self.bucket, self.endpoint, action)
@@ -528,9 +560,18 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
             return True
         except Exception as exc:
-            if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+            if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"} and _from_s3(exc):
                 return False
             raise self._err(exc, "checking the bucket") from exc
+
+
+def _from_s3(exc: Exception) -> bool:
+    """Whether an error answer came from an S3 server (AWS, MinIO and SeaweedFS send ``x-amz-*`` headers or an S3
+    error document), not from some other web server at the endpoint's address."""
+    response = getattr(exc, "response", None) or {}
+    headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+    code = str((response.get("Error") or {}).get("Code", ""))
+    return any(h.lower().startswith("x-amz-") for h in headers) or (bool(code) and not code.isdigit())
 
 
 def _client_code(exc: Exception) -> str:
@@ -580,7 +621,7 @@ def _s3_client(session: Any = None, *, quick: bool = False, where: str = "") -> 
         client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
     except ValueError as exc:  # botocore: "Invalid endpoint: ..." (no scheme, bad port)
         raise StoreError(
-            f"{where}: invalid S3 endpoint {endpoint!r} (from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL): "
+            f"{where}: invalid S3 endpoint {shown_endpoint(endpoint)!r} (from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL): "
             "expected http(s)://host[:port]"
         ) from exc
     with _CLIENTS_LOCK:
@@ -626,12 +667,57 @@ def open_store(uri: str | Path, *, session: Any = None) -> Store:
     return LocalStore(_local_path(uri))
 
 
-def read_uri(uri: str | Path, *, base_dir: Path | None = None, session: Any = None) -> bytes:
+def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = None) -> bytes:
+    """The bytes of a regular file, at most ``max_bytes`` of them. A FIFO, device (``/dev/zero``), socket or folder,
+    or a link to one, is refused at once without reading, so nothing blocks or fills memory.
+
+    Raises :class:`NotFound` or :class:`StoreError`; messages start with ``shown`` (default: the path).
+    """
+    import stat
+
+    shown = shown or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError as exc:
+        raise NotFound(f"{shown}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise NotAFile(f"{shown}: is a folder, expected a file") from exc
+    except OSError as exc:
+        raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        mode = info.st_mode
+        if stat.S_ISDIR(mode):
+            raise NotAFile(f"{shown}: is a folder, expected a file")
+        what = (
+            "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise NotAFile(f"{shown}: is {what}, expected a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise TooLarge(f"{shown}: is {info.st_size:,} bytes, more than the limit of {max_bytes:,}")
+        try:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except OSError as exc:
+            raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
+    if max_bytes is not None and len(data) > max_bytes:  # it grew while we read
+        raise TooLarge(f"{shown}: is more than the limit of {max_bytes:,} bytes")
+    return data
+
+
+def read_uri(
+    uri: str | Path, *, base_dir: Path | None = None, session: Any = None, max_bytes: int | None = None
+) -> bytes:
     """Read one whole object: ``s3://bucket/key``, a ``file://`` URI, or a path (relative paths are resolved
-    against ``base_dir``, default the current folder).
+    against ``base_dir``, default the current folder). Local paths must be regular files (see :func:`read_local`).
+    ``max_bytes``: refuse anything larger, before reading it.
 
     Raises :class:`NotFound` (a :class:`StoreError`) if it does not exist, and :class:`StoreError` if it is a
-    folder or cannot be read; every message starts with ``uri``.
+    folder, too large or cannot be read; every message starts with ``uri``.
     """
     text = str(uri)
     if text.startswith("s3://"):
@@ -642,22 +728,25 @@ def read_uri(uri: str | Path, *, base_dir: Path | None = None, session: Any = No
         client = _s3_client(session, where=text)
         endpoint = str(client.meta.endpoint_url)
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = client.get_object(Bucket=bucket, Key=key)
+            size = response.get("ContentLength")
+            if max_bytes is not None and isinstance(size, int) and size > max_bytes:
+                response["Body"].close()
+                raise TooLarge(f"{text}: is {size:,} bytes, more than the limit of {max_bytes:,}")
+            data = response["Body"].read() if max_bytes is None else response["Body"].read(max_bytes + 1)
+        except StoreError:
+            raise
         except Exception as exc:
             if _client_code(exc) in _NO_KEY_CODES:
                 raise NotFound(f"{text}: no such object") from exc
             raise _s3_error(exc, text, bucket, endpoint, "reading") from exc
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(f"{text}: is more than the limit of {max_bytes:,} bytes")
+        return data
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", text) and not text.startswith("file://"):
         raise StoreError(f"{text}: unsupported URI scheme, expected a path, file:// or s3://bucket/key")
     path = _local_path(text) if isinstance(uri, str) else Path(uri)
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
     shown = text if str(path) == text else f"{text} ({path})"
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise NotFound(f"{shown}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise StoreError(f"{shown}: is a folder, expected a file") from exc
-    except OSError as exc:
-        raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
+    return read_local(path, max_bytes=max_bytes, shown=shown)

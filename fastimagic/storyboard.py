@@ -199,13 +199,15 @@ def _edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
     if isinstance(value, tuple):  # already validated (built in Python)
         value = list(value)
     if isinstance(value, dict):
-        return _expand_range(value, _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES))
+        return _bounded(_expand_range(value, _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)))
     if not isinstance(value, list):
         try:
-            return (_rounded(_number(value)),)
+            return _bounded((_rounded(_number(value)),))
         except _Bad:
             usage = "must be a number, a list of numbers or a range like {from: 0.8, to: 1.5, step: 0.1}"
             raise _problem(f"{usage} (got {describe_value(value)})") from None
+    if len(value) > _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES):
+        raise _problem(f"lists {len(value)} values, more than max_keyframes; render fewer")
     if not value:
         raise _problem("list at least one value")
     found, values = [], {}  # a dict keeps the order
@@ -220,7 +222,37 @@ def _edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
         values[number] = None
     if found:
         raise _problems(found)
-    return tuple(values)
+    return _bounded(tuple(values))
+
+
+def _bounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    """Refuse coefficients far outside anything that edits an image (they name files with hundreds of digits and
+    render black frames), and values whose keyframe names would be the same (names keep 2 decimals)."""
+    found = [((i,), f"{v!r} is outside -{MAX_COEFFICIENT}..{MAX_COEFFICIENT}; useful values are around 0-2")
+             for i, v in enumerate(values) if abs(v) > MAX_COEFFICIENT]
+    if found:
+        raise _problems(found) if len(values) > 1 else _problem(found[0][1])
+    first: dict[str, float] = {}
+    for i, v in enumerate(values):
+        label = f"{v:.2f}"
+        if label in first:
+            raise _problems([((i,) if len(values) > 1 else (), f"{first[label]!r} and {v!r} would both name keyframes"
+                              f" '{label}' (names keep 2 decimals); use values that differ in the first 2 decimals")])
+        first[label] = v
+    return values
+
+
+# Edit coefficients (gamma, alpha, beta) beyond this are refused; the paper's are 0-2.
+MAX_COEFFICIENT = 100.0
+
+
+def _short_text(value: str) -> str:
+    if len(value) > config.DEFAULT_MAX_PROMPT_CHARS:
+        raise _problem(
+            f"is {len(value)} characters, more than {config.DEFAULT_MAX_PROMPT_CHARS}; CLIP reads the first 77 tokens"
+            " (about 300 characters)"
+        )
+    return value
 
 
 def _context(info: ValidationInfo, key: str, default: Any) -> Any:
@@ -248,6 +280,9 @@ def _resolve(value: str, base: str, *, need_key: bool) -> str:
         bucket, key = _split_s3(value)
         if need_key and not key:
             raise _Bad(f"s3 URI '{value}' names no key; write s3://{bucket}/path/to/file")
+        problem = config.s3_key_problem(key if need_key else key.rstrip("/"))
+        if problem:
+            raise _Bad(f"s3 URI '{config.printable(value)}' {problem}")
         return value
     if config.URL_SCHEME.match(value):
         raise _Bad(f"'{value}': only local paths and s3:// URIs are supported")
@@ -381,8 +416,10 @@ class FinetuneSettings(_Frozen):
                 hint = f"did you mean '{close[0]}'?" if close else f"the UNet has {', '.join(UNET_BLOCKS)}"
                 found.append(((i,), f"unknown UNet block '{name}' ({hint})"))
             elif root in ("down_blocks", "up_blocks") and rest.split(".")[0].isdigit():
+                # The model's own levels (SDXL: 3) are checked against its family before the run starts.
                 if int(rest.split(".")[0]) >= UNET_LEVELS:
-                    found.append(((i,), f"'{name}': SD 1.x has {root}.0 to {root}.{UNET_LEVELS - 1}"))
+                    levels = f"{root}.0 to {root}.{UNET_LEVELS - 1}, SDXL {root}.0 to {root}.2"
+                    found.append(((i,), f"'{name}': SD 1.x and 2.x have {levels}"))
             if name in seen:
                 found.append(((i,), f"'{name}' is listed twice"))
             seen.add(name)
@@ -416,6 +453,18 @@ class ProjectSweep(_Frozen):
 
     _values = field_validator("alpha", "beta", mode="before")(_edit_values)
 
+    @model_validator(mode="after")
+    def _pairs(self, info: ValidationInfo) -> ProjectSweep:
+        # Counted, never expanded: two ranges under the cap can still make 100 million pairs.
+        cap = _context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)
+        pairs = len(self.alpha) * len(self.beta)
+        if pairs > cap:
+            raise _problem(
+                f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than max_keyframes"
+                f" ({cap}); use fewer values"
+            )
+        return self
+
 
 class Edit(_Frozen):
     """How a scene merges e_src with its prompt's embedding: exactly one of ``subtract`` or ``project``."""
@@ -443,6 +492,13 @@ class Edit(_Frozen):
     @property
     def mode(self) -> Literal["subtract", "project"]:
         return "subtract" if self.subtract is not None else "project"
+
+    def count(self) -> int:
+        """How many merges :meth:`combos` makes, without making them."""
+        if self.subtract is not None:
+            return len(self.subtract.gamma)
+        assert self.project is not None
+        return len(self.project.alpha) * len(self.project.beta)
 
     def combos(self) -> list[MergeEdit]:
         """Every merge this edit asks for, in render order: a :class:`~fastimagic.merge.Subtract` per gamma, or a
@@ -514,7 +570,7 @@ class Scene(_Frozen):
         if not isinstance(value, str):
             raise _problem(f"scene id must be text like 'beach-walk' (got {describe_value(value)})")
         if not SLUG.fullmatch(value):
-            slug = slugify(value)
+            slug = slugify(value, transliterate=False)  # suggest only a slug a person would recognise
             if slug:
                 raise _problem(f"scene id '{value}' must be a slug like '{slug}'")
             raise _problem(
@@ -527,7 +583,12 @@ class Scene(_Frozen):
     def _prompt(cls, value: str) -> str:
         if not value.strip():
             raise _problem("must not be empty")
-        return value
+        return _short_text(value)
+
+    @field_validator("negative_prompt", "motion")
+    @classmethod
+    def _texts(cls, value: str | None) -> str | None:
+        return None if value is None else _short_text(value)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -592,15 +653,17 @@ class Scene(_Frozen):
     def keyframe_count(self) -> int:
         """Keyframes this scene renders: seeds x edit combos x forgetting strategies (``auto``: at most 3 passes)."""
         passes = 3 if self.auto_forget else len(self.forget)
-        return len(self.seeds) * len(self.edit.combos()) * passes
+        return len(self.seeds) * self.edit.count() * passes
 
 
 class Storyboard(_Frozen):
     """A validated storyboard. Build it with :func:`load_storyboard`, which also records where it came from.
 
     Scenes have ``defaults`` merged in. ``reference`` and ``output`` keep the path as written and its resolved
-    form; ``model`` says what kind of model source it is. ``resolution`` is (width, height) in pixels, or one
-    number: the shorter side, the other following the reference's aspect ratio (see :meth:`size_for`).
+    form; ``model`` says what kind of model source it is; ``vae``: a VAE replacing the model's (a hub id or a
+    diffusers folder, e.g. a float16-safe SDXL VAE). ``resolution`` is (width, height) in pixels, or one number:
+    the shorter side, the other following the reference's aspect ratio; unset, the model's own side (512 for SD 1.x,
+    768 for SD 2.x, 1024 for SDXL; see :meth:`size_for`).
     ``fit``: how the reference meets that size (:data:`~fastimagic.config.FIT_MODES`). ``precision``: the UNet's
     compute precision (:data:`~fastimagic.config.PRECISIONS`; checked against the device when the run starts).
     """
@@ -613,7 +676,8 @@ class Storyboard(_Frozen):
     reference: Location
     model: ModelSource = TINY
     model_config_source: ModelSource | None = Field(None, alias="model_config")
-    resolution: int | tuple[int, int] = Field(512, validate_default=True)
+    resolution: int | tuple[int, int] | None = None
+    vae: ModelSource | None = None
     fit: _Str = "crop"
     precision: _Str = "auto"
     source_prompt: _Str | None = None
@@ -625,6 +689,9 @@ class Storyboard(_Frozen):
 
     _source: str = PrivateAttr("")
     _source_text: str = PrivateAttr("")
+    _lines: dict = PrivateAttr(default_factory=dict)  # field path -> line in the file, for later checks' messages
+    _max_reference_bytes: int = PrivateAttr(config.DEFAULT_MAX_REFERENCE_BYTES)
+    _side_cap: int | None = PrivateAttr(None)  # an operator's policy may lower max_side (see fastimagic.policy)
 
     @field_validator("name")
     @classmethod
@@ -667,9 +734,24 @@ class Storyboard(_Frozen):
             raise _problem("only applies when model is a single-file checkpoint (.safetensors); remove it")
         return source
 
+    @field_validator("vae", mode="before")
+    @classmethod
+    def _vae(cls, value: Any, info: ValidationInfo) -> ModelSource | None:
+        if value is None:
+            return None
+        try:
+            source = _model_source(value, info, allow_pickle=False)
+        except _Bad as e:
+            raise _problem(str(e)) from None
+        if source.kind not in ("hub", "folder"):
+            raise _problem("must be a hub repo id or a diffusers VAE folder (with config.json)")
+        return source
+
     @field_validator("resolution", mode="before")
     @classmethod
-    def _resolution(cls, value: Any, info: ValidationInfo) -> int | tuple[int, int]:
+    def _resolution(cls, value: Any, info: ValidationInfo) -> int | tuple[int, int] | None:
+        if value is None:
+            return None
         usage = f"must be a size like 512 or '768x512' (got {describe_value(value)})"
         if isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value):
             (width, height), labels = value, ("width", "height")
@@ -732,7 +814,7 @@ class Storyboard(_Frozen):
     def _source_prompt(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise _problem("must not be empty; leave it out to caption the reference image with BLIP")
-        return value
+        return None if value is None else _short_text(value)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -773,19 +855,22 @@ class Storyboard(_Frozen):
         """The run's folder name, from ``name``."""
         return slugify(self.name)
 
-    def size_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+    def size_for(self, image_size: tuple[int, int], model_side: int) -> tuple[int, int]:
         """The (width, height) the fine-tune and keyframes use for a reference of ``image_size``: the resolution as
-        given, or for one number the reference's aspect ratio with that shorter side (both sides rounded to a
-        multiple of 8). Raises :class:`InputError` when the longer side comes out over ``max_side``."""
+        given, or for one number (``model_side``, the model's own, when none is given) the reference's aspect ratio
+        with that shorter side (both sides rounded to a multiple of 8). Raises :class:`InputError` when the longer
+        side comes out over ``max_side``."""
         if isinstance(self.resolution, tuple):
             return self.resolution
-        width, height = size_for(image_size, self.resolution, SIDE_MULTIPLE)
-        if max(width, height) > self.max_side:
+        side = self.resolution or model_side
+        width, height = size_for(image_size, side, SIDE_MULTIPLE)
+        cap = min(self.max_side, self._side_cap or self.max_side)
+        if max(width, height) > cap:
             w, h = image_size
             raise InputError(
-                f"{self.source or 'storyboard'} resolution: {self.resolution} on a {w}x{h} reference gives"
-                f" {width}x{height}, over max_side {self.max_side}; give a size such as"
-                f" '{min(width, self.max_side)}x{min(height, self.max_side)}' or raise max_side"
+                f"{self.source or 'storyboard'} resolution: {side} on a {w}x{h} reference gives"
+                f" {width}x{height}, over max_side {cap}; give a size such as"
+                f" '{min(width, cap)}x{min(height, cap)}'" + (" or raise max_side" if cap == self.max_side else "")
             )
         return width, height
 
@@ -793,12 +878,40 @@ class Storyboard(_Frozen):
         """The resolution as a person reads it: ``768x512``, or ``512 (shorter side, the reference's aspect)``."""
         if isinstance(self.resolution, tuple):
             return f"{self.resolution[0]}x{self.resolution[1]}"
+        if self.resolution is None:
+            return "the model's own resolution (shorter side, the reference's aspect)"
         return f"{self.resolution} (shorter side, the reference's aspect)"
 
     @property
     def source(self) -> str:
         """Where the storyboard was read from (path or URI as given to :func:`load_storyboard`)."""
         return self._source
+
+    def limit(self, *, side: int | None = None, reference_bytes: int | None = None) -> None:
+        """Lower the run-time caps (an operator's policy does): the longest side a one-number resolution may
+        reach, and the reference image's size in bytes. Raising them has no effect."""
+        if side is not None:
+            self._side_cap = min(side, self._side_cap or side)
+        if reference_bytes is not None:
+            self._max_reference_bytes = min(reference_bytes, self._max_reference_bytes)
+
+    @property
+    def max_reference_bytes(self) -> int:
+        """The most bytes the reference image may have (default 50 MB, lower under a policy)."""
+        return self._max_reference_bytes
+
+    def line(self, *loc: str | int) -> int | None:
+        """The line of a field of this storyboard's file (or of its nearest written parent), None when unknown."""
+        return next((self._lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in self._lines), None)
+
+    def where(self, *loc: str | int) -> str:
+        """``FILE:LINE FIELD.PATH`` for a field of this storyboard, as the loader words its problems."""
+        line = self.line(*loc)
+        path = ""
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        at = f"{self.source or 'storyboard'}:{line}" if line else self.source or "storyboard"
+        return f"{at} {path}" if path else at
 
     @property
     def source_text(self) -> str:
@@ -873,7 +986,7 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
             (
                 ("scenes",),
                 f"the storyboard makes {total} keyframes, more than max_keyframes ({cap}); the largest scene,"
-                f" '{big.id}', makes {big.keyframe_count()} ({len(big.seeds)} seeds x {len(big.edit.combos())} edits"
+                f" '{big.id}', makes {big.keyframe_count()} ({len(big.seeds)} seeds x {big.edit.count()} edits"
                 f" x {len(big.forget)} forget strategies). Render fewer, or raise max_keyframes",
             )
         )

@@ -28,13 +28,16 @@ from fastimagic.errors import InputError
 from fastimagic.storyboard import Scene, Storyboard, describe_value, unknown_key
 
 _MAX_YAML_NODES = 100_000  # anchors and aliases can make a small file expand to billions of values
+_MAX_DIGITS = 40  # the longest number a storyboard needs is a seed (10 digits) or a float written out
+_NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
 
 
 class StoryboardError(InputError):
     """The storyboard has problems. ``problems`` holds one ``FILE:LINE FIELD.PATH: message`` line for each."""
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        # Values from the file reach the messages: control characters are escaped so none can forge a line.
+        self.problems = [config.printable(p) for p in ([problems] if isinstance(problems, str) else problems)]
         super().__init__("\n".join(self.problems))
 
     def __reduce__(self):  # keep the lines separate across pickling (orchestrators ship exceptions)
@@ -192,6 +195,10 @@ class _Tree:
             self.refused_tags = True
             tag = _short_tag(node.tag)
             self.problems.append((line, f"{self.source}:{line}: YAML tag '{tag}' is not allowed (plain YAML only)"))
+        if first and isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > _MAX_DIGITS:
+            self.refused_tags = True  # stop before construction: int() refuses 4300+ digits with a bare ValueError
+            self.problems.append((line, f"{self.source}:{line}: a number of {len(node.value)} characters;"
+                                        f" numbers here have at most {_MAX_DIGITS}"))
         on_path = on_path | {id(node)}
         if isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -205,6 +212,13 @@ class _Tree:
                     merged.append(value)
                     continue
                 child = None
+                if first and key.tag == "tag:yaml.org,2002:null":
+                    self.refused_tags = True  # stop: a null key has no field name to report against
+                    key_line = key.start_mark.line + 1
+                    shown = key.value or "an empty key"
+                    self.problems.append((key_line, f"{self.source}:{key_line}: key '{shown}' is YAML's null, not a"
+                                                    " field name; write the field's name (or put it in quotes)"))
+                    continue
                 if isinstance(key, yaml.ScalarNode):
                     child = None if path is None else (*path, key.value)
                     key_line = key.start_mark.line + 1
@@ -247,8 +261,11 @@ def _yaml_problem(source: str, text: str, err: yaml.YAMLError) -> tuple[int, str
     return line, f"{source}:{line}: YAML syntax error: {what}"
 
 
-def _parse(text: str, source: str) -> tuple[Any, _Tree | None, list[tuple[int, str]]]:
-    """YAML text -> (data, the walked node tree, problems). Data is None when the problems stop validation."""
+def _parse(
+    text: str, source: str, empty: str = "the storyboard is empty; it needs name, reference and scenes"
+) -> tuple[Any, _Tree | None, list[tuple[int, str]]]:
+    """YAML text -> (data, the walked node tree, problems). Data is None when the problems stop validation.
+    ``empty``: what to say about a file with no YAML document."""
     try:
         loader = _Loader(text)  # checks the characters already
     except yaml.YAMLError as e:
@@ -256,12 +273,15 @@ def _parse(text: str, source: str) -> tuple[Any, _Tree | None, list[tuple[int, s
     try:
         root = loader.get_single_node()
         if root is None:
-            return None, None, [(1, f"{source}:1: the storyboard is empty; it needs name, reference and scenes")]
+            return None, None, [(1, f"{source}:1: {empty}")]
         tree = _Tree(source)
         try:
             tree.visit(root, ())
         except _TooBig:
-            message = f"expands to more than {_MAX_YAML_NODES} values through aliases; write it out plainly"
+            if "*" in text:
+                message = f"expands to more than {_MAX_YAML_NODES} values through aliases; write it out plainly"
+            else:
+                message = f"has more than {_MAX_YAML_NODES} values; a storyboard needs far fewer"
             return None, None, [(1, f"{source}:1: {message}")]
         if tree.refused_tags:
             return None, tree, tree.problems
@@ -280,6 +300,17 @@ def _folder_of(source: str) -> str:
         folder = posixpath.dirname(key)
         return f"s3://{bucket}/{folder}" if folder else f"s3://{bucket}"
     return os.path.dirname(os.path.abspath(os.path.expanduser(source)))
+
+
+def decode_storyboard(data: bytes, source: str) -> str:
+    """Storyboard bytes as text: UTF-8, a BOM allowed; anything else is a :class:`StoryboardError` that says what
+    the file is and how to fix it."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 1 and b"\x00" in data[:2]):
+        raise StoryboardError([f"{source}: UTF-16 text; save the storyboard as UTF-8"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StoryboardError([f"{source}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"]) from None
 
 
 def load_storyboard(
@@ -301,12 +332,14 @@ def load_storyboard(
     if text is None:
         if source.startswith("s3://"):
             raise StoryboardError([f"{source}: fetch the text first and pass it as text=; only local files are read"])
+        from fastimagic.store import StoreError, read_local
+
         try:
-            text = Path(source).read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise StoryboardError([f"{source}: not UTF-8 text (bad byte at offset {e.start})"]) from None
-        except OSError as e:
-            raise StoryboardError([f"{source}: cannot read the storyboard: {e.strerror or e}"]) from None
+            data = read_local(Path(source).expanduser(), max_bytes=config.DEFAULT_MAX_STORYBOARD_BYTES, shown=source)
+        except StoreError as e:
+            reason = str(e).removeprefix(f"{source}: ")
+            raise StoryboardError([f"{config.printable(source)}: cannot read the storyboard: {reason}"]) from None
+        text = decode_storyboard(data, source)
 
     data, tree, problems = _parse(text, source)
     board = None
@@ -330,4 +363,5 @@ def load_storyboard(
         raise StoryboardError(list(dict.fromkeys(ordered)))
     board._source = source
     board._source_text = text
+    board._lines = dict(tree.lines) if tree is not None else {}
     return board

@@ -1,9 +1,17 @@
-"""The built-in ``tiny`` model: Stable Diffusion 1.x in shape, a few kilobytes in size.
+"""The built-in tiny models: Stable Diffusion 1.x, 2.x and SDXL in shape, a few kilobytes in size.
 
-Everything here is built offline from configs: the same component classes as SD 1.x (UNet2DConditionModel with
-four down and four up blocks, AutoencoderKL with an 8x downsampling, a CLIP text encoder and a byte-level CLIP BPE
-tokenizer), but tiny widths and seeded random weights. It exists so that tests and the demo run the real code
-paths on a 2-core CPU with nothing downloaded. Its images are noise-like, not pictures.
+Everything here is built offline from configs: the same component classes as the real models, but tiny widths and
+seeded random weights. It exists so that tests and the demo run the real code paths on a 2-core CPU with nothing
+downloaded. Their images are noise-like, not pictures.
+
+* ``tiny``: SD 1.x (UNet2DConditionModel with four down and four up blocks, AutoencoderKL with an 8x
+  downsampling, a CLIP text encoder and a byte-level CLIP BPE tokenizer).
+* ``tiny-sd2``: SD 2.x (linear-projection transformers, per-level head counts, a GELU text encoder) predicting
+  velocity, as the 768 px SD 2.0/2.1 models do.
+* ``tiny-sdxl``: SDXL (three levels, the first without attention, two transformer layers at the deepest; two text
+  encoders whose penultimate states concatenate, the second with a projection that gives the pooled vector; the
+  "text_time" added embedding that takes the pooled vector and the six time ids; a second tokenizer padding with
+  ``!``, as SDXL's does).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import torch
 
 TINY_SEED = 0
 TINY_IDENTITY = "tiny:v1"
+# Identities of every tiny model by name (content keys of tunings made on them).
+IDENTITIES = {"tiny": TINY_IDENTITY, "tiny-sd2": "tiny-sd2:v1", "tiny-sdxl": "tiny-sdxl:v1"}
 # 64 px images, 8x8 latents: the smallest size at which every UNet level keeps a spatial extent of at least 1.
 TINY_RESOLUTION = 64
 
@@ -83,12 +93,13 @@ def _tokenizer_dir() -> Path:
     return write_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="fastimagic-tiny-tok-")))
 
 
-def clip_tokenizer():
-    """The tiny byte-level CLIP tokenizer (77 tokens, like SD 1.x)."""
+def clip_tokenizer(pad_token: str | None = None):
+    """The tiny byte-level CLIP tokenizer (77 tokens, like SD 1.x); ``pad_token``: e.g. ``!`` (SDXL's second)."""
     from transformers import CLIPTokenizer
 
     # Loaded through from_pretrained, exactly as a real model's tokenizer/ folder is.
-    return CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=77)
+    kw = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=77, **kw)
 
 
 def unet_config() -> dict:
@@ -106,7 +117,37 @@ def unet_config() -> dict:
     )
 
 
-def vae_config() -> dict:
+def sd2_unet_config() -> dict:
+    return unet_config() | dict(attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, cross_attention_dim=48)
+
+
+# SDXL: text encoder widths 32 (CLIP L-like) + 48 (bigG-like) = 80 channels per token; pooled vector 32 wide. The
+# two widths differ, as 768 and 1280 do: diffusers' single-file loader tells the encoders apart by width.
+SDXL_TIME_EMBED_DIM = 8
+SDXL_POOLED_DIM = 32
+
+
+def sdxl_unet_config() -> dict:
+    return dict(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=80,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_TIME_EMBED_DIM * 6 + SDXL_POOLED_DIM,
+        norm_num_groups=8,
+    )
+
+
+def vae_config(scaling_factor: float = 0.18215) -> dict:
     return dict(
         in_channels=3,
         out_channels=3,
@@ -117,11 +158,11 @@ def vae_config() -> dict:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=TINY_RESOLUTION,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
-def text_encoder_config(vocab_size: int, bos: int, eos: int) -> dict:
+def text_encoder_config(vocab_size: int, bos: int, eos: int, **changes) -> dict:
     return dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -133,23 +174,44 @@ def text_encoder_config(vocab_size: int, bos: int, eos: int) -> dict:
         eos_token_id=eos,
         pad_token_id=eos,
         projection_dim=32,
-    )
+    ) | changes
 
 
-def build_components(seed: int = TINY_SEED) -> dict:
-    """Build the tiny SD components with weights drawn from ``seed``: unet, vae, text_encoder, tokenizer."""
+def build_components(seed: int = TINY_SEED, name: str = "tiny") -> dict:
+    """Build the tiny model ``name`` (``tiny``, ``tiny-sd2``, ``tiny-sdxl``) with weights drawn from ``seed``:
+    unet, vae, text_encoder, tokenizer (and text_encoder_2, tokenizer_2 for SDXL), prediction_type."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if name not in IDENTITIES:
+        raise ValueError(f"unknown tiny model {name!r}; one of {', '.join(IDENTITIES)}")
     tokenizer = clip_tokenizer()
+    ids = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    parts: dict = {"tokenizer": tokenizer, "prediction_type": "epsilon"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config())
-        vae = AutoencoderKL(**vae_config())
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id))
-        )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        if name == "tiny":
+            parts["unet"] = UNet2DConditionModel(**unet_config())
+            parts["vae"] = AutoencoderKL(**vae_config())
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_encoder_config(*ids)))
+        elif name == "tiny-sd2":
+            parts["unet"] = UNet2DConditionModel(**sd2_unet_config())
+            parts["vae"] = AutoencoderKL(**vae_config())
+            parts["text_encoder"] = CLIPTextModel(
+                CLIPTextConfig(**text_encoder_config(*ids, hidden_size=48, num_attention_heads=4, hidden_act="gelu"))
+            )
+            parts["prediction_type"] = "v_prediction"
+        else:
+            parts["unet"] = UNet2DConditionModel(**sdxl_unet_config())
+            parts["vae"] = AutoencoderKL(**vae_config(scaling_factor=0.13025))
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_encoder_config(*ids)))
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    **text_encoder_config(*ids, hidden_size=48, hidden_act="gelu", projection_dim=SDXL_POOLED_DIM)
+                )
+            )
+            parts["tokenizer_2"] = clip_tokenizer(pad_token="!")
+    return parts
 
 
 def build_blip(seed: int = TINY_SEED):

@@ -59,7 +59,7 @@ class Tuning:
 
     key: str
     source_prompt: str
-    source_embedding: torch.Tensor  # [1, 77, C] float32
+    source_embedding: torch.Tensor  # [1, 77, C] float32 (SDXL: [1, 78, C], the pooled vector packed as a last row)
     deltas: dict[str, torch.Tensor]  # UNet parameter name -> learned - original, float16
     model_identity: str
     finetune: dict
@@ -69,6 +69,7 @@ class Tuning:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     caption: str | None = None  # the BLIP caption the source prompt came from, if any
+    family: str = "sd1"  # the model family it was made on (fastimagic.families); tunings saved before it: sd1
 
     @property
     def trained_names(self) -> list[str]:
@@ -86,6 +87,7 @@ class Tuning:
             "source_prompt": self.source_prompt,
             "caption": self.caption,
             "model_identity": self.model_identity,
+            "family": self.family,
             "finetune": self.finetune,
             "width": self.width,
             "height": self.height,
@@ -139,6 +141,7 @@ class Tuning:
             source_embedding=tensors.pop(_EMBEDDING),
             deltas={k[len(_DELTA) :]: v for k, v in tensors.items()},
             model_identity=meta["model_identity"],
+            family=meta.get("family", "sd1"),
             finetune=meta["finetune"],
             width=meta["width"],
             height=meta["height"],

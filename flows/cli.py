@@ -1,17 +1,18 @@
 """The ``fastimagic`` command.
 
-    fastimagic validate FILE                      check a storyboard; every problem, one line each
+    fastimagic validate FILE [--policy P]         check a storyboard (and its policy); every problem, one line each
     fastimagic run FILE [--output URI] [--model M] [--workers] [-v|-q]
                                                   run the storyboard flow here (Prefect's embedded server); with
                                                   --workers, the GPU work runs on warm workers (a Prefect server)
     fastimagic worker                             a warm GPU worker: serve fine-tunes and renders, one at a time
     fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
-    fastimagic strategies [--model tiny|sd15]     each forgetting strategy and what it touches
+    fastimagic strategies [--model sd15|sd2|sdxl|tiny...]  each forgetting strategy and what it touches
     fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
     fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
 
-Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure.
+Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure, 128 + the signal when
+stopped (130 for Ctrl-C, 143 for SIGTERM), after stopping what this process started.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,16 +35,100 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"fastimagic: {message}", file=sys.stderr)
+def _fail(message: str | BaseException, code: int) -> int:
+    """Print one error (an exception with ``problems`` prints one line per problem) and return ``code``. Values
+    from a storyboard reach messages: control characters are escaped, so none can forge a line or drive the
+    terminal."""
+    from fastimagic.config import printable
+
+    lines = getattr(message, "problems", None) or [str(message)]
+    print("fastimagic: " + "\n".join(printable(line) for line in lines), file=sys.stderr)
     return code
 
 
+def _say(text: str) -> None:
+    """One line of output: values from a storyboard in it are escaped like error lines."""
+    from fastimagic.config import printable
+
+    print(printable(text))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C, so Prefect marks the run crashed and every
+    ``finally`` and ``atexit`` runs (the embedded Prefect server this process started is stopped there)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def _supervise() -> None:
+    """Signals this process can catch end it cleanly (exit 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
+
+    For the one it cannot catch (SIGKILL), every child process the main thread starts (Prefect's embedded server)
+    is asked to receive SIGTERM when this process dies (Linux ``PR_SET_PDEATHSIG``), so none outlives it holding
+    the caller's stdout and stderr open.
+    """
+    import signal
+    import subprocess
+    import threading
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child between fork and exec
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    original = subprocess.Popen.__init__
+
+    def popen(self, *args, **kwargs):
+        # Only from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
+        if kwargs.get("preexec_fn") is None and threading.current_thread() is threading.main_thread():
+            kwargs["preexec_fn"] = die_with_parent
+        original(self, *args, **kwargs)
+
+    subprocess.Popen.__init__ = popen
+
+
+def _policy(args):
+    """The operator's policy from ``--policy`` or ``$FASTIMAGIC_POLICY``, or None when neither names one."""
+    from fastimagic.policy import POLICY_ENV, load_policy
+
+    path = getattr(args, "policy", None) or os.environ.get(POLICY_ENV)
+    return load_policy(path) if path else None
+
+
 def cmd_validate(args) -> int:
+    from fastimagic.policy import enforce
     from fastimagic.storyboard_yaml import load_storyboard
 
-    board = load_storyboard(args.file)
-    print(
+    policy = _policy(args)
+    text = None
+    if args.file.startswith("s3://"):  # fetched and decoded as strictly as a local file
+        from fastimagic.config import DEFAULT_MAX_STORYBOARD_BYTES
+        from fastimagic.storyboard_yaml import decode_storyboard
+        from tasks.storage import read
+
+        text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
+    board = load_storyboard(args.file, text=text)
+    if policy is not None:
+        enforce(board, policy)
+    _say(
         f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
         f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
     )
@@ -74,10 +160,21 @@ def cmd_run(args) -> int:
     if not args.verbose:
         # Prefect's per-task lines still reach its API (the UI, `prefect flow-run logs`); the console shows warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    from fastimagic.errors import InputError
     from fastimagic.progress import ProgressDisplay, listening
+    from fastimagic.store import NotFound, StoreError
     from flows.run import preflight, read_storyboard
     from flows.storyboard import storyboard_flow
 
+    for flag, value in (("--run-id", args.run_id), ("--resume", args.resume)):
+        if value is not None and not _RUN_ID.fullmatch(value):
+            raise InputError(
+                f"{flag} {value!r}: a run id is 1-100 characters of letters, digits, '.', '_' and '-', starting"
+                " with a letter or digit (it names a folder); `fastimagic runs OUTPUT` lists existing ones"
+            )
+    if args.output is not None and not args.output.strip():
+        raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
+                         " storyboard's output")
     output, model = _absolute_output(args.output), _absolute_model(args.model)
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
     preflight(board)
@@ -85,6 +182,8 @@ def cmd_run(args) -> int:
         from flows.workers import check_shared_storage
 
         check_shared_storage()  # exit 1 with one line before any work is submitted
+    if not args.verbose:
+        _one_line_logs()
 
     run_id = args.resume or args.run_id
     display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
@@ -98,6 +197,8 @@ def cmd_run(args) -> int:
                 resume=bool(args.resume),
                 scale_out=args.workers,
             )
+        except NotFound as e:  # the inputs were checked above: something vanished from storage mid-run (exit 1)
+            raise StoreError(str(e)) from None
         finally:
             if display:
                 display.close()
@@ -107,13 +208,35 @@ def cmd_run(args) -> int:
             f"resumed {args.resume}: {result['kept']} keyframes verified and kept, "
             f"{result['keyframes'] - result['kept']} rendered"
         )
-    print(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
+    _say(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
     print(f"browse:   {result['index_url']}")
     if result["index_url"].startswith("http") and not args.quiet:
         print("          (presigned, expires in 24 h; for a private bucket, `fastimagic open "
               f"{result['run_uri']}` makes a page whose images are presigned too)")
     return EXIT_OK
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps log records to their message: the traceback Prefect attaches to a failed task or flow stays in its
+    API (the UI, ``prefect flow-run logs``) and reaches the console only with ``-v``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if isinstance(record.msg, str) and "Traceback (most recent call last)" in record.msg:
+            record.msg = record.msg.split("Traceback (most recent call last)")[0].rstrip() or "(traceback hidden)"
+        return True
+
+
+def _one_line_logs() -> None:
+    names = [n for n in logging.root.manager.loggerDict if n == "prefect" or n.startswith("prefect.")]
+    for logger in [logging.getLogger(n) for n in names] + [logging.getLogger()]:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_NoTraceback())
 
 
 def _nothing():
@@ -149,19 +272,19 @@ def cmd_caption(args) -> int:
 
 
 def cmd_strategies(args) -> int:
-    from fastimagic.config import BLOCK_PRESETS
     from fastimagic.forgetting import ALIASES, STRATEGIES, describe
-    from fastimagic.models import unet_shapes
+    from fastimagic.models import UNET_ARCHS, unet_shapes
 
-    blocks = BLOCK_PRESETS[args.blocks]
+    family = UNET_ARCHS[args.model]
+    blocks = family.presets[args.blocks]
     trained = {n: s for n, s in unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
     total = sum(math.prod(s) for s in trained.values())
     print(
-        f"{args.model} UNet, trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)} tensors, "
-        f"{total:,} parameters"
+        f"{args.model} UNet ({family.label}), trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)}"
+        f" tensors, {total:,} parameters"
     )
     for name in STRATEGIES:
-        r = describe(name, trained)
+        r = describe(name, trained, family)
         alias = [a for a, c in ALIASES.items() if c == name]
         extra = f" (alias: {', '.join(alias)})" if alias else ""
         print(f"  {name:22s} forgets {len(r.tensors):4d} tensors {r.parameters:>12,} params: {r.description}{extra}")
@@ -188,6 +311,11 @@ def cmd_open(args) -> int:
             raise InputError(f"{target}: no finished run{' ' + args.run_id if args.run_id else ''} under {base.uri}")
         store = base.child(runs[-1])
     else:
+        if not target.rstrip("/") or target.rstrip("/") == "s3:":
+            raise InputError(
+                f"open {target!r}: give a run folder (a path or s3://bucket/.../<storyboard>/<run-id>) or a"
+                " storyboard file; `fastimagic runs OUTPUT` lists the runs under an output"
+            )
         store = output_store(target.rstrip("/"))
     if not store.exists(kf.MANIFEST):
         raise InputError(f"{store.uri}: no manifest.json: not a finished run folder")
@@ -207,14 +335,36 @@ def cmd_open(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from fastimagic.storyboard_yaml import load_storyboard
+    """Check the storyboard as the worker will (schema and the operator's policy, the safe default without one),
+    then create the flow run with the policy as a parameter, so the worker checks the same rules again."""
+    from fastimagic.policy import default_policy, enforce, for_home, home_of
+    from flows.run import read_storyboard
 
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
-    if not args.file.startswith("s3://"):
-        load_storyboard(args.file)
+    policy = for_home(_policy(args) or default_policy(), home_of(uri))
+    enforce(read_storyboard(uri), policy)
+    import httpx
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
-    run = run_deployment(args.deployment, parameters={"storyboard": uri}, timeout=0)
+    from fastimagic.errors import FastImagicError, InputError
+    from fastimagic.store import shown_endpoint
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise InputError(
+            "submit creates a flow run on a Prefect server, and none is set: set PREFECT_API_URL (for example"
+            " http://prefect:4200/api); to run the storyboard here, use `fastimagic run FILE`"
+        )
+    try:
+        run = run_deployment(args.deployment, parameters={"storyboard": uri, "policy": policy.model_dump()}, timeout=0)
+    except ObjectNotFound:
+        raise InputError(f"no deployment {args.deployment!r} on {shown_endpoint(url)}; `prefect deployment ls`"
+                         " lists them (names are FLOW/DEPLOYMENT)") from None
+    except (httpx.TransportError, OSError) as e:
+        raise FastImagicError(f"cannot reach the Prefect server at {shown_endpoint(url)} ({type(e).__name__}); is"
+                              " it running, and is PREFECT_API_URL right?") from None
     print(f"submitted flow run {run.name} ({run.id}) of deployment {args.deployment} for {uri}")
     return EXIT_OK
 
@@ -242,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("validate", help="check a storyboard file")
     s.add_argument("file")
+    s.add_argument("--policy", metavar="FILE", help="also check an operator policy (default: $FASTIMAGIC_POLICY)")
     s.set_defaults(func=cmd_validate)
     s = sub.add_parser("run", help="run a storyboard here")
     s.add_argument("file")
@@ -264,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="Salesforce/blip-image-captioning-base", help="BLIP repo id, folder or tiny")
     s.set_defaults(func=cmd_caption)
     s = sub.add_parser("strategies", help="list forgetting strategies and what each touches")
-    s.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    s.add_argument("--model", choices=["sd15", "sd2", "sdxl", "tiny", "tiny-sd2", "tiny-sdxl"], default="sd15")
     s.add_argument("--blocks", choices=["reference", "paper"], default="reference")
     s.set_defaults(func=cmd_strategies)
     s = sub.add_parser("open", help="print where to look at a run (local path or presigned link)")
@@ -275,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="create a flow run of a deployment on a Prefect server")
     s.add_argument("file", help="storyboard path (must be readable by the worker) or s3:// URI")
     s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")
+    s.add_argument("--policy", metavar="FILE", help="the operator policy it must keep (default: $FASTIMAGIC_POLICY)")
     s.set_defaults(func=cmd_submit)
     s = sub.add_parser("worker", help="serve fine-tunes and renders as a warm GPU worker (one per GPU)")
     s.add_argument("--limit", type=int, default=1, help="tasks at once (default 1: one worker per GPU)")
@@ -284,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_run:
+        _supervise()
     handler = logging.StreamHandler()
     handler.setLevel(logging.WARNING)  # records that propagate from Prefect's INFO loggers stop here
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -294,11 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InputError, NotFound) as e:  # storyboard problems, missing or bad images, bad models: one line each
-        return _fail(str(e), EXIT_INVALID)
+        return _fail(e, EXIT_INVALID)
     except FastImagicError as e:
-        return _fail(str(e), EXIT_FAILED)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_FAILED)
+        return _fail(e, EXIT_FAILED)
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        return _fail(f"stopped by {name}; nothing more is written (resume an interrupted run with --resume RUN_ID)",
+                     128 + signum)
     except Exception as e:  # keep the promise of one clear line; the log above has the details
         first = (str(e).strip().splitlines() or [""])[0]
         return _fail(f"{type(e).__name__}: {first}", EXIT_FAILED)

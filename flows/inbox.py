@@ -25,6 +25,14 @@ claim still "running" looks at them:
 A claim that is done or failed while its file is in the inbox again means the same bytes were uploaded again:
 that is a new request and runs as a new attempt (to run a storyboard again, upload it again).
 
+Whoever can upload to the inbox is not trusted: every storyboard is checked against the operator's policy
+(:mod:`fastimagic.policy`: the ``policy`` parameter, else ``$FASTIMAGIC_POLICY``, else the safe default, which
+allows references and outputs only under the inbox's own bucket, or the inbox folder for a local inbox) before
+anything it names is opened, and the storyboard flow checks the same rules again on the text it runs. The error
+beside a failed storyboard says what the policy or the schema refused; a failure on the worker is reported without
+its details (they are in the flow run's logs). Each object is handled on its own: a bad name or a file that cannot
+be read fails alone and the others still run.
+
 Storyboards are loaded under their inbox URI, so relative paths in them (``reference``, ``output``) resolve against
 the ``inbox/`` folder; absolute ``s3://`` URIs are the robust choice.
 """
@@ -43,11 +51,13 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 
 from fastimagic import keyframes as kf
-from fastimagic.errors import FastImagicError
-from fastimagic.store import NotFound, Store
-from fastimagic.storyboard_yaml import load_storyboard
+from fastimagic.config import printable
+from fastimagic.errors import FastImagicError, InputError
+from fastimagic.policy import Policy, enforce, for_home, policy_from
+from fastimagic.store import NotFound, S3Store, Store, StoreError, TooLarge, safe_key
+from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.claims import create_once
-from tasks.storage import output_store
+from tasks.storage import output_store, read
 
 INBOX, CLAIMS, DONE, FAILED = "inbox/", "claims/", "done/", "failed/"
 RUN_MODES = ("subflow", "deployment")
@@ -59,12 +69,13 @@ def _now() -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The error as a person should read it: our own errors as written (a storyboard's problems one per line),
-    anything else as ``Type: first line``."""
-    if isinstance(exc, FastImagicError):
-        return str(exc).strip()
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    """The error as the uploader may read it (it is written beside their file). What they wrote wrong (schema and
+    policy problems, a missing or broken image in an allowed place) is said as written, one problem per line, with
+    control characters escaped; any other failure on the worker only as its kind, since its text may name the
+    worker's files: the details are in the flow run's logs."""
+    if isinstance(exc, (InputError, NotFound)):
+        return "\n".join(printable(line) for line in str(exc).strip().splitlines())
+    return f"the run failed on the worker ({type(exc).__name__}); the operator can see why in the flow run's logs"
 
 
 def _flow_run_id() -> str | None:
@@ -181,14 +192,26 @@ def _result_of(claim: _Claim) -> dict[str, Any]:
             "attempt": claim.attempt, "sha256": claim.sha256}
 
 
-def _plan(root: Store, uri: str, name: str, stale_after: timedelta) -> tuple[_Claim | None, bytes, dict]:
+def _refuse_unread(root: Store, name: str, error: str) -> dict[str, Any]:
+    """An inbox object too large to read: the error goes to failed/, the object is removed, nothing is copied."""
+    root.put_bytes(f"{FAILED}{name}.error.txt", (error + "\n").encode(), content_type="text/plain")
+    root.delete(INBOX + name)
+    return {"name": name, "status": "failed", "error": error, "failed": f"{root.uri.rstrip('/')}/{FAILED}{name}"}
+
+
+def _plan(
+    root: Store, uri: str, name: str, stale_after: timedelta, max_bytes: int | None = None
+) -> tuple[_Claim | None, bytes, dict]:
     """Claim ``inbox/<name>`` if it is ours to run. Returns (claim, bytes, summary); claim None means skip (or
-    already finished, as the summary says)."""
+    already finished, as the summary says). ``max_bytes``: a larger file is refused unread."""
     logger = get_run_logger()
     try:
-        data = root.get_bytes(INBOX + name)
+        data = read(uri, max_bytes=max_bytes)
     except NotFound:
         return None, b"", {"name": name, "status": "skipped", "reason": "gone from the inbox"}
+    except TooLarge:
+        error = f"{uri}: refused by the policy: the file is more than the cap of {max_bytes} bytes (storyboard_bytes)"
+        return None, b"", _refuse_unread(root, name, error)
     sha = hashlib.sha256(data).hexdigest()
     latest = _latest_claim(root, name, sha)
     attempt, run_id = 0, None
@@ -225,10 +248,15 @@ def _plan(root: Store, uri: str, name: str, stale_after: timedelta) -> tuple[_Cl
     return claim, data, {}
 
 
-def _prepare(claim: _Claim, data: bytes) -> None:
-    """Validate the storyboard and record where its manifest will be, so a later trigger can tell it finished."""
-    board = load_storyboard(claim.record["uri"], text=data.decode("utf-8-sig", errors="replace"))
+def _prepare(claim: _Claim, data: bytes, policy: Policy) -> None:
+    """Validate the storyboard, check it against the policy (before anything it names is opened), and record where
+    its manifest will be, so a later trigger can tell it finished."""
+    uri = claim.record["uri"]
+    board = load_storyboard(uri, text=decode_storyboard(data, uri))
+    enforce(board, policy)
     output = board.output.resolved
+    if claim.record["resume"] and not output_store(output).list(f"{board.slug}/{claim.record['run_id']}/"):
+        claim.save(resume=False)  # the dead claimant wrote nothing: there is nothing to resume, start the run
     claim.save(output=output, manifest_key=f"{board.slug}/{claim.record['run_id']}/{kf.MANIFEST}",
                manifest=f"{output_store(output).uri.rstrip('/')}/{board.slug}/{claim.record['run_id']}/{kf.MANIFEST}")
 
@@ -251,13 +279,16 @@ def inbox_flow(
     deployment: str = "storyboard/storyboard",
     stale_after_minutes: float = 1440.0,
     poll_seconds: float = 10.0,
+    policy: str | None = None,
 ) -> list[dict]:
     """Run every storyboard waiting in ``<inbox>/inbox/`` exactly once; move each to done/ or failed/.
 
     inbox: the inbox root, ``s3://bucket/prefix`` or a local folder. run: ``subflow`` (run the storyboard flow
     here, one file after another) or ``deployment`` (create a run of ``deployment`` per file, all at once, and
     wait for them). stale_after_minutes: a claim whose flow runs cannot be looked up is taken over after this
-    long. poll_seconds: how often to check on deployment runs. Returns one summary per file seen.
+    long. poll_seconds: how often to check on deployment runs. policy: the operator's policy file on the worker
+    (default ``$FASTIMAGIC_POLICY``; with neither, the safe default: see :mod:`fastimagic.policy`). Returns one
+    summary per file seen.
     """
     if run not in RUN_MODES:
         raise ValueError(f"run must be one of {', '.join(RUN_MODES)}, got {run!r}")
@@ -265,20 +296,34 @@ def inbox_flow(
     root = output_store(inbox)
     root.check()
     base = root.uri.rstrip("/")
+    home = f"s3://{root.bucket}/" if isinstance(root, S3Store) else base
+    rules = for_home(policy_from(policy), home)  # a broken policy file fails the trigger: the operator's to fix
     stale_after = timedelta(minutes=stale_after_minutes)
     results: list[dict] = []
     jobs: list[tuple[_Claim, bytes, Any]] = []
     for name in pending_storyboards(root):
+        shown = printable(name)
+        try:
+            safe_key(INBOX + name)
+        except StoreError:  # a TAB or other control character: not a key this store handles; leave it, go on
+            logger.warning("%r: skipped: the name has a control character; rename it", name)
+            results.append({"name": shown, "status": "skipped", "reason": "the name has a control character"})
+            continue
         uri = f"{base}/{INBOX}{name}" if base.startswith("s3://") else str(Path(base, "inbox", name))
-        claim, data, summary = _plan(root, uri, name, stale_after)
+        try:
+            claim, data, summary = _plan(root, uri, name, stale_after, rules.caps.storyboard_bytes)
+        except FastImagicError as exc:  # this object only (unreadable, storage trouble); the rest still run
+            logger.error("%s: skipped: %s", shown, printable(str(exc)))
+            results.append({"name": shown, "status": "skipped", "reason": printable(str(exc))})
+            continue
         if claim is None:
-            logger.info("%s: %s", name, summary.get("reason") or summary["status"])
+            logger.info("%s: %s", shown, summary.get("reason") or summary["status"])
             results.append(summary)
             continue
-        logger.info("%s: claimed (attempt %d, run %s)", name, claim.attempt, claim.record["run_id"])
+        logger.info("%s: claimed (attempt %d, run %s)", shown, claim.attempt, claim.record["run_id"])
         try:
-            _prepare(claim, data)
-            params = {"storyboard": uri, "run_id": claim.record["run_id"]}
+            _prepare(claim, data, rules)
+            params = {"storyboard": uri, "run_id": claim.record["run_id"], "policy": rules.model_dump()}
             if claim.record["resume"]:
                 params["resume"] = True
             if run == "subflow":
@@ -296,7 +341,7 @@ def inbox_flow(
                 )
                 claim.save(child_flow_run_id=str(child.id), child_flow_run_name=child.name)
         except Exception as exc:  # the storyboard's own failure: record it beside the file, go on with the rest
-            logger.error("%s: failed: %s", name, _one_line(exc))
+            logger.error("%s: failed: %s", shown, printable(str(exc)), exc_info=not isinstance(exc, InputError))
             results.append(_finish_failed(claim, data, _one_line(exc)))
             continue
         if run == "subflow":
@@ -309,7 +354,9 @@ def inbox_flow(
             results.append(_finish_done(claim, data, _result_of(claim)))
         else:
             message = (finished.state.message or "").strip().splitlines()
-            error = f"flow run {finished.name} ended {finished.state.name}" + (f": {message[0]}" if message else "")
-            logger.error("%s: failed: %s", claim.name, error)
+            logger.error("%s: flow run %s ended %s: %s", printable(claim.name), finished.name, finished.state.name,
+                         printable(message[0]) if message else "")
+            # The state's message may name the worker's files: the uploader gets the outcome, the logs the reason.
+            error = (f"flow run {finished.name} ended {finished.state.name}; the operator can see why in its logs")
             results.append(_finish_failed(claim, data, error))
     return results

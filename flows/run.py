@@ -19,18 +19,26 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fastimagic import autoforget
 from fastimagic import keyframes as kf
+from fastimagic.config import DEFAULT_MAX_STORYBOARD_BYTES
 from fastimagic.errors import InputError
+from fastimagic.finetuning import FinetuneConfig
 from fastimagic.images import describe_fit, load_reference
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
-from fastimagic.models import default_device, model_identity
+from fastimagic.models import default_device, model_family
+from fastimagic.policy import guard
 from fastimagic.precision import resolve_precision
-from fastimagic.store import NotFound
+from fastimagic.store import LocalStore, NotFound
 from fastimagic.storyboard import Scene, Storyboard
-from fastimagic.storyboard_yaml import StoryboardError, load_storyboard
+from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.pipeline import (
+    SETTINGS,
     fetch_reference,
+    identity,
+    kept_settings_match,
     publish_summary,
     render_keyframes,
+    render_settings,
+    run_size,
     verify_written,
     write_plan,
     write_run_outputs,
@@ -47,20 +55,21 @@ LINK_EXPIRES_SECONDS = 24 * 3600
 RENDER_THREADS = ThreadPoolTaskRunner(max_workers=2)
 
 
-def read_storyboard(storyboard: str, *, output: str | None = None, model: str | None = None) -> Storyboard:
-    """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides.
+def read_storyboard(
+    storyboard: str, *, output: str | None = None, model: str | None = None, policy: dict | str | None = None
+) -> Storyboard:
+    """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides, and check it
+    against the operator's ``policy`` or ``$FASTIMAGIC_POLICY`` (:func:`fastimagic.policy.guard`).
 
     A storyboard fetched from S3 is decoded as strictly as a local file (UTF-8, a BOM allowed).
     """
     text = None
     if storyboard.startswith("s3://"):
-        data = read(storyboard)
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise StoryboardError([f"{storyboard}: not UTF-8 text (bad byte at offset {e.start})"]) from None
+        text = decode_storyboard(read(storyboard, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), storyboard)
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
-    return load_storyboard(storyboard, text=text, overrides=overrides or None)
+    board = load_storyboard(storyboard, text=text, overrides=overrides or None)
+    guard(board, policy)
+    return board
 
 
 def preflight(board: Storyboard) -> None:
@@ -69,17 +78,22 @@ def preflight(board: Storyboard) -> None:
 
     Raises :class:`InputError` for bad input (CLI exit 2) and :class:`StoreError` for storage trouble (exit 1).
     """
-    model_identity(board.model.resolved, allow_pickle=board.allow_pickle)
+    family = model_family(board.model.resolved, allow_pickle=board.allow_pickle)  # refuses what model_identity does
+    identity(board)  # a vae override that is not there
+    try:
+        FinetuneConfig(trained_blocks=board.finetune.trained_blocks).blocks(family)  # blocks this model has
+    except InputError as e:
+        raise InputError(f"{board.source} finetune.{e}") from None
     try:
         resolve_precision(board.precision, default_device())
     except InputError as e:
         raise InputError(f"{board.source} {e}") from None
     uri = board.reference.resolved
     try:
-        data = read(uri)
+        data = read(uri, max_bytes=board.max_reference_bytes)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
-    board.size_for(load_reference(data, uri).size)
+    run_size(board, load_reference(data, uri).size)
     output_store(board.output.resolved).check()
 
 
@@ -110,8 +124,10 @@ def render_scene(
     def render(strategies: tuple[str, ...]) -> list[KeyframeRecord]:
         nonlocal kept
         launched = []
+        settings = render_settings(board, scene, tuning_key)
         for seed in scene.seeds:
-            done = verify_written(scene, seed, output, run_prefix, strategies) if resume else None
+            proven = resume and kept_settings_match(scene, seed, output, run_prefix, strategies, settings)
+            done = verify_written(scene, seed, output, run_prefix, strategies) if proven else None
             if done is not None:
                 kept += len(done)
                 launched.append(done)
@@ -125,18 +141,43 @@ def render_scene(
     return write_scene_outputs(scene, records, output, run_prefix, auto), records, kept
 
 
-def start_run(storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool):
-    """Validate, check the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
-    board = read_storyboard(storyboard, output=output, model=model)
+def start_run(
+    storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool, policy: dict | None = None
+):
+    """Validate, check the policy and the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
+    board = read_storyboard(storyboard, output=output, model=model, policy=policy)
     store = output_store(board.output.resolved)
     store.check()  # fail fast on an unreachable endpoint, wrong credentials or a missing bucket
     if resume and not run_id:
         raise InputError("resume needs the run id of the run to continue")
     run_id = run_id or kf.new_run_id()
     run_prefix = f"{board.slug}/{run_id}"
-    if not resume and store.list(run_prefix + "/"):
+    written = store.list(run_prefix + "/")
+    if not resume and written:
         raise InputError(f"run {run_id} already exists under {store.uri}; resume it or choose another run id")
+    if resume:
+        check_resumable(board, store, run_prefix, written)
     return board, store, run_id, run_prefix
+
+
+def check_resumable(board: Storyboard, store, run_prefix: str, written: list[str]) -> None:
+    """Refuse (exit 2) to resume a run that does not exist, or one with scenes this storyboard no longer lists
+    (its files would stay in the run folder, listed by no manifest)."""
+    if not written:
+        raise InputError(
+            f"no run {run_prefix.rsplit('/', 1)[-1]} of '{board.name}' under {store.uri} to resume;"
+            f" `fastimagic runs {store.uri}` lists the runs there"
+        )
+    if isinstance(store, LocalStore):
+        store.remove_temporaries(run_prefix)  # half-written files of the killed run
+    ids = {s.id for s in board.scenes}
+    parts = [k.split("/") for k in written]  # <slug>/<run>/scenes|picks|.progress/<scene>/...
+    gone = sorted({p[3] for p in parts if len(p) >= 5 and p[2] in ("scenes", kf.PICKS, kf.PROGRESS, SETTINGS)} - ids)
+    if gone:
+        raise InputError(
+            f"run {run_prefix} has scenes the storyboard no longer lists ({', '.join(gone)}); --resume finishes"
+            " an interrupted run of the same storyboard: run it without --resume for a new run"
+        )
 
 
 def run_storyboard(
@@ -147,14 +188,16 @@ def run_storyboard(
     model: str | None = None,
     run_id: str | None = None,
     resume: bool = False,
+    policy: dict | None = None,
 ) -> dict:
-    """Run a storyboard with ``backend`` doing the GPU work; write the run's manifest last. Returns a summary:
+    """Run a storyboard with ``backend`` doing the GPU work; write the run's manifest last. ``policy``: the
+    operator's rules as data (:mod:`fastimagic.policy`), for storyboards someone else wrote. Returns a summary:
     ``run_id``, ``run_uri``, ``index_url``, ``manifest``, ``keyframes``, ``tuning_key``, ``tuning_reused``,
     ``kept``."""
     logger = get_run_logger()
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume)
+    board, store, run_id, run_prefix = start_run(storyboard, output, model, run_id, resume, policy)
     logger.info(
         "run %s: %d scenes, up to %d keyframes -> %s/%s",
         run_id,
@@ -174,14 +217,15 @@ def run_storyboard(
     timings["render_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - started
 
-    width, height = board.size_for(reference.size)
+    width, height = run_size(board, reference.size)
     run = run_manifest(
         run_id=run_id,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         storyboard={"name": board.name, "uri": storyboard, "source": board.source_text},
         model={
             "given": board.model.given,
-            "identity": model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+            "identity": identity(board),
+            "family": model_family(board.model.resolved, allow_pickle=board.allow_pickle).name,
         },
         resolution=(width, height),
         reference={"size": list(reference.size), "fit": describe_fit(reference.size, width, height, board.fit)},

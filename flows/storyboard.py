@@ -43,6 +43,7 @@ def storyboard_flow(
     run_id: str | None = None,
     resume: bool = False,
     scale_out: bool = False,
+    policy: dict | None = None,
 ) -> dict:
     """Render a storyboard's keyframes.
 
@@ -51,6 +52,8 @@ def storyboard_flow(
     already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
     written complete. scale_out: run the fine-tune and every render on warm GPU workers (``fastimagic worker``)
     instead of in this process; see :mod:`flows.workers`.
+    policy: the operator's rules (:class:`fastimagic.policy.Policy` as data) the storyboard must keep; the inbox
+    passes them. Without it, ``$FASTIMAGIC_POLICY`` applies where the worker sets it.
     Returns a summary with the manifest URI.
     """
     if scale_out:
@@ -59,4 +62,6 @@ def storyboard_flow(
         backend = Warm()
     else:
         backend = InProcess()
-    return run_storyboard(backend, storyboard, output=output, model=model, run_id=run_id, resume=resume)
+    return run_storyboard(
+        backend, storyboard, output=output, model=model, run_id=run_id, resume=resume, policy=policy
+    )

@@ -41,13 +41,14 @@ from fastimagic.manifests import (
     keyframe_record,
     scene_manifest,
 )
-from fastimagic.models import cached_base_model, model_identity
+from fastimagic.models import cached_base_model, model_family, model_identity
 from fastimagic.picking import scene_picks
 from fastimagic.runs import PLAN, plan_record
 from fastimagic.scoring import load_scorer
 from fastimagic.sequence import SEQUENCE, index_page, write_sequence
 from fastimagic.store import NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
+from fastimagic.tiny import TINY_RESOLUTION
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 
@@ -85,9 +86,27 @@ _log = logging.getLogger("fastimagic.worker")
 
 def _model(board: Storyboard):
     config = board.model_config_source.resolved if board.model_config_source else None
+    vae = board.vae.resolved if board.vae else None
     return cached_base_model(
-        board.model.resolved, config=config, precision=board.precision, allow_pickle=board.allow_pickle
+        board.model.resolved, config=config, precision=board.precision, allow_pickle=board.allow_pickle, vae=vae
     )
+
+
+def identity(board: Storyboard) -> str:
+    """The identity of the storyboard's weights (model and VAE override), as content keys and manifests name it."""
+    vae = board.vae.resolved if board.vae else None
+    return model_identity(board.model.resolved, allow_pickle=board.allow_pickle, vae=vae)
+
+
+def _family(board: Storyboard):
+    return model_family(board.model.resolved, allow_pickle=board.allow_pickle)
+
+
+def run_size(board: Storyboard, reference_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of this storyboard's fine-tune and keyframes for a reference of ``reference_size``; with no
+    ``resolution``, the shorter side is the model's own (the tiny models': 64)."""
+    side = TINY_RESOLUTION if board.model.kind == "tiny" else _family(board).resolution
+    return board.size_for(reference_size, side)
 
 
 def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
@@ -99,7 +118,7 @@ def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
 def fetch_reference(board: Storyboard) -> Reference:
     """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
-    data = read(uri)
+    data = read(uri, max_bytes=board.max_reference_bytes)
     image = load_reference(data, uri)  # refuse a broken image before any model is loaded
     return Reference.of(data, uri, image.size)
 
@@ -123,12 +142,12 @@ def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
 def tuning_key(board: Storyboard, reference: Reference, source_prompt: str, **changes) -> str:
     """The content key of this storyboard's fine-tune, computed without loading the model. ``changes``: fine-tune
     settings to replace (e.g. another ``precision``), to find a sibling tuning."""
-    width, height = board.size_for(reference.size)
+    width, height = run_size(board, reference.size)
     return content_key(
         image_sha256=reference.sha256,
-        model_identity=model_identity(board.model.resolved, allow_pickle=board.allow_pickle),
+        model_identity=identity(board),
         source_prompt=source_prompt,
-        finetune=_finetune_config(board, **changes).as_dict(),
+        finetune=_finetune_config(board, **changes).as_dict(family=_family(board)),
         width=width,
         height=height,
     )
@@ -195,7 +214,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
         logger.info(note)
     model = _model(board)
     config = _finetune_config(board)
-    width, height = board.size_for(reference.size)
+    width, height = run_size(board, reference.size)
     callback = _finetune_progress()
     image = load_reference(reference.data, reference.uri)
     with model.lock:
@@ -263,6 +282,45 @@ def _progress_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
     return f"{kf.PROGRESS}/{scene_id}/{seed}-{'-'.join(strategies).replace('+', '_')}.json"
 
 
+def render_settings(board: Storyboard, scene: Scene, tuning_key: str) -> dict:
+    """What a scene's keyframes depend on besides the seed: the tuning (reference, model, source prompt, fine-tune
+    settings, size: its content key) and the scene's render settings. Recorded beside each progress record, so that
+    a resume keeps only keyframes made with the settings it is asked to finish with."""
+    rendering = scene.model_dump(mode="json", exclude={"id", "select", "motion", "auto"})
+    return {"tuning": tuning_key, "scene": rendering}
+
+
+SETTINGS = ".settings"  # <run>/.settings/<scene>/<seed>-<forget>.json: how that unit's keyframes were made
+
+
+def _settings_key(scene_id: str, seed: int, strategies: tuple[str, ...]) -> str:
+    return SETTINGS + _progress_key(scene_id, seed, strategies).removeprefix(kf.PROGRESS)
+
+
+def kept_settings_match(
+    scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...], settings: dict
+) -> bool:
+    """For a resumed run: True when (scene, seed)'s keyframes were rendered with ``settings``; False when nothing
+    records how they were made (they are rendered again). Raises :class:`InputError` saying what changed when the
+    recorded settings differ: a resume finishes the run it was, it does not mix two storyboards in one manifest."""
+    store = output_store(output).child(run_prefix)
+    try:
+        recorded = json.loads(store.get_bytes(_settings_key(scene.id, seed, tuple(strategies))))
+    except (NotFound, ValueError):
+        return False
+    if recorded == settings:
+        return True
+    changed = []
+    if recorded.get("tuning") != settings["tuning"]:
+        changed.append("the fine-tune (reference, model, source prompt, resolution or finetune settings)")
+    old_scene, new_scene = recorded.get("scene") or {}, settings["scene"]
+    changed += [k for k in new_scene if old_scene.get(k) != new_scene[k]]
+    raise InputError(
+        f"{run_prefix}: scene {scene.id} seed {seed} was rendered with other settings (changed: {', '.join(changed)});"
+        " --resume only finishes an interrupted run of the same storyboard: run it without --resume for a new run"
+    )
+
+
 def _reference_image(board: Storyboard, width: int, height: int):
     """The reference image fitted as the fine-tune saw it, read once per process (fidelity scores need it)."""
     key = (board.reference.resolved, width, height, board.fit)
@@ -323,6 +381,7 @@ def render_keyframes(
         store.put_bytes(rel, data, "image/png")
         settings = f.settings() | {"precision": model.precision.name}
         records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
+    store.put_bytes(_settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
     store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
     progress.keyframes_written(len(records))
     return records

@@ -48,6 +48,7 @@ def output_store(uri: str, block_name: str | None = None) -> Store:
     return open_store(uri, session=session)
 
 
-def read(uri: str) -> bytes:
-    """One object or file (``s3://bucket/key`` or a path), with the same credentials as :func:`output_store`."""
-    return read_uri(uri, session=boto3_session() if str(uri).startswith("s3://") else None)
+def read(uri: str, max_bytes: int | None = None) -> bytes:
+    """One object or file (``s3://bucket/key`` or a path), with the same credentials as :func:`output_store`;
+    ``max_bytes``: refuse anything larger without reading it (local paths must be regular files)."""
+    return read_uri(uri, session=boto3_session() if str(uri).startswith("s3://") else None, max_bytes=max_bytes)

@@ -71,6 +71,9 @@ def unet_prefix_map(config) -> dict[str, tuple[str, dict[str, str]]]:
         "conv_in.": ("input_blocks.0.0.", {}),
         "conv_norm_out.": ("out.0.", {}),
         "conv_out.": ("out.2.", {}),
+        # SDXL's added embedding (pooled text vector + time ids)
+        "add_embedding.linear_1.": ("label_emb.0.0.", {}),
+        "add_embedding.linear_2.": ("label_emb.0.2.", {}),
         "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET_RENAMES),
         "mid_block.attentions.0.": ("middle_block.1.", {}),
         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET_RENAMES),
@@ -181,6 +184,36 @@ def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
+def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's state dict in OpenCLIP's layout (SD 2.x's ``cond_stage_model.model.``, SDXL's
+    ``conditioner.embedders.1.model.``): the inverse of diffusers' ``convert_open_clip_checkpoint``. q/k/v fuse
+    into ``attn.in_proj_*``; a projection (``CLIPTextModelWithProjection``) becomes ``text_projection``,
+    transposed."""
+    state = {key.removeprefix("text_model."): tensor for key, tensor in text_encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    state.pop("embeddings.position_ids", None)
+    renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+               "self_attn.out_proj": "attn.out_proj"}
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{layer}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            )
+            for old, new in renames.items():
+                out[f"{block}{new}.{kind}"] = state.pop(f"{layer}{old}.{kind}")
+    if state:
+        raise KeyError(f"not a plain CLIP text encoder: {sorted(state)[:3]} left over")
+    return out
+
+
 def ldm_schedule_buffers(num_train_timesteps: int = 1000, beta_start=0.00085, beta_end=0.012) -> dict:
     """The DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...) that LDM's LatentDiffusion saves at top level."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
@@ -205,11 +238,24 @@ def ldm_schedule_buffers(num_train_timesteps: int = 1000, beta_start=0.00085, be
 
 
 def ldm_state_dict(components: dict, *, schedule_buffers: bool = True) -> dict[str, torch.Tensor]:
-    """The full original-layout state dict of ``components`` (``unet``, ``vae``, ``text_encoder``)."""
+    """The full original-layout state dict of ``components`` (``unet``, ``vae``, ``text_encoder`` and, for
+    SDXL, ``text_encoder_2``). The text side follows the family: SD 1.x's CLIP under
+    ``cond_stage_model.transformer.``; SD 2.x's OpenCLIP (``family`` ``sd2``) under ``cond_stage_model.model.``;
+    SDXL's two encoders under ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.``."""
     state: dict[str, torch.Tensor] = {}
     state.update({LDM_UNET_PREFIX + k: v for k, v in unet_to_ldm(components["unet"]).items()})
     state.update({LDM_VAE_PREFIX + k: v for k, v in vae_to_ldm(components["vae"]).items()})
-    state.update({LDM_CLIP_PREFIX + k: v for k, v in text_encoder_to_ldm(components["text_encoder"]).items()})
+    family = getattr(components.get("family"), "name", "sd1")
+    if family == "sdxl":
+        clip = text_encoder_to_ldm(components["text_encoder"])
+        state.update({"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip.items()})
+        big_g = open_clip_to_ldm(components["text_encoder_2"])
+        state.update({"conditioner.embedders.1.model." + k: v for k, v in big_g.items()})
+    elif family == "sd2":
+        open_clip = open_clip_to_ldm(components["text_encoder"])
+        state.update({"cond_stage_model.model." + k: v for k, v in open_clip.items()})
+    else:
+        state.update({LDM_CLIP_PREFIX + k: v for k, v in text_encoder_to_ldm(components["text_encoder"]).items()})
     if schedule_buffers:
         state.update(ldm_schedule_buffers())
     return state
@@ -243,18 +289,31 @@ def save_diffusers_folder(components: dict, folder: Path) -> Path:
     model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (DDIM); no safety checker and no
     feature extractor (both ``null`` in model_index.json, ``requires_safety_checker`` false).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        unet=components["unet"],
-        scheduler=make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = make_scheduler(components.get("prediction_type", "epsilon"))
+    if "text_encoder_2" in components:  # SDXL
+        pipe = StableDiffusionXLPipeline(
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            text_encoder_2=components["text_encoder_2"],
+            tokenizer=components["tokenizer"],
+            tokenizer_2=components["tokenizer_2"],
+            unet=components["unet"],
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            tokenizer=components["tokenizer"],
+            unet=components["unet"],
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder

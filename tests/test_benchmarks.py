@@ -73,3 +73,16 @@ def test_method_benchmark_prints_its_ratios(outputs):
     values = dict(pair.split("=", 1) for line in run.stdout.splitlines() for pair in line.split())
     for key in ("batched_vs_per_image_speedup", "forget_inplace_vs_deepcopy_speedup", "finetune_seconds_per_step"):
         assert float(values[key]) > 0
+
+
+def test_gpu_benchmark_tiny_sdxl_reports_the_tuning_size():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "benchmarks/gpu.py", "--tiny", "--arch", "sdxl", "--only", "finetune,forget_switch"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = _figures(run.stdout)
+    assert figures["device"]["model"] == "tiny-sdxl (random)"
+    assert figures["finetune"]["tuning_bytes"] > 2 * figures["finetune"]["trained_parameters"]  # fp16 + e_src
+    assert figures["finetune"]["target"] == {"seconds_max": 30.0, "peak_gib_max": 60.0}
+    assert figures["forget_switch"]["meets_target"] is None  # CPU: no verdict

@@ -148,8 +148,17 @@ def test_strategies_lists_each_with_what_it_touches():
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if "forgets" in line]
     assert len(lines) == 9
-    assert "535,889,920 parameters" in r.stdout  # SD 1.5's paper-default trained blocks
+    assert "587,642,560 parameters" in r.stdout  # SD 1.5's default (the released code's) trained blocks
     assert any(line.split()[0] == "encoderattn" for line in lines)
+
+
+def test_strategies_on_sdxl_name_the_levels_by_width():
+    r = fastimagic("strategies", "--model", "sdxl")
+    assert r.returncode == 0, r.stderr
+    assert "SDXL), trained blocks 'reference' (down_blocks.1, down_blocks.2, up_blocks.1, up_blocks.2)" in r.stdout
+    assert "935,025,280 parameters" in r.stdout
+    decoder2 = next(line for line in r.stdout.splitlines() if line.split()[0] == "decoderattn+decoder2")
+    assert decoder2.endswith("the whole up_blocks.1")  # SD 1.x's up_blocks.2 is SDXL's up_blocks.1 (640 channels)
 
 
 def test_caption_with_the_tiny_blip(tmp_path, photo_bytes):
@@ -202,3 +211,17 @@ def test_a_one_number_resolution_keeps_the_reference_aspect_and_its_long_side_is
                                        "padding": [0, 0, 0, 0], "pad_colour": [128, 128, 128]}
     assert run["precision"] == {"requested": "auto", "finetune": "fp32", "sampling": ["fp32"]}
     assert all(k["width"] == 256 and k["height"] == 64 for k in run["keyframes"])
+
+
+def test_a_vae_override_is_loaded_and_named_in_the_identity(tmp_path, photo_bytes):
+    from fastimagic import tiny
+
+    tiny.build_components()["vae"].save_pretrained(tmp_path / "vae")
+    r = fastimagic("run", str(_board(tmp_path, photo_bytes, vae="./vae")), "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (manifest,) = (tmp_path / "out").rglob("cli-test/*/manifest.json")
+    assert "+vae:folder:vae:" in json.loads(manifest.read_text())["model"]["identity"]
+    missing = fastimagic("validate", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
+    assert missing.returncode == 0  # a folder is checked when the run starts, like the model
+    r = fastimagic("run", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
+    assert r.returncode == 2 and "nowhere/vae" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -60,7 +60,7 @@ def test_default_preset_is_the_released_codes_and_paper_stays_a_preset(tiny_mode
 
 
 def test_unknown_block_names_are_refused(tiny_model, photo):
-    with pytest.raises(InputError, match="no block 'down_blocks.9'"):
+    with pytest.raises(InputError, match="'down_blocks.9': Stable Diffusion 1.x has down_blocks.0 to down_blocks.3"):
         finetune(tiny_model, photo, "a", FinetuneConfig(steps=1, trained_blocks=("down_blocks.9",)), width=64,
                  height=64)
     with pytest.raises(InputError, match="unknown preset 'papr'"):

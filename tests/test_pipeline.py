@@ -152,5 +152,5 @@ def test_an_explicit_source_prompt_never_loads_blip(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_captioner", refuse)
     (tmp_path / "s.yaml").write_text("name: x\nreference: r.jpg\nsource_prompt: a bird\nscenes: [{id: a, prompt: b}]\n")
     board = load_storyboard(tmp_path / "s.yaml")
-    reference = Reference(data=b"", sha256="", uri="r.jpg")
+    reference = Reference(data=b"", sha256="", uri="r.jpg", size=(64, 64))
     assert pipeline.caption_reference.fn(board, reference) == SourcePrompt("a bird", caption=None)

@@ -62,18 +62,21 @@ def test_minimal_storyboard_gets_the_documented_defaults(tmp_path):
     assert board.output.given == "./keyframes" and board.output.resolved == str(tmp_path / "keyframes")
     assert (board.model.kind, board.model.resolved) == ("tiny", "tiny")
     assert board.model_config_source is None
-    assert board.resolution == (512, 512) and (board.width, board.height) == (512, 512)
+    assert board.resolution is None and board.vae is None  # the model's own side: size_for(..., model_side)
+    assert board.size_for((1200, 800), 512) == (768, 512)  # the shorter side, the reference's aspect kept
     assert board.source_prompt is None
     assert (board.max_seeds, board.max_keyframes, board.max_side, board.allow_pickle) == (64, 10000, 2048, False)
     ft = board.finetune
-    assert (ft.steps, ft.batch_size, ft.min_steps, ft.loss_threshold) == (40, 10, 35, 0.03)
+    assert (ft.steps, ft.batch_size, ft.min_steps, ft.loss_threshold) == (40, 10, 36, 0.03)
     assert (ft.text_lr, ft.unet_lr, ft.trained_blocks, ft.seed, ft.gradient_checkpointing) == (
         1e-3,
         6e-5,
-        "paper",
+        "reference",
         0,
         False,
     )
+    assert (board.fit, board.precision) == ("crop", "auto")
+    assert (board.caption.num_beams, board.caption.max_new_tokens) == (1, None)
     (scene,) = board.scenes
     assert scene.seeds == (0, 1)
     assert scene.edit.mode == "subtract" and scene.edit.subtract.gamma == GAMMAS
@@ -342,7 +345,7 @@ def test_source_prompt_is_optional_but_not_blank(tmp_path):
 # --- resolution -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "size"), [("768x512", (768, 512)), ("512", (512, 512)), ("64X64", (64, 64))])
+@pytest.mark.parametrize(("value", "size"), [("768x512", (768, 512)), ("512", 512), ("64X64", (64, 64))])
 def test_resolution_is_one_side_or_width_x_height(tmp_path, value, size):
     board = load(tmp_path, HEAD + f"resolution: {value}\nscenes: [{{id: a, prompt: p}}]\n")
     assert board.resolution == size
@@ -507,9 +510,9 @@ def test_model_config_goes_with_single_file_checkpoints(tmp_path):
         ("steps: 2.5", "finetune.steps: must be a whole number (got 2.5)"),
         ("seed: '3'", "finetune.seed: must be a whole number (got '3')"),
         ("gradient_checkpointing: maybe", "finetune.gradient_checkpointing: must be true or false (got 'maybe')"),
-        ("trained_blocks: papr", "finetune.trained_blocks: unknown preset 'papr' (did you mean 'paper'?); use paper"),
+        ("trained_blocks: papr", "finetune.trained_blocks: unknown preset 'papr' (did you mean 'paper'?); use refer"),
         ("trained_blocks: [down_block.0]", "finetune.trained_blocks[0]: unknown UNet block 'down_block.0'"),
-        ("trained_blocks: [up_blocks.4]", "finetune.trained_blocks[0]: 'up_blocks.4': SD 1.x has up_blocks.0 to"),
+        ("trained_blocks: [up_blocks.4]", "finetune.trained_blocks[0]: 'up_blocks.4': SD 1.x and 2.x have up_blocks.0"),
     ],
 )
 def test_bad_finetune_settings(tmp_path, setting, message):

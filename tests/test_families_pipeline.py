@@ -1,0 +1,66 @@
+"""A storyboard end to end on tiny-sdxl and tiny-sd2, chosen by ``model:`` alone (local output)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+STORY = """\
+name: Family Day
+reference: ref.jpg
+model: {model}
+resolution: 64x72
+source_prompt: a photo of two friends on the beach
+finetune: {{steps: 4, min_steps: 4{blocks}}}
+defaults:
+  seeds: 1
+  steps: 3
+  edit: {{subtract: {{gamma: [0.9, 1.2]}}}}
+scenes:
+  - id: walking
+    prompt: a photo of two friends walking on the beach
+    forget: [none, decoderattn+decoder2]
+  - id: dancing
+    prompt: a photo of two friends dancing
+    forget: auto
+    edit: {{project: {{alpha: [0.8], beta: [1.2]}}}}
+output: out
+"""
+
+
+@pytest.mark.parametrize("model,family", [("tiny-sdxl", "sdxl"), ("tiny-sd2", "sd2")])
+def test_a_storyboard_runs_end_to_end_on_each_family(tmp_path, photo_bytes, model, family):
+    from flows.storyboard import storyboard_flow
+
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    (tmp_path / "story.yaml").write_text(STORY.format(model=model, blocks=""))
+    first = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
+    manifest = json.loads(open(first["manifest"]).read())
+    assert manifest["status"] == "complete"
+    assert manifest["model"]["family"] == family and manifest["model"]["identity"] == f"{model}:v1"
+    assert {k["forget"] for k in manifest["keyframes"] if k["scene"] == "walking"} == {"none", "decoderattn+decoder2"}
+    run = tmp_path / "out" / "family-day" / first["run_id"]
+    for k in manifest["keyframes"]:
+        assert Image.open(run / k["key"]).size == (64, 72)
+    tuning = json.loads((tmp_path / "out" / "tunings" / first["tuning_key"] / "tuning.json").read_text())
+    assert tuning["family"] == family
+
+    second = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
+    assert second["tuning_reused"] is True and second["tuning_key"] == first["tuning_key"]
+    again = json.loads(open(second["manifest"]).read())
+    assert [k["sha256"] for k in again["keyframes"]] == [k["sha256"] for k in manifest["keyframes"]]
+
+
+def test_a_trained_block_the_model_lacks_is_refused_before_anything_is_written(tmp_path, photo_bytes):
+    from fastimagic.errors import InputError
+    from flows.run import preflight, read_storyboard
+
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    (tmp_path / "story.yaml").write_text(STORY.format(model="tiny-sdxl", blocks=", trained_blocks: [down_blocks.3]"))
+    board = read_storyboard(str(tmp_path / "story.yaml"))
+    with pytest.raises(InputError, match=r"finetune.trained_blocks: 'down_blocks.3': SDXL has down_blocks.0 to") as e:
+        preflight(board)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,279 @@
+"""The operator's policy: a trust boundary for storyboards someone else wrote (the inbox, ``fastimagic submit``).
+
+The inbox cases run the real inbox flow against the real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli import fastimagic
+from test_inbox import STORY, _keys
+
+from fastimagic.policy import PolicyError, check, default_policy, for_home, load_policy
+from fastimagic.storyboard_yaml import load_storyboard
+
+STUDIO_POLICY = """\
+references: [s3://studio-inbox/refs/]        # URI prefixes a storyboard's reference may use
+outputs: [s3://studio-keyframes/]            # URI prefixes its output may use
+models: [stable-diffusion-v1-5/stable-diffusion-v1-5, tiny]
+allow_pickle: false
+caps: {keyframes: 2000, seeds: 16, side: 1024, prompt_chars: 1000, reference_bytes: 20000000, storyboard_bytes: 1000000}
+"""
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_issue_example_policy_loads(tmp_path):
+    policy = load_policy(_write(tmp_path, "policy.yaml", STUDIO_POLICY))
+    assert policy.references == ("s3://studio-inbox/refs/",)
+    assert policy.models == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny")
+    assert policy.caps.seeds == 16 and policy.caps.storyboard_bytes == 1_000_000
+    assert policy.source == str(tmp_path / "policy.yaml")
+
+
+def test_a_broken_policy_file_names_every_problem_with_its_line(tmp_path):
+    path = _write(tmp_path, "p.yaml", "references: s3://x\ncaps: {keyframes: 0, sids: 3}\nmodels: [./rel]\nfoo: 1\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    problems = info.value.problems
+    assert problems[0].startswith(f"{path}:1 references: must be a list")
+    assert f"{path}:2 caps.keyframes: must be at least 1 (got 0)" in problems
+    assert f"{path}:2 caps.sids: unknown key 'sids' (did you mean 'side'?)" in problems
+    assert any(p.startswith(f"{path}:3 models:") and "absolute" in p for p in problems)
+    assert any(p.startswith(f"{path}:4 foo: unknown key 'foo'") for p in problems)
+
+
+def test_policy_files_are_plain_yaml_and_regular_files(tmp_path):
+    with pytest.raises(PolicyError, match="not allowed"):
+        load_policy(_write(tmp_path, "p.yaml", "caps: !!python/object/apply:os.system [echo hi]\n"))
+    with pytest.raises(PolicyError, match="no such file"):
+        load_policy(tmp_path / "missing.yaml")
+    with pytest.raises(PolicyError, match="is a device"):
+        load_policy("/dev/zero")
+
+
+HOSTILE = """\
+name: hostile
+reference: /etc/passwd
+model: ./weights.ckpt
+allow_pickle: true
+output: /tmp/planted
+max_seeds: 1000
+max_keyframes: 100000
+defaults: {seeds: 100, edit: {subtract: {gamma: [1.0]}}}
+scenes:
+  - {id: a, prompt: a photo}
+"""
+
+
+def test_validate_with_a_policy_reports_each_violation_at_its_line_and_exits_2(tmp_path):
+    story = _write(tmp_path, "story.yaml", HOSTILE)
+    policy = _write(tmp_path, "policy.yaml", STUDIO_POLICY)
+    r = fastimagic("validate", "--policy", str(policy), str(story))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.removeprefix("fastimagic: ").splitlines()
+    assert [line.split(": refused by the policy")[0] for line in lines] == [
+        f"{story}:2 reference",
+        f"{story}:3 model",
+        f"{story}:4 allow_pickle",
+        f"{story}:5 output",
+        f"{story}:8 defaults.seeds",  # the storyboard raised max_seeds to 1000: only the operator's cap counts
+    ]
+    assert "/etc/passwd is not under allowed prefixes: s3://studio-inbox/refs/" in lines[0]
+    # FASTIMAGIC_POLICY names it too
+    r = fastimagic("validate", str(story), env={"FASTIMAGIC_POLICY": str(policy)})
+    assert r.returncode == 2 and r.stderr.count("refused by the policy") == 5
+    # a broken policy is exit 2 with its own lines
+    r = fastimagic("validate", "--policy", str(_write(tmp_path, "bad.yaml", "caps: 3\n")), str(story))
+    assert r.returncode == 2 and "bad.yaml:1 caps: must be a mapping" in r.stderr
+
+
+def test_a_storyboards_own_caps_only_lower_the_operators(tmp_path):
+    story = _write(tmp_path, "s.yaml", "name: x\nreference: s3://studio-inbox/refs/a.png\nmax_seeds: 4\n"
+                   "output: s3://studio-keyframes/out\n"
+                   "defaults: {edit: {subtract: {gamma: [1.0]}}}\nscenes:\n  - {id: a, prompt: p, seeds: 5}\n")
+    policy = load_policy(_write(tmp_path, "policy.yaml", STUDIO_POLICY))
+    with pytest.raises(Exception, match="5 seeds is more than max_seeds"):  # the storyboard's lower cap holds
+        load_storyboard(story)
+    ok = load_storyboard(_write(tmp_path, "ok.yaml", story.read_text().replace("seeds: 5", "seeds: 4")))
+    assert check(ok, policy) == []
+
+
+def test_caps_on_keyframes_prompts_side_and_size(tmp_path):
+    policy = for_home(
+        default_policy().model_copy(update={"caps": default_policy().caps.model_copy(
+            update={"keyframes": 3, "prompt_chars": 20, "side": 256, "storyboard_bytes": 100})}),
+        "s3://studio-inbox/",
+    )
+    story = _write(tmp_path, "s.yaml", "name: x\nreference: s3://studio-inbox/a.png\noutput: s3://studio-inbox/o\n"
+                   "resolution: 512\nsource_prompt: " + "s" * 30 + "\n"
+                   "defaults: {seeds: 2, edit: {subtract: {gamma: [1.0, 1.1]}}}\n"
+                   "scenes:\n  - {id: a, prompt: " + "p" * 40 + "}\n")
+    problems = check(load_storyboard(story), policy)
+    text = "\n".join(problems)
+    assert "4 keyframes is more than the cap of 3" in text
+    assert "scenes[0].prompt: refused by the policy: 40 characters is more than the cap of 20" in text
+    assert "source_prompt" in text and "512 px is more than the cap of 256" in text
+    assert "bytes, more than the cap of 100" in text
+
+
+def test_the_default_policy_allows_only_the_storyboards_own_bucket(tmp_path):
+    text = STORY.format(reference="s3://studio-inbox/refs/x.jpg", output="s3://studio-inbox/out")
+    board = load_storyboard("s3://studio-inbox/storyboards/inbox/a.yaml", text=text)
+    assert check(board, default_policy()) == []
+    elsewhere = text.replace("s3://studio-inbox/out", "s3://other-bucket/out")
+    [problem] = check(load_storyboard("s3://studio-inbox/storyboards/inbox/a.yaml", text=elsewhere), default_policy())
+    assert "output: refused by the policy: s3://other-bucket/out is not under the storyboard's home" in problem
+    # a local storyboard has no home: the default allows no local paths
+    local = load_storyboard(_write(tmp_path, "a.yaml", STORY.format(reference="x.jpg", output="out")))
+    assert len(check(local, default_policy())) == 2
+    # `..` cannot climb out of an allowed prefix: such keys are refused by the schema itself
+    with pytest.raises(Exception, match="'..' segment"):
+        load_storyboard("s3://studio-inbox/a.yaml", text=text.replace("refs/x.jpg", "refs/../../private/x.jpg"))
+
+
+def test_a_symlink_inside_an_allowed_folder_that_points_out_is_outside(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "link.jpg").symlink_to("/etc/hostname")
+    story = _write(allowed, "s.yaml", STORY.format(reference="link.jpg", output="out"))
+    policy = for_home(default_policy(), str(allowed))
+    [problem] = check(load_storyboard(story), policy)
+    assert "reference: refused by the policy" in problem
+
+
+def test_submit_checks_the_policy_before_contacting_any_server(tmp_path, photo_bytes):
+    (tmp_path / "x.jpg").write_bytes(photo_bytes)
+    story = _write(tmp_path, "s.yaml", STORY.format(reference="x.jpg", output="out"))
+    r = fastimagic("submit", str(story), "--deployment", "storyboard/storyboard",
+                   env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert r.returncode == 2, r.stderr
+    assert "s.yaml:2 reference: refused by the policy" in r.stderr and "s.yaml:14 output" in r.stderr
+    assert "policy file (--policy FILE or $FASTIMAGIC_POLICY: references: [...])" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# --- the inbox, on the real S3 server -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inbox(s3_server, s3_env, photo_bytes):
+    bucket = s3_env
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="refs/x.jpg", Body=photo_bytes)
+    return client, bucket, f"s3://{bucket}/storyboards"
+
+
+def _upload(client, bucket: str, name: str, text: str | bytes) -> None:
+    body = text.encode() if isinstance(text, str) else text
+    client.put_object(Bucket=bucket, Key=f"storyboards/inbox/{name}", Body=body)
+
+
+def _error(client, bucket: str, name: str) -> str:
+    return client.get_object(Bucket=bucket, Key=f"storyboards/failed/{name}.error.txt")["Body"].read().decode()
+
+
+def test_inbox_refuses_what_the_policy_forbids_and_says_only_that(inbox, tmp_path, s3_server):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri = inbox
+    other = s3_server.make_bucket()
+    client.put_object(Bucket=other, Key="private/p.jpg", Body=b"secret")
+    (tmp_path / "weights.ckpt").write_bytes(b"not really")
+    ok_ref, ok_out = f"s3://{bucket}/refs/x.jpg", f"s3://{bucket}/out"
+    cases = {
+        "worker-file.yaml": STORY.format(reference="/etc/hostname", output=ok_out),
+        "worker-missing.yaml": STORY.format(reference="/etc/no-such-file-here", output=ok_out),
+        "cross-bucket.yaml": STORY.format(reference=f"s3://{other}/private/p.jpg", output=f"s3://{other}/out"),
+        "plant.yaml": STORY.format(reference=ok_ref, output=str(tmp_path / "planted")),
+        "pickle.yaml": STORY.format(reference=ok_ref, output=ok_out).replace(
+            "model: tiny", f"model: {tmp_path / 'weights.ckpt'}\nallow_pickle: true"),
+        "caps.yaml": STORY.format(reference=ok_ref, output=ok_out).replace("seeds: 1", "seeds: 200").replace(
+            "name: Inbox Story", "name: Inbox Story\nmax_seeds: 500\nmax_keyframes: 100000"),
+    }
+    for name, text in cases.items():
+        _upload(client, bucket, name, text)
+
+    results = {r["name"]: r for r in inbox_flow(inbox=uri)}
+
+    assert {n: r["status"] for n, r in results.items()} == dict.fromkeys(cases, "failed")
+    errors = {name: _error(client, bucket, name) for name in cases}
+    for name, error in errors.items():
+        assert "refused by the policy" in error, (name, error)
+    assert f"reference: refused by the policy: /etc/hostname is not under allowed prefixes: s3://{bucket}/" in errors[
+        "worker-file.yaml"]
+    # an existing and a missing worker file get the same answer: the uploader learns nothing about the disk
+    assert errors["worker-file.yaml"].replace("/etc/hostname", "X") == errors["worker-missing.yaml"].replace(
+        "/etc/no-such-file-here", "X").replace("worker-missing", "worker-file")
+    assert "output: refused" in errors["cross-bucket.yaml"] and "reference: refused" in errors["cross-bucket.yaml"]
+    assert "output: refused" in errors["plant.yaml"] and not (tmp_path / "planted").exists()
+    assert "model: refused" in errors["pickle.yaml"] and "allow_pickle: refused" in errors["pickle.yaml"]
+    assert "200 seeds is more than the cap of 64" in errors["caps.yaml"]
+    assert _keys(client, bucket, "out/") == [] and _keys(client, other, "out/") == []
+
+
+def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path, s3_server):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri = inbox
+    out_bucket = s3_server.make_bucket()
+    policy = _write(tmp_path, "policy.yaml", f"references: [s3://{bucket}/refs/]\noutputs: [s3://{out_bucket}/]\n"
+                    "models: [tiny]\ncaps: {seeds: 1}\n")
+    _upload(client, bucket, "a.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{out_bucket}/o"))
+    _upload(client, bucket, "b.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{bucket}/o"))
+
+    results = {r["name"]: r for r in inbox_flow(inbox=uri, policy=str(policy))}
+
+    assert results["a.yaml"]["status"] == "done", results
+    assert results["b.yaml"]["status"] == "failed"
+    assert f"not under allowed prefixes: s3://{out_bucket}/" in _error(client, bucket, "b.yaml")
+    assert any(k.endswith("/manifest.json") for k in _keys(client, out_bucket, "o/"))
+
+
+def test_one_bad_inbox_object_fails_alone(inbox):
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri = inbox
+    good = STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{bucket}/out")
+    _upload(client, bucket, "tab\tname.yaml", good)
+    _upload(client, bucket, "huge.yaml", "name: x\n" + "#" * 1_100_000 + "\n")
+    _upload(client, bucket, "latin1.yaml", good.replace("a photo of a bird on a branch", "caf\xe9").encode("latin-1"))
+    _upload(client, bucket, "good.yaml", good)
+
+    results = {r["name"]: r for r in inbox_flow(inbox=uri)}
+
+    assert results["good.yaml"]["status"] == "done"
+    assert results["tab\\tname.yaml"]["status"] == "skipped" and "control character" in results["tab\\tname.yaml"][
+        "reason"]
+    assert results["huge.yaml"]["status"] == "failed"
+    assert "more than the cap of 1000000 bytes (storyboard_bytes)" in _error(client, bucket, "huge.yaml")
+    assert "storyboards/failed/huge.yaml" not in _keys(client, bucket, "storyboards/failed/")  # not copied
+    assert results["latin1.yaml"]["status"] == "failed"
+    assert "not UTF-8 text" in _error(client, bucket, "latin1.yaml")
+    manifests = [k for k in _keys(client, bucket, "out/") if k.endswith("/manifest.json") and "/scenes/" not in k]
+    assert len(manifests) == 1
+
+
+def test_an_inbox_failure_on_the_worker_does_not_leak_its_details(inbox, monkeypatch):
+    import flows.storyboard
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri = inbox
+
+    def broken(**kwargs):
+        raise OSError("/srv/worker/secret-path/model.bin: permission denied")
+
+    monkeypatch.setattr(flows.storyboard, "storyboard_flow", broken)
+    _upload(client, bucket, "a.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{bucket}/o"))
+    [result] = inbox_flow(inbox=uri)
+    error = _error(client, bucket, "a.yaml")
+    assert result["status"] == "failed" and "secret-path" not in error and "OSError" in error
+    claim = [k for k in _keys(client, bucket, "storyboards/claims/")][0]
+    assert "secret-path" not in client.get_object(Bucket=bucket, Key=claim)["Body"].read().decode()
+    assert json.loads(client.get_object(Bucket=bucket, Key=claim)["Body"].read())["status"] == "failed"
