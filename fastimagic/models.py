@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fastimagic.cache import LruCache
 from fastimagic.config import PICKLE_SUFFIXES, model_kind
 from fastimagic.errors import InputError
 from fastimagic.families import FAMILIES, SD1, SUPPORTED, TINY_FAMILIES, UNSUPPORTED, Family
@@ -392,23 +396,29 @@ def load_base_model(
     return _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
 
 
-_WARM: dict[tuple, Components] = {}
-_WARM_LOCK = threading.Lock()
+# Base models a process keeps loaded, least recently used out: one by default (an SD UNet and its encoders take
+# several GB of GPU memory); a worker with room for more sets FASTIMAGIC_WARM_MODELS.
+WARM_MODELS_ENV = "FASTIMAGIC_WARM_MODELS"
+_WARM: LruCache[Components] = LruCache(max(1, int(os.environ.get(WARM_MODELS_ENV) or 1)))
+_log = logging.getLogger(__name__)
 
 
 def cached_base_model(spec: str, **options) -> Components:
-    """:func:`load_base_model` (same keyword arguments), once per process and model: render workers keep the base
-    model warm.
+    """:func:`load_base_model` (same keyword arguments), once per process and model: workers keep base models warm.
 
-    Only the most recent model stays loaded (a GPU worker rarely holds two SD UNets at once).
+    At most ``$FASTIMAGIC_WARM_MODELS`` models (default 1) stay loaded, least recently used out; two threads asking
+    for the same model at once load it once.
     """
     identity = model_identity(spec, allow_pickle=options.get("allow_pickle", False), vae=options.get("vae"))
     key = (identity, *sorted((k, str(v)) for k, v in options.items()))
-    with _WARM_LOCK:
-        if key not in _WARM:
-            _WARM.clear()
-            _WARM[key] = load_base_model(spec, **options)
-        return _WARM[key]
+
+    def load() -> Components:
+        started = time.perf_counter()
+        model = load_base_model(spec, **options)
+        _log.info("loaded base model %s in %.1f s", identity, time.perf_counter() - started)
+        return model
+
+    return _WARM.get(key, load)
 
 
 def _assemble(

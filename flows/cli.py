@@ -1,8 +1,10 @@
 """The ``fastimagic`` command.
 
     fastimagic validate FILE [--policy P]         check a storyboard (and its policy); every problem, one line each
-    fastimagic run FILE [--output URI] [--model M] [-v|-q]
-                                                  run the storyboard flow here (Prefect's embedded server)
+    fastimagic run FILE [--output URI] [--model M] [--workers] [-v|-q]
+                                                  run the storyboard flow here (Prefect's embedded server); with
+                                                  --workers, the GPU work runs on warm workers (a Prefect server)
+    fastimagic worker                             a warm GPU worker: serve fine-tunes and renders, one at a time
     fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
     fastimagic strategies [--model sd15|sd2|sdxl|tiny...]  each forgetting strategy and what it touches
@@ -180,6 +182,10 @@ def cmd_run(args) -> int:
     output, model = _absolute_output(args.output), _absolute_model(args.model)
     board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
     preflight(board)
+    if args.workers:
+        from flows.workers import check_shared_storage
+
+        check_shared_storage()  # exit 1 with one line before any work is submitted
     if not args.verbose:
         _one_line_logs()
 
@@ -188,7 +194,12 @@ def cmd_run(args) -> int:
     with listening(display) if display else _nothing():
         try:
             result = storyboard_flow(
-                storyboard=args.file, output=output, model=model, run_id=run_id, resume=bool(args.resume)
+                storyboard=args.file,
+                output=output,
+                model=model,
+                run_id=run_id,
+                resume=bool(args.resume),
+                scale_out=args.workers,
             )
         except NotFound as e:  # the inputs were checked above: something vanished from storage mid-run (exit 1)
             raise StoreError(str(e)) from None
@@ -362,6 +373,24 @@ def cmd_submit(args) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args) -> int:
+    """A warm GPU worker (one per GPU; ``CUDA_VISIBLE_DEVICES`` picks it): keeps the base model and recent tunings
+    loaded across tasks and storyboards. Refuses to start without the shared storage block or a Prefect server."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # background task runs belong to no flow run: their log lines stay on this worker's console
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    from flows.workers import serve, storage_block
+
+    storage_block()  # before importing the tasks (and torch): a misconfigured worker says so at once
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    for name in ("fastimagic", "fastimagic.worker"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("fastimagic").addHandler(handler)
+    serve(limit=args.limit)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastimagic", description="One reference image in, story keyframes out.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -375,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="tiny, a hub repo id, a diffusers folder or a .safetensors file")
     s.add_argument("--run-id", help="name the run folder (default: a new timestamped id)")
     s.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run: keep verified keyframes")
+    s.add_argument("--workers", action="store_true",
+                   help="fine-tune and render on warm workers (`fastimagic worker`; needs a Prefect server)")
     loud = s.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's per-task log lines")
     loud.add_argument("-q", "--quiet", action="store_true", help="print only the summary and errors")
@@ -401,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")
     s.add_argument("--policy", metavar="FILE", help="the operator policy it must keep (default: $FASTIMAGIC_POLICY)")
     s.set_defaults(func=cmd_submit)
+    s = sub.add_parser("worker", help="serve fine-tunes and renders as a warm GPU worker (one per GPU)")
+    s.add_argument("--limit", type=int, default=1, help="tasks at once (default 1: one worker per GPU)")
+    s.set_defaults(func=cmd_worker)
     return p
 
 

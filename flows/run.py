@@ -4,7 +4,7 @@
 
 :func:`run_storyboard` is that sequence. What differs between running in this process and scaling out over GPU
 workers is only *who* tunes and renders: a :class:`Backend` (``flows.storyboard.InProcess`` or
-``flows.scale.ScaleOut``). :func:`render_scene` renders one scene with the ``forget: auto`` workflow
+``flows.workers.Warm``). :func:`render_scene` renders one scene with the ``forget: auto`` workflow
 (:func:`fastimagic.autoforget.render_scene`) and writes its outputs; both backends call it.
 """
 
@@ -110,12 +110,15 @@ class Backend(Protocol):
 
 
 def render_scene(
-    board: Storyboard, scene: Scene, tuning_key: str, run_prefix: str, resume: bool
+    board: Storyboard, scene: Scene, tuning_key: str, run_prefix: str, resume: bool, submit=None
 ) -> tuple[SceneSummary, list[KeyframeRecord], int]:
     """Render one scene (every seed at once, bounded by the ``gpu`` tag), run its ``forget: auto`` workflow, and
     write its picks, contact sheet and manifest. With ``resume``, a (scene, seed) whose keyframes are stored intact
-    is kept, not rendered. Returns ``(summary, records, kept)``."""
+    is kept, not rendered. ``submit``: how a (scene, seed) unit starts, with ``render_keyframes``' arguments,
+    returning a future (default ``render_keyframes.submit``, in this process; warm workers pass their own).
+    Returns ``(summary, records, kept)``."""
     output = board.output.resolved
+    submit = submit or render_keyframes.submit
     kept = 0
 
     def render(strategies: tuple[str, ...]) -> list[KeyframeRecord]:
@@ -129,7 +132,7 @@ def render_scene(
                 kept += len(done)
                 launched.append(done)
             else:
-                launched.append(render_keyframes.submit(board, scene, seed, tuning_key, output, run_prefix, strategies))
+                launched.append(submit(board, scene, seed, tuning_key, output, run_prefix, strategies))
         return [r for item in launched for r in (item if isinstance(item, list) else item.result())]
 
     records, auto = autoforget.render_scene(scene.forget, scene.prompt, scene.auto, render)

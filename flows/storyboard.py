@@ -2,8 +2,8 @@
 
 Wiring only (the sequence itself is :func:`flows.run.run_storyboard`); each step is a task in
 :mod:`tasks.pipeline`. In this process, renders fan out per (scene, seed), bounded by the ``gpu`` tag's concurrency
-limit when one is set, and take turns on the one warm model. With ``scale_out=True`` the GPU work runs as flow
-runs of the ``finetune`` and ``render-scene`` deployments instead (:mod:`flows.scale`).
+limit when one is set, and take turns on the one warm model. With ``scale_out=True`` the same GPU tasks run on warm
+GPU workers instead (background tasks, :mod:`flows.workers`).
 """
 
 from __future__ import annotations
@@ -50,16 +50,16 @@ def storyboard_flow(
     storyboard: a local YAML path or ``s3://bucket/key``. output / model: override the storyboard's.
     run_id: the run folder name (default: a new timestamped id). resume: continue the run ``run_id``: keyframes
     already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
-    written complete. scale_out: run the fine-tune and each scene as flow runs of the ``finetune`` and
-    ``render-scene`` deployments (GPU work pool) instead of in this process; see :mod:`flows.scale`.
+    written complete. scale_out: run the fine-tune and every render on warm GPU workers (``fastimagic worker``)
+    instead of in this process; see :mod:`flows.workers`.
     policy: the operator's rules (:class:`fastimagic.policy.Policy` as data) the storyboard must keep; the inbox
     passes them. Without it, ``$FASTIMAGIC_POLICY`` applies where the worker sets it.
     Returns a summary with the manifest URI.
     """
     if scale_out:
-        from flows.scale import ScaleOut
+        from flows.workers import Warm
 
-        backend = ScaleOut(output=output, model=model)
+        backend = Warm()
     else:
         backend = InProcess()
     return run_storyboard(

@@ -6,15 +6,17 @@ Policy lives in the decorators:
   (``cache_policy=NO_CACHE``): a rerun always does the work it names. Fine-tunes are reused by *content key*
   through the object store instead, which also works across machines and flow runs;
 * tasks that hold the GPU carry the ``gpu`` tag, so ``prefect concurrency-limit create gpu N`` caps them;
-* tasks that write to storage retry with exponential backoff (S3 clients retry each request too).
+* retries live in two layers only: botocore retries each S3 request (:mod:`fastimagic.store`), and tasks that
+  use storage retry with exponential backoff when an object store still fails them (:data:`STORAGE_RETRIES`); bad
+  input, a bad model and a full local disk fail at once (they do not heal by waiting).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import threading
-import time
+import logging
+import os
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -23,6 +25,7 @@ from prefect.tasks import exponential_backoff
 
 from fastimagic import keyframes as kf
 from fastimagic import progress
+from fastimagic.cache import LruCache
 from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.config import PRECISIONS, slugify
 from fastimagic.editor import Editor
@@ -43,17 +46,42 @@ from fastimagic.picking import scene_picks
 from fastimagic.runs import PLAN, plan_record
 from fastimagic.scoring import load_scorer
 from fastimagic.sequence import SEQUENCE, index_page, write_sequence
-from fastimagic.store import LocalStore, NotFound, StoreError
+from fastimagic.store import NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tiny import TINY_RESOLUTION
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
 from tasks.storage import output_store, read
 
 GPU = "gpu"
-STORAGE_RETRIES = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.3)
 
-_TUNINGS: dict[str, Tuning] = {}  # process cache: a render worker fetches each tuning once
-_TUNINGS_LOCK = threading.Lock()  # two render threads asking at once still fetch it once
+
+def _storage_trouble(task, task_run, state) -> bool:
+    """Retry a task only when an object store failed it (after botocore's own retries of each request): not for
+    bad input, and not for a local disk (a full disk does not heal by waiting)."""
+    try:
+        state.result()
+    except StoreError as e:
+        return not isinstance(e.__cause__, OSError)
+    except Exception:
+        return False
+    return False
+
+
+STORAGE_RETRIES = dict(
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.3,
+    retry_condition_fn=_storage_trouble,
+)
+
+# Tunings a process keeps, least recently used out, by bytes (an SD 1.5 tuning is ~1 GB): a worker fetches each
+# once. Two tasks asking for the same tuning at once share one fetch.
+TUNING_CACHE_ENV = "FASTIMAGIC_TUNING_CACHE_BYTES"
+_TUNINGS: LruCache[Tuning] = LruCache(
+    int(os.environ.get(TUNING_CACHE_ENV) or 4 * 2**30),
+    size=lambda t: t.source_embedding.nbytes + sum(d.nbytes for d in t.deltas.values()),
+)
+_log = logging.getLogger("fastimagic.worker")
 
 
 def _model(board: Storyboard):
@@ -161,7 +189,7 @@ def _finetune_progress():
     return callback
 
 
-@task(name="fine-tune once", cache_policy=NO_CACHE, tags=[GPU])
+@task(name="fine-tune once", cache_policy=NO_CACHE, tags=[GPU], **STORAGE_RETRIES)
 def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt, output: str) -> TuningRef:
     """Reuse the stored tuning for this content key, or fine-tune and store it under ``tunings/<key>/``.
 
@@ -173,8 +201,9 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
     replaced = None
     if store.exists(META_FILE):
         try:
-            tuning = Tuning.read(store.get_bytes, where=store.uri)
-            _TUNINGS[key] = tuning
+            tuning = Tuning.read(store.get_bytes, where=store.uri)  # verified on every reuse: it may have rotted
+            _log.info("fetched tuning %s (stored: reused)", key)
+            _TUNINGS.put(key, tuning)
             logger.info("reusing stored tuning %s (no fine-tune)", key)
             return _tuning_ref(tuning, store.uri, reused=True)
         except (CorruptTuning, NotFound) as e:
@@ -202,8 +231,8 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
     tuning.caption = prompts.caption
     assert tuning.key == key, "content key computed before and after fine-tuning must agree"
     for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
-        _put(store, name, data)
-    _TUNINGS[key] = tuning
+        store.put_bytes(name, data)
+    _TUNINGS.put(key, tuning)
     logger.info(
         "fine-tuned %s in %.1f s (%d steps, final loss %.4f)",
         key,
@@ -228,27 +257,17 @@ def _tuning_ref(tuning: Tuning, uri: str, *, reused: bool, replaced_corrupt: str
     )
 
 
-def _put(store, key: str, data: bytes, content_type: str | None = None, attempts: int = 5) -> None:
-    """One storage write; S3 writes back off and retry (a server restarting), local ones fail at once (a full disk
-    does not heal by waiting)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            store.put_bytes(key, data, content_type)
-            return
-        except StoreError:
-            if attempt == attempts or isinstance(store, LocalStore):
-                raise
-            time.sleep(min(2.0**attempt, 30.0))
-
-
 def load_tuning(output: str, key: str) -> Tuning:
-    """The tuning ``key`` from the output store, fetched once per process (two threads asking at once share one
-    fetch)."""
-    with _TUNINGS_LOCK:
-        if key not in _TUNINGS:
-            store = output_store(output).child(f"tunings/{key}")
-            _TUNINGS[key] = Tuning.read(store.get_bytes, where=store.uri)
-        return _TUNINGS[key]
+    """The tuning ``key`` from the output store, fetched once per process while it stays in the bounded cache (two
+    tasks asking at once share one fetch)."""
+
+    def fetch() -> Tuning:
+        store = output_store(output).child(f"tunings/{key}")
+        tuning = Tuning.read(store.get_bytes, where=store.uri)
+        _log.info("fetched tuning %s", key)
+        return tuning
+
+    return _TUNINGS.get(key, fetch)
 
 
 def expected_names(scene: Scene, seed: int, strategies: tuple[str, ...]) -> list[str]:
@@ -314,7 +333,9 @@ def _reference_image(board: Storyboard, width: int, height: int):
 _REFERENCES: dict = {}
 
 
-@task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}")
+@task(
+    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}", **STORAGE_RETRIES
+)
 def render_keyframes(
     board: Storyboard,
     scene: Scene,
@@ -326,7 +347,7 @@ def render_keyframes(
 ) -> list[KeyframeRecord]:
     """Render one (scene, seed): every edit setting under each forgetting strategy, score them, write them.
 
-    ``strategies`` defaults to the scene's. Each PNG is written atomically (storage writes back off and retry),
+    ``strategies`` defaults to the scene's. Each PNG is written atomically (a failed write retries the task),
     then a progress record listing them with their SHA-256. With a scorer, each record carries ``scores`` (CLIP
     text alignment and fidelity to the reference), computed here in one batch with the scorer loaded once per
     process. Returns the manifest records (keys relative to the run folder).
@@ -357,11 +378,11 @@ def render_keyframes(
     for i, f in enumerate(frames):
         data = kf.png_bytes(f.image)
         rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
-        _put(store, rel, data, "image/png")
+        store.put_bytes(rel, data, "image/png")
         settings = f.settings() | {"precision": model.precision.name}
         records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
-    _put(store, _settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
-    _put(store, _progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
+    store.put_bytes(_settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
+    store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
     progress.keyframes_written(len(records))
     return records
 
@@ -409,15 +430,15 @@ def write_scene_outputs(
             r["pick"] = ranks.get(r["key"])
     for p in picks:
         dest = f"{kf.PICKS}/{scene.id}/{p['rank']:02d}-{p['key'].rsplit('/', 1)[-1]}"
-        _put(store, dest, store.get_bytes(p["key"]), "image/png")
+        store.put_bytes(dest, store.get_bytes(p["key"]), "image/png")
         p["copy"] = dest
     tiles = [
         (Image.open(io.BytesIO(store.get_bytes(r["key"]))), kf.tile_label(r), r.get("pick") is not None)
         for r in records
     ]
-    _put(store, f"{prefix}/{kf.CONTACT_SHEET}", kf.contact_sheet(tiles), "image/jpeg")
+    store.put_bytes(f"{prefix}/{kf.CONTACT_SHEET}", kf.contact_sheet(tiles), "image/jpeg")
     manifest = scene_manifest(scene.id, scene.prompt, picks, auto, records, scene.motion)
-    _put(store, f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
+    store.put_bytes(f"{prefix}/{kf.MANIFEST}", kf.dumps(manifest), "application/json")
     return SceneSummary.of(manifest, f"{prefix}/{kf.MANIFEST}", f"{prefix}/{kf.CONTACT_SHEET}")
 
 
@@ -427,7 +448,7 @@ def write_plan(board: Storyboard, run_id: str, output: str, run_prefix: str) -> 
     A resumed run keeps the plan it started with."""
     store = output_store(output).child(run_prefix)
     if not store.exists(PLAN):
-        _put(store, PLAN, kf.dumps(plan_record(board, run_id)), "application/json")
+        store.put_bytes(PLAN, kf.dumps(plan_record(board, run_id)), "application/json")
 
 
 @task(name="run outputs", cache_policy=NO_CACHE, **STORAGE_RETRIES)
@@ -437,11 +458,11 @@ def write_run_outputs(run: dict, reference: Reference, output: str, run_prefix: 
     store = output_store(output).child(run_prefix)
     ext = _image_ext(reference.data)
     run["reference_key"] = f"reference{ext}"
-    _put(store, run["reference_key"], reference.data)
+    store.put_bytes(run["reference_key"], reference.data)
     write_sequence(store, run)
     run["sequence"] = SEQUENCE
-    _put(store, kf.INDEX, index_page(run), "text/html; charset=utf-8")
-    _put(store, kf.MANIFEST, kf.dumps(run), "application/json")
+    store.put_bytes(kf.INDEX, index_page(run), "text/html; charset=utf-8")
+    store.put_bytes(kf.MANIFEST, kf.dumps(run), "application/json")
     return f"{store.uri.rstrip('/')}/{kf.MANIFEST}"
 
 

@@ -14,7 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-CPU_POOL, GPU_POOL = "fastimagic-cpu", "fastimagic-gpu"
+CPU_POOL = "fastimagic-cpu"
+RESULTS_BLOCK = "s3-bucket/fastimagic-results"
 
 
 def _load(name: str) -> dict:
@@ -77,15 +78,14 @@ def _worker_pools(compose: dict) -> dict[str, str]:
 # -- prefect.yaml ------------------------------------------------------------------------------------------------
 
 
-def test_the_project_file_declares_the_four_deployments_on_process_pools(project):
+def test_the_project_file_declares_the_two_deployments_on_the_cpu_pool(project):
+    # the GPU work is not a deployment: background tasks on warm workers (flows/workers.py)
     deployments = _by_name(project)
-    assert set(deployments) == {"storyboard", "finetune", "render-scene", "inbox"}
+    assert set(deployments) == {"storyboard", "inbox"}
     assert deployments["storyboard"]["entrypoint"] == "flows/storyboard.py:storyboard_flow"
-    assert deployments["finetune"]["entrypoint"] == "flows/scale.py:finetune_flow"
-    assert deployments["render-scene"]["entrypoint"] == "flows/scale.py:render_scene_flow"
     assert deployments["inbox"]["entrypoint"] == "flows/inbox.py:inbox_flow"
     pools = {n: d["work_pool"]["name"] for n, d in deployments.items()}
-    assert pools == {"storyboard": CPU_POOL, "inbox": CPU_POOL, "finetune": GPU_POOL, "render-scene": GPU_POOL}
+    assert pools == {"storyboard": CPU_POOL, "inbox": CPU_POOL}
 
 
 @pytest.mark.parametrize("deployment", _entrypoint_params())
@@ -111,7 +111,7 @@ def _flow_name(entrypoint: str) -> str:
     return function.replace("_", "-")
 
 
-def test_the_storyboard_deployment_scales_out_so_the_cpu_pool_only_orchestrates(project):
+def test_the_storyboard_deployment_uses_the_warm_workers_so_the_cpu_pool_only_orchestrates(project):
     storyboard = _by_name(project)["storyboard"]
     assert storyboard["work_pool"]["name"] == CPU_POOL and storyboard["parameters"] == {"scale_out": True}
 
@@ -123,19 +123,23 @@ def test_deployment_names_used_in_code_exist_in_the_project_file(project):
         if (ROOT / d["entrypoint"].split(":", 1)[0]).is_file()
     }
     used = {_by_name(project)["inbox"]["parameters"]["deployment"]}
-    scale = ROOT / "flows" / "scale.py"
-    if scale.is_file():  # its deployment constants, e.g. FINETUNE_DEPLOYMENT = "finetune/finetune"
-        for node in ast.walk(ast.parse(scale.read_text())):
+    for path in (ROOT / "flows").glob("*.py"):  # deployment constants, e.g. X_DEPLOYMENT = "storyboard/storyboard"
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
                 if any(isinstance(t, ast.Name) and t.id.endswith("_DEPLOYMENT") for t in node.targets):
                     used.add(node.value.value)
-        assert len(used) >= 3
     assert used <= names, f"deployments named in code but not in deploy/prefect.yaml: {sorted(used - names)}"
 
 
-def test_workers_run_from_their_checkout_named_by_fastimagic_home(project):
-    [step] = project["pull"]
-    assert step == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $FASTIMAGIC_HOME }}"}}
+def test_workers_run_from_their_checkout_named_by_fastimagic_home_read_on_the_worker(project):
+    # `{{ $VAR }}` would be filled in by `prefect deploy` on the deploying machine: the path is read by a step that
+    # runs on the worker (run_shell_script expands the worker's environment), then changed into.
+    read, chdir = project["pull"]
+    shell = read["prefect.deployments.steps.run_shell_script"]
+    assert shell["script"] == "echo $FASTIMAGIC_HOME" and shell["expand_env_vars"] is True
+    assert "{{" not in yaml.safe_dump(project["pull"]).replace("{{ " + shell["id"] + ".stdout }}", "")
+    directory = "{{ " + shell["id"] + ".stdout }}"
+    assert chdir == {"prefect.deployments.steps.set_working_directory": {"directory": directory}}
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     home = re.search(r"FASTIMAGIC_HOME=(\S+)", dockerfile)
     workdir = re.search(r"^WORKDIR\s+(\S+)", dockerfile, re.M)
@@ -176,7 +180,7 @@ def test_the_inbox_runs_every_two_minutes_on_a_valid_cron_schedule(project, comp
 
 def test_every_work_pool_has_a_compose_worker_polling_it(project, compose):
     used = {d["work_pool"]["name"] for d in project["deployments"]}
-    assert used == set(_worker_pools(compose).values()) == {CPU_POOL, GPU_POOL}
+    assert used == set(_worker_pools(compose).values()) == {CPU_POOL}
     for name in _worker_pools(compose):
         command = compose["services"][name]["command"]
         assert "--type process" in command
@@ -184,7 +188,7 @@ def test_every_work_pool_has_a_compose_worker_polling_it(project, compose):
 
 def test_compose_services_volumes_and_dependencies_are_consistent(compose):
     services = compose["services"]
-    assert {"minio", "createbuckets", "prefect-server", "cpu-worker", "gpu-worker"} <= set(services)
+    assert {"minio", "createbuckets", "prefect-server", "cpu-worker"} <= set(services) and _gpu_workers(compose)
     declared = set(compose.get("volumes") or {})
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -204,8 +208,12 @@ def test_compose_services_volumes_and_dependencies_are_consistent(compose):
     assert db_folder in server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
 
 
+def _gpu_workers(compose: dict) -> dict[str, dict]:
+    return {n: s for n, s in compose["services"].items() if n.startswith("gpu-worker")}
+
+
 def test_workers_reach_minio_and_prefect_and_keep_weights_in_a_volume(compose):
-    for name in ("cpu-worker", "gpu-worker"):
+    for name in ("cpu-worker", *_gpu_workers(compose)):
         service = compose["services"][name]
         env = service["environment"]
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
@@ -218,10 +226,16 @@ def test_workers_reach_minio_and_prefect_and_keep_weights_in_a_volume(compose):
         assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).resolve().is_file()
 
 
-def test_the_gpu_worker_reserves_an_nvidia_gpu(compose):
-    devices = compose["services"]["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert "--limit 1" in compose["services"]["gpu-worker"]["command"]
+def test_one_warm_gpu_worker_per_gpu_each_with_its_own_device_index_and_the_storage_block(compose):
+    workers = _gpu_workers(compose)
+    assert len(workers) >= 2
+    devices = sorted(w["environment"]["CUDA_VISIBLE_DEVICES"] for w in workers.values())
+    assert devices == [str(i) for i in range(len(workers))], devices  # 0, 1, ...: each GPU once
+    for name, w in workers.items():
+        assert w["command"] == "fastimagic worker", name
+        assert w["environment"]["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == RESULTS_BLOCK
+        [device] = w["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "deploy" not in compose["services"]["cpu-worker"]
 
 
@@ -233,7 +247,7 @@ def test_the_dockerfile_builds_on_cuda_pytorch_installs_the_project_and_starts_a
     [base] = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-(runtime|devel)", base)
     assert re.search(r"pip install\b[^\n]*-e \.", text)
-    assert re.search(r"^CMD .*\"worker\", \"start\"", text, re.M)
+    assert re.search(r'^CMD \["fastimagic", "worker"\]', text, re.M)
     # the workers' Prefect is the server's
     version = re.search(r"ARG PREFECT_VERSION=(\S+)", text).group(1)
     assert compose["services"]["prefect-server"]["image"] == f"prefecthq/prefect:{version}-python3.11"
@@ -242,11 +256,13 @@ def test_the_dockerfile_builds_on_cuda_pytorch_installs_the_project_and_starts_a
 # -- setup.sh ----------------------------------------------------------------------------------------------------
 
 
-def test_the_setup_script_creates_both_pools_the_gpu_limit_and_deploys():
+def test_the_setup_script_creates_the_pool_and_the_result_storage_block_removes_the_gpu_limit_and_deploys():
     text = (DEPLOY / "setup.sh").read_text()
-    assert f"CPU_POOL={CPU_POOL}" in text and f"GPU_POOL={GPU_POOL}" in text
+    assert f"CPU_POOL={CPU_POOL}" in text and "GPU_POOL" not in text
     assert 'prefect work-pool create "$pool" --type process' in text
-    assert "GPU_TAG=gpu" in text and 'prefect concurrency-limit create "$GPU_TAG" "$GPU_SLOTS"' in text
+    assert f"RESULTS_BLOCK={RESULTS_BLOCK.split('/', 1)[1]}" in text and "S3Bucket(" in text
+    assert "GPU_TAG=gpu" in text and "delete_concurrency_limit_by_tag(tag)" in text
+    assert "concurrency-limit create" not in text
     assert "prefect deploy --all --prefect-file" in text and "PREFECT_FILE=deploy/prefect.yaml" in text
     if shutil.which("bash"):
         subprocess.run(["bash", "-n", str(DEPLOY / "setup.sh")], check=True)
@@ -276,3 +292,27 @@ def test_no_secret_is_committed():
     for path in DEPLOY.iterdir():
         if path.is_file():
             assert "minioadmin" not in path.read_text(errors="replace"), f"{path.name}: default MinIO credentials"
+
+
+# -- k8s/gpu-workers.yaml ------------------------------------------------------------------------------------------
+
+
+def test_the_kubernetes_gpu_workers_take_one_gpu_each_and_read_the_same_settings_as_compose(compose):
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "gpu-workers.yaml").read_text()) if d]
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    spec = deployment["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    [container] = spec["template"]["spec"]["containers"]
+    assert container["command"] == ["fastimagic", "worker"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == RESULTS_BLOCK
+    assert "CUDA_VISIBLE_DEVICES" not in env  # the device plugin shows each pod its one GPU
+    compose_env = next(iter(_gpu_workers(compose).values()))["environment"]
+    for name in ("PREFECT_API_URL", "AWS_ENDPOINT_URL", "HF_HOME"):
+        assert env[name] == compose_env[name], name
+    assert not any(re.search(r"SECRET|PASSWORD|ACCESS_KEY", name) for name in env)  # credentials from a Secret
+    assert container["envFrom"][0]["secretRef"]["name"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
+    assert mounts.get("hf-cache") == env["HF_HOME"] and set(mounts) <= volumes

@@ -1,5 +1,6 @@
-"""Scale-out for real: `prefect server start` on loopback, a SeaweedFS S3 server, process workers on the work
-pools of deploy/prefect.yaml (deployed by deploy/setup.sh), a storyboard submitted with `fastimagic submit`.
+"""Warm GPU workers for real: `prefect server start` on loopback, a SeaweedFS S3 server holding the keyframes and
+the shared result storage, `deploy/setup.sh`, a CPU process worker (the storyboard deployment) and two
+`fastimagic worker` processes (background tasks, one task at a time each).
 
 Every process started here is stopped by its PID (process group) at the end, also when a test fails.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from fastimagic import keyframes as kf
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+WORKERS = ("gpu-worker-a", "gpu-worker-b")
+BLOCK = "s3-bucket/fastimagic-results"
 
 
 class Processes:
@@ -59,9 +64,22 @@ class Processes:
         return (self.logs / f"{name}.log").read_bytes()[-n:].decode(errors="replace")
 
 
+def _start_worker(procs, name: str, env: dict) -> None:
+    procs.start(name, [sys.executable, "-m", "flows.cli", "worker"], env)
+
+
+def _wait_for(procs, names, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while text not in procs.tail(name, 100_000):
+            assert procs.procs[name].poll() is None, procs.tail(name)
+            assert time.monotonic() < deadline, procs.tail(name)
+            time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_server):
-    """A Prefect server with fastimagic deployed, one CPU worker and two GPU-pool workers, all on loopback."""
+    """A Prefect server with fastimagic deployed, one CPU worker and two warm GPU workers, all on loopback."""
     work = tmp_path_factory.mktemp("cluster")
     (port,) = free_ports(1)
     api = f"http://127.0.0.1:{port}/api"
@@ -72,6 +90,9 @@ def cluster(tmp_path_factory, s3_server):
         PREFECT_LOGGING_LEVEL="INFO",
         PYTHONPATH=str(ROOT),
         FASTIMAGIC_HOME=str(ROOT),
+        FASTIMAGIC_RESULTS_BUCKET=s3_server.make_bucket(),
+        FASTIMAGIC_LEASE_FLOOR_SECONDS="10",  # a killed worker's task is taken back quickly here
+        OMP_NUM_THREADS="1",
         **s3_server.env(),
     )
     procs = Processes(work)
@@ -88,14 +109,15 @@ def cluster(tmp_path_factory, s3_server):
                     raise AssertionError("prefect server did not start: " + procs.tail("server")) from None
                 time.sleep(0.5)
         env = {**base_env, "PREFECT_API_URL": api}
-        setup = subprocess.run(["bash", "deploy/setup.sh", "2"], cwd=ROOT, env=env, capture_output=True,
+        setup = subprocess.run(["bash", "deploy/setup.sh"], cwd=ROOT, env=env, capture_output=True,
                                text=True, timeout=300)
         assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-3000:]
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = BLOCK
         procs.start("cpu-worker", [PREFECT, "worker", "start", "--pool", "fastimagic-cpu", "--type", "process",
                                    "--name", "cpu-worker"], env)
-        for name in ("gpu-worker-a", "gpu-worker-b"):
-            procs.start(name, [PREFECT, "worker", "start", "--pool", "fastimagic-gpu", "--type", "process",
-                               "--limit", "1", "--name", name], env)
+        for name in WORKERS:
+            _start_worker(procs, name, env)
+        _wait_for(procs, WORKERS, "serving caption")
         yield {"api": api, "env": env, "procs": procs, "work": work}
     finally:
         procs.stop_all()
@@ -119,12 +141,13 @@ def _client(api: str):
     return _Ctx()
 
 
-def _upload_story(s3_server, bucket: str, photo_bytes: bytes, scenes: int, steps: int, name: str) -> str:
+def _upload_story(s3_server, bucket: str, photo_bytes: bytes, scenes: int, steps: int, name: str,
+                  subject: str = "bird") -> str:
     client = s3_server.client()
     client.put_object(Bucket=bucket, Key="refs/r.jpg", Body=photo_bytes)
     text = (
         f"name: {name}\nreference: s3://{bucket}/refs/r.jpg\nmodel: tiny\nresolution: 64\n"
-        "source_prompt: a photo of a bird\nfinetune: {steps: 4, min_steps: 4}\n"
+        f"source_prompt: a photo of a {subject}\nfinetune: {{steps: 4, min_steps: 4}}\n"
         f"defaults: {{seeds: 2, steps: {steps}, edit: {{subtract: {{gamma: [0.9, 1.2]}}}}}}\n"
         f"output: s3://{bucket}/out\nscenes:\n"
         + "".join(f"  - {{id: scene-{i}, prompt: a photo of a bird number {i}}}\n" for i in range(scenes))
@@ -177,50 +200,117 @@ def _check_keyframes(s3_server, bucket: str, manifest: dict, run: str, scenes: i
         assert kf.sha256(data) == k["sha256"]
 
 
-def test_a_storyboard_submitted_to_the_server_spreads_its_scenes_over_both_gpu_workers(
+def _run(cluster, path_or_uri: str, *args: str, env: dict | None = None, timeout: float = 600):
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", path_or_uri, "--workers", "-v", *args],
+                          cwd=ROOT, env=env or cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def _worker_counts(cluster, pattern: str) -> dict[str, Counter]:
+    return {w: Counter(re.findall(pattern, cluster["procs"].tail(w, 10_000_000))) for w in WORKERS}
+
+
+def test_two_storyboards_load_the_model_once_per_worker_and_fetch_each_tuning_once(
     cluster, s3_server, s3_env, photo_bytes
 ):
-    uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=4, steps=20, name="spread")
-    parent = _wait_parent(cluster, _submit(cluster, uri))
+    first = _upload_story(s3_server, s3_env, photo_bytes, scenes=4, steps=8, name="first")
+    r = _run(cluster, first)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the second storyboard goes through the deployment: the CPU worker's pull step, the flow, the same workers
+    second = _upload_story(s3_server, s3_env, photo_bytes, scenes=4, steps=8, name="second", subject="cat")
+    parent = _wait_parent(cluster, _submit(cluster, second))
     assert parent.state.is_completed(), parent.state
-    manifest, run = _manifest(s3_server, s3_env, "spread")
-    assert manifest["status"] == "complete"
-    _check_keyframes(s3_server, s3_env, manifest, run, scenes=4)
-    assert len(_child_runs(cluster, "finetune")) == 1
-    renders = [r for r in _child_runs(cluster, "render-scene") if r.parameters.get("storyboard") == uri]
-    assert len(renders) == 4 and all(r.state.is_completed() for r in renders)
-    workers = {r.labels.get("prefect.worker.name") for r in renders}
-    assert workers == {"gpu-worker-a", "gpu-worker-b"}, workers
+    for name in ("first", "second"):
+        manifest, run = _manifest(s3_server, s3_env, name)
+        assert manifest["status"] == "complete"
+        _check_keyframes(s3_server, s3_env, manifest, run, scenes=4)
+    loads = _worker_counts(cluster, r"loaded base model (\S+)")
+    fetches = _worker_counts(cluster, r"fetched tuning (\S+)")
+    took = _worker_counts(cluster, r"took task run (render)")
+    assert all(took[w]["render"] > 0 for w in WORKERS), took  # both workers rendered
+    assert all(n == 1 for w in WORKERS for n in loads[w].values()), loads
+    assert all(n == 1 for w in WORKERS for n in fetches[w].values()), fetches
 
 
-def test_a_worker_killed_mid_scene_is_resubmitted_and_nothing_is_missing_or_duplicated(
+def _busy_worker(cluster) -> str | None:
+    for w in WORKERS:
+        log = cluster["procs"].tail(w, 10_000_000)
+        if log.count("took task run render") > log.count("Finished in state"):
+            return w
+    return None
+
+
+def test_a_worker_killed_mid_render_is_replaced_by_the_other_and_nothing_is_missing_or_duplicated(
     cluster, s3_server, s3_env, photo_bytes
 ):
     procs = cluster["procs"]
     uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=2, steps=60, name="killed")
-    parent_id = _submit(cluster, uri)
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", uri, "--workers", "-v"], cwd=ROOT,
+                           env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = s3_server.client()
 
     def some_progress():
         page = client.list_objects_v2(Bucket=s3_env, Prefix="out/killed/")
         return any(f"/{kf.PROGRESS}/scene-" in o["Key"] for o in page.get("Contents", []))
 
-    deadline = time.monotonic() + 600
-    while not some_progress():
-        assert time.monotonic() < deadline, procs.tail("gpu-worker-a") + procs.tail("gpu-worker-b")
-        time.sleep(0.3)
-    victim = "gpu-worker-a"  # kill one worker and everything it runs, mid-scene
-    procs.kill(victim)
+    victim = None
     try:
-        parent = _wait_parent(cluster, parent_id)
-        assert parent.state.is_completed(), parent.state
-        manifest, run = _manifest(s3_server, s3_env, "killed")
-        _check_keyframes(s3_server, s3_env, manifest, run, scenes=2)
-        renders = [r for r in _child_runs(cluster, "render-scene") if r.parameters.get("storyboard") == uri]
-        runs = {(r.parameters["scene_id"], r.parameters["resume"], r.state_name) for r in renders}
-        lost = {scene for scene, resume, state in runs if state != "Completed"}
-        # the killed worker's scene ended crashed and was submitted again with resume, and completed
-        assert lost and all((scene, True, "Completed") in runs for scene in lost), runs
+        deadline = time.monotonic() + 600
+        while not (some_progress() and (victim := _busy_worker(cluster))):
+            assert time.monotonic() < deadline and run.poll() is None, procs.tail(WORKERS[0]) + procs.tail(WORKERS[1])
+            time.sleep(0.2)
+        procs.kill(victim)  # SIGKILL, mid-render
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        assert "worker presumed dead" in err and "submitted again" in err, err[-3000:]
+        manifest, folder = _manifest(s3_server, s3_env, "killed")
+        assert manifest["status"] == "complete"
+        _check_keyframes(s3_server, s3_env, manifest, folder, scenes=2)
     finally:
-        procs.start(victim, [PREFECT, "worker", "start", "--pool", "fastimagic-gpu", "--type", "process",
-                             "--limit", "1", "--name", victim], cluster["env"])
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if victim:
+            _start_worker(procs, victim, cluster["env"])
+            _wait_for(procs, [victim], "serving caption")
+
+
+def test_a_worker_without_the_storage_block_refuses_to_start_naming_the_setting(cluster):
+    env = {k: v for k, v in cluster["env"].items() if k != "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "worker"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("fastimagic: PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK is not set"), line
+
+
+def test_shared_storage_unreachable_when_work_is_submitted_is_one_line_and_exit_1(
+    cluster, s3_server, s3_env, photo_bytes
+):
+    (dead,) = free_ports(1)
+    make = (
+        "from prefect_aws import MinIOCredentials, S3Bucket\n"
+        "S3Bucket(bucket_name='results', credentials=MinIOCredentials(minio_root_user='u', minio_root_password='p',"
+        f" aws_client_parameters={{'endpoint_url': 'http://127.0.0.1:{dead}'}})).save('unreachable', overwrite=True)"
+    )
+    subprocess.run([sys.executable, "-c", make], env=cluster["env"], check=True, timeout=120)
+    uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=1, steps=2, name="unreachable")
+    r = _run(cluster, uri, env={**cluster["env"], "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "s3-bucket/unreachable"},
+             timeout=300)
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("fastimagic: PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=s3-bucket/unreachable: shared storage"
+                           " unreachable"), line
+
+
+def test_a_model_no_worker_can_load_fails_the_run_with_the_reason_and_nothing_hangs(
+    cluster, s3_server, s3_env, photo_bytes, tmp_path
+):
+    model = tmp_path / "broken-model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")  # a folder that looks like a model and is not one
+    (model / "unet" / "config.json").write_text("{not json")
+    uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=1, steps=2, name="broken")
+    r = _run(cluster, uri, "--model", str(model), timeout=300)
+    assert r.returncode in (1, 2), r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastimagic: ") and "broken-model" in last, last

@@ -1,0 +1,357 @@
+"""Warm GPU workers: the fine-tune and every render run as Prefect background tasks on long-lived task workers.
+
+A worker (``fastimagic worker``, one per GPU, ``CUDA_VISIBLE_DEVICES`` picks the GPU) is one Python process that
+serves the GPU tasks of :mod:`tasks.pipeline` (:data:`GPU_TASKS`) one at a time, for as long as it lives: imports,
+the base model (:func:`fastimagic.models.cached_base_model`, LRU by count) and recent tunings
+(:func:`tasks.pipeline.load_tuning`, LRU by bytes) are paid for once per worker, not once per scene or storyboard.
+
+The :class:`Warm` backend of :func:`flows.run.run_storyboard` submits those same tasks with ``.delay()`` (the
+in-process backend calls them directly: one code path) and waits for them with a lease:
+
+* parameters and results travel through the result-storage block named by ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``
+  (an S3/MinIO bucket), so a worker on any machine can take the work; a worker or submitter without it refuses at
+  once, naming the setting;
+* a task run that has been running longer than its lease (:class:`Lease`, from the work's size and the speed
+  measured so far) belongs to a worker presumed dead (a killed task worker leaves its run Running for ever), and so
+  does one still Scheduled a lease floor after a run submitted later has started (a worker took it and died before
+  starting it; the queue is first in, first out): it is marked Crashed and submitted again, after checking whether
+  its keyframes were written and verify intact (:func:`tasks.pipeline.verify_written`); a render rewrites its
+  (scene, seed) unit under the same names, so a retry never leaves a gap or a duplicate;
+* a task that fails (a model no worker can load, say) fails the run with the worker's reason.
+
+The passed-over rule has a cost: the server hands each connected worker the next run even while it is busy, so a
+run waiting behind a task that takes longer than the lease floor is also presumed lost and submitted again; the
+worker then renders that unit a second time (same names, same bytes). A floor above the slowest unit avoids it.
+
+No ``gpu`` tag limit is needed on this path: each worker takes one task at a time (:class:`IdleTaskWorker`), and
+there is one worker per GPU, so a GPU never runs two tasks. The tag limit made every GPU task ask the server for a
+slot (a 423 answer means waiting its Retry-After, ~2 s, even when a slot frees sooner).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger
+
+from fastimagic import progress
+from fastimagic.errors import FastImagicError, InputError
+from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
+from fastimagic.store import StoreError
+from fastimagic.storyboard import Scene, Storyboard
+from flows.run import render_scene
+from tasks.pipeline import caption_reference, finetune_once, render_keyframes, verify_written
+
+GPU_TASKS = (caption_reference, finetune_once, render_keyframes)
+STORAGE_SETTING = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"
+SCHEDULING_SETTING = "PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK"
+# Scenes waiting on workers at once (each a thread that mostly sleeps); more scenes queue behind them.
+SCENE_THREADS = 16
+ATTEMPTS = 3  # submissions of one unit of work before the run gives up on it
+
+
+def storage_block() -> str:
+    """The shared result-storage block (``s3-bucket/<name>``), or :class:`InputError` naming the setting."""
+    block = os.environ.get(STORAGE_SETTING)
+    if not block:
+        raise InputError(
+            f"{STORAGE_SETTING} is not set: warm workers and their submitters share parameters and results through"
+            " a result-storage block (e.g. s3-bucket/fastimagic-results); see deploy/README.md"
+        )
+    os.environ.setdefault(SCHEDULING_SETTING, block)  # parameters travel the same way as results
+    return block
+
+
+def check_shared_storage() -> str:
+    """Load the shared storage block and write and read a probe object. Returns the block's name.
+
+    Raises :class:`InputError` when the setting is missing, :class:`StoreError` when the block is missing or its
+    storage cannot be reached (both one line)."""
+    name = storage_block()
+    from prefect.blocks.core import Block
+    from prefect.settings import temporary_settings
+
+    try:
+        block = Block.load(name)
+    except Exception as e:
+        raise StoreError(f"{STORAGE_SETTING}={name}: no such block ({type(e).__name__})") from None
+    probe = f"fastimagic-probe/{uuid.uuid4().hex}"
+    try:
+        with temporary_settings(updates={"tasks.scheduling.default_storage_block": name}):
+            block.write_path(probe, b"ok")
+            block.read_path(probe)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StoreError(f"{STORAGE_SETTING}={name}: shared storage unreachable: {first}") from None
+    return name
+
+
+# -- the worker ----------------------------------------------------------------------------------------------------
+
+
+def _idle_task_worker():
+    from prefect.client.subscriptions import Subscription
+    from prefect.settings import get_current_settings
+    from prefect.task_worker import TaskWorker
+
+    class IdleTaskWorker(TaskWorker):
+        """A task worker that takes the next task run only when it has a free slot.
+
+        Prefect's own worker acknowledges the next task run as soon as it arrives and then waits for a slot, so a
+        busy worker holds work an idle one could run, and loses it if it dies (the server re-queues only runs not
+        yet acknowledged). Waiting for a slot *before* reading from the subscription fixes both.
+        """
+
+        async def _subscribe_to_task_scheduling(self):
+            import anyio
+
+            subscription = Subscription(
+                model=self._task_run_model(),
+                path="/task_runs/subscriptions/scheduled",
+                keys=self.task_keys,
+                client_id=self.client_id,
+                base_url=get_current_settings().api.url,
+            )
+            while True:
+                while self._limiter is not None and self._limiter.available_tokens < 1:
+                    await anyio.sleep(0.02)
+                task_run = await subscription.__anext__()
+                logging.getLogger("fastimagic.worker").info("took task run %s", task_run.name)
+                if await self._acquire_token(task_run.id):
+                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+
+        @staticmethod
+        def _task_run_model():
+            from prefect.client.schemas.objects import TaskRun
+
+            return TaskRun
+
+    return IdleTaskWorker
+
+
+def serve(limit: int = 1) -> None:
+    """Serve :data:`GPU_TASKS` here until stopped, ``limit`` at a time (1: one worker per GPU).
+
+    Refuses to start without the shared storage (:func:`check_shared_storage`) or a Prefect server
+    (``PREFECT_API_URL``: background tasks do not work with Prefect's throw-away local server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    block = storage_block()
+    if not PREFECT_API_URL.value():
+        raise InputError("PREFECT_API_URL is not set: a worker takes its work from a Prefect server")
+    check_shared_storage()
+    import asyncio
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr, to see a stuck worker
+    names = ", ".join(t.name for t in GPU_TASKS)
+    logging.getLogger("fastimagic.worker").info("serving %s, %s at a time; results in %s", names, limit, block)
+
+    from prefect.settings import temporary_settings
+
+    async def run() -> None:
+        await _idle_task_worker()(*GPU_TASKS, limit=limit).astart()  # built inside the loop, as Prefect requires
+
+    from prefect.task_worker import StopTaskWorker
+
+    stops = (KeyboardInterrupt, asyncio.CancelledError, StopTaskWorker)  # SIGTERM / Ctrl-C: a clean stop
+    with temporary_settings(updates={"tasks.scheduling.default_storage_block": block}):
+        try:
+            asyncio.run(run())
+        except BaseException as e:  # alone, or in an exception group from the worker's task group
+            if not all(isinstance(inner, stops) for inner in getattr(e, "exceptions", (e,))):
+                raise
+
+
+# -- the submitter -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lease:
+    """How long a task run may stay Running before its worker is presumed dead and the work is submitted again.
+
+    ``floor_seconds`` (default 120, ``$FASTIMAGIC_LEASE_FLOOR_SECONDS``) covers a cold worker's model load and
+    tuning fetch; on top, ``factor`` times the work's size in denoising steps times the slowest seconds per step
+    measured so far in this run (before any measurement, ``$FASTIMAGIC_SECONDS_PER_STEP``, default 1 s, slower
+    than any GPU)."""
+
+    floor_seconds: float = field(default_factory=lambda: float(os.environ.get("FASTIMAGIC_LEASE_FLOOR_SECONDS", 120)))
+    factor: float = 3.0
+    seconds_per_step: float = field(default_factory=lambda: float(os.environ.get("FASTIMAGIC_SECONDS_PER_STEP", 1)))
+    measured: float | None = None
+
+    def seconds(self, steps: int) -> float:
+        return self.floor_seconds + self.factor * steps * (self.measured or self.seconds_per_step)
+
+    def observe(self, steps: int, seconds: float) -> None:
+        if steps > 0:
+            self.measured = max(self.measured or 0.0, seconds / steps)
+
+
+class _Runs:
+    """The latest task run of every submitted unit, one API call for all of them per poll."""
+
+    def __init__(self, poll_seconds: float = 0.25):
+        self.poll_seconds = poll_seconds
+        self.ids: set = set()
+        self.seen: dict = {}
+        self.lock = threading.Lock()
+        self.at = 0.0
+        # the creation time of the newest run seen started: a run still Scheduled that is older was passed over
+        # (the queue is first in, first out), which happens when a worker took it and died before starting it
+        self.started_up_to = None
+
+    def add(self, task_run_id) -> None:
+        with self.lock:
+            self.ids.add(task_run_id)
+
+    def forget(self, task_run_id) -> None:
+        with self.lock:
+            self.ids.discard(task_run_id)
+            self.seen.pop(task_run_id, None)
+
+    def get(self, task_run_id):
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+        with self.lock:
+            if time.monotonic() - self.at >= self.poll_seconds and self.ids:
+                with get_client(sync_client=True) as client:
+                    runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(self.ids))))
+                self.seen.update({r.id: r for r in runs})
+                for r in runs:
+                    if r.state is not None and not r.state.is_scheduled():
+                        self.started_up_to = max(self.started_up_to or r.created, r.created)
+                self.at = time.monotonic()
+            return self.seen.get(task_run_id)
+
+
+class Warm:
+    """Tune and render on warm GPU workers (background tasks; see the module docstring)."""
+
+    def __init__(self, lease: Lease | None = None):
+        self.block = check_shared_storage()  # before anything is submitted: one line, nothing waits on lost work
+        self.lease = lease or Lease()
+        self.runs = _Runs()
+        # one thread per unit of work in flight, each mostly asleep waiting for its task run
+        self.waiting = ThreadPoolExecutor(max_workers=4 * SCENE_THREADS, thread_name_prefix="fastimagic-wait")
+
+    def run(self, task, args: tuple, steps: int, done=None):
+        """Submit ``task(*args)`` to the workers and return its result, submitting again (at most
+        :data:`ATTEMPTS` times) when its worker dies. ``steps``: the work's size in denoising steps (the lease).
+        ``done()``: before a resubmission, the result if the lost run finished its work after all, else None."""
+        from prefect.settings import temporary_settings
+
+        logger = get_run_logger()
+        for attempt in range(1, ATTEMPTS + 1):
+            def submit():
+                # parameters go to the shared storage, where workers read them (this process's settings were read
+                # before the block was known)
+                with temporary_settings(updates={"tasks.scheduling.default_storage_block": self.block}):
+                    return task.delay(*args)
+
+            # From an empty context: Prefect ships the caller's flow-run context with the parameters, and a flow
+            # loaded from a deployment's entrypoint lives in a module no worker can import. The task runs are
+            # therefore not linked to the storyboard's flow run in the UI; their names say what they are.
+            future = contextvars.Context().run(submit)
+            run_id = future.task_run_id
+            self.runs.add(run_id)
+            running_since = passed_over_since = None
+            try:
+                while True:
+                    time.sleep(self.runs.poll_seconds)
+                    run = self.runs.get(run_id)
+                    state = run.state if run else None
+                    if state is None:
+                        continue
+                    if state.is_scheduled():
+                        passed_over = self.runs.started_up_to is not None and self.runs.started_up_to > run.created
+                        if passed_over:  # taken by a worker that died before it started, or one still busy
+                            passed_over_since = passed_over_since or time.monotonic()
+                            if time.monotonic() - passed_over_since > self.lease.floor_seconds:
+                                reason = "was taken by a worker that never started it: worker presumed dead"
+                                self._crash(run_id, reason)
+                                break
+                        continue
+                    if state.is_completed():
+                        if run.start_time and run.end_time:
+                            self.lease.observe(steps, (run.end_time - run.start_time).total_seconds())
+                        return state.result()
+                    if state.is_failed():
+                        return state.result()  # raises the worker's exception: the reason the task failed
+                    if state.is_final():  # crashed or cancelled: the worker went away cleanly enough to say so
+                        reason = f"ended {state.name}"
+                        break
+                    running_since = running_since or time.monotonic()  # pending or running on a worker
+                    lease = self.lease.seconds(steps)
+                    if time.monotonic() - running_since > lease:
+                        reason = f"still {state.name} after its {lease:.0f} s lease: worker presumed dead"
+                        self._crash(run_id, reason)
+                        break
+            finally:
+                self.runs.forget(run_id)
+            kept = done() if done else None
+            if kept is not None:
+                logger.warning("%s %s, but its work is stored intact: kept", run.name, reason)
+                return kept
+            if attempt == ATTEMPTS:
+                raise FastImagicError(f"{run.name}: {reason}; gave up after {ATTEMPTS} attempts")
+            logger.warning("%s %s: submitted again (attempt %d of %d)", run.name, reason, attempt + 1, ATTEMPTS)
+
+    @staticmethod
+    def _crash(task_run_id, reason: str) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:  # so the UI stops showing it as Running
+            client.set_task_run_state(task_run_id, Crashed(message=reason), force=True)
+
+    def tune(self, board: Storyboard, reference: Reference, run_prefix: str) -> tuple[SourcePrompt, TuningRef]:
+        if board.source_prompt:
+            prompts = caption_reference(board, reference)  # no model: the storyboard's own source prompt
+        else:
+            prompts = self.run(caption_reference, (board, reference), steps=0)
+        ft = board.finetune
+        steps = ft.steps * ft.batch_size * 3  # a training sample costs about a forward and a backward pass
+        return prompts, self.run(finetune_once, (board, reference, prompts, board.output.resolved), steps)
+
+    def render(
+        self, board: Storyboard, scene: Scene, seed: int, key: str, output: str, run_prefix: str,
+        strategies: tuple[str, ...],
+    ) -> list[KeyframeRecord]:
+        """One (scene, seed) unit on a worker: :func:`tasks.pipeline.render_keyframes`, leased."""
+        steps = len(strategies) * len(scene.edit.combos()) * scene.steps
+        records = self.run(
+            render_keyframes,
+            (board, scene, seed, key, output, run_prefix, strategies),
+            steps,
+            done=lambda: verify_written(scene, seed, output, run_prefix, strategies),
+        )
+        progress.keyframes_written(len(records))
+        return records
+
+    def scenes(
+        self, board: Storyboard, tuning_key: str, run_prefix: str, resume: bool
+    ) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
+        def one(scene: Scene):
+            return render_scene(board, scene, tuning_key, run_prefix, resume, submit=self.submit_render)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(len(board.scenes), SCENE_THREADS))) as pool:
+                futures = [pool.submit(contextvars.copy_context().run, one, scene) for scene in board.scenes]
+                done = [f.result() for f in futures]
+        finally:
+            self.waiting.shutdown(wait=False, cancel_futures=True)
+        return [d[0] for d in done], [r for d in done for r in d[1]], sum(d[2] for d in done)
+
+    def submit_render(self, *args) -> Future:
+        """Like ``render_keyframes.submit``: start the unit now, return a future of its records."""
+        return self.waiting.submit(contextvars.copy_context().run, self.render, *args)
