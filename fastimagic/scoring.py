@@ -205,6 +205,26 @@ def _load_pretrained(name: str):
     return model, tokenizer, processor
 
 
+def scorer_problem(name: str) -> str | None:
+    """Why the CLIP scorer ``name`` cannot be loaded here, found without loading it (for checks before a run), or
+    None: ``tiny`` always loads; a folder needs its ``config.json``; a hub id must be in the local HF cache when
+    downloads are off (``HF_HUB_OFFLINE``)."""
+    if name == "tiny":
+        return None
+    path = os.path.expanduser(name)
+    if os.path.isabs(path) or os.path.isdir(path):
+        return None if os.path.isfile(os.path.join(path, "config.json")) else f"{name}: not a CLIP model folder"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str) or not constants.HF_HUB_OFFLINE:
+        return None
+    return (
+        f"{name} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE); download it once"
+        f" (huggingface-cli download {name}), or set scorer: tiny or none"
+    )
+
+
 _CACHE: dict[tuple[str, str, str], Scorer] = {}
 _CACHE_LOCK = threading.Lock()
 

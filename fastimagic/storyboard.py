@@ -125,6 +125,19 @@ def _model_source(value: Any, info: ValidationInfo, *, allow_pickle: bool) -> Mo
     return ModelSource(given=value, kind=kind, resolved=resolved)
 
 
+def _hub_or_folder(value: Any, info: ValidationInfo, folder: str) -> ModelSource | None:
+    """A field that names a hub repo id or a local diffusers ``folder`` (no single files), or None when unset."""
+    if value is None:
+        return None
+    try:
+        source = _model_source(value, info, allow_pickle=False)
+    except values.Bad as e:
+        raise values.problem(str(e)) from None
+    if source.kind not in ("hub", "folder"):
+        raise values.problem(f"must be a hub repo id or {folder}")
+    return source
+
+
 class FinetuneSettings(_Frozen):
     """How the one fine-tune runs. Same fields as :class:`fastimagic.finetuning.FinetuneConfig`.
 
@@ -371,31 +384,16 @@ class Storyboard(_Frozen):
     @field_validator("model_config_source", mode="before")
     @classmethod
     def _model_config(cls, value: Any, info: ValidationInfo) -> ModelSource | None:
-        if value is None:
-            return None
-        try:
-            source = _model_source(value, info, allow_pickle=False)
-        except values.Bad as e:
-            raise values.problem(str(e)) from None
-        if source.kind not in ("hub", "folder"):
-            raise values.problem("must be a hub repo id or a diffusers folder: it supplies configs and the tokenizer")
+        source = _hub_or_folder(value, info, "a diffusers folder: it supplies configs and the tokenizer")
         model = info.data.get("model")
-        if model is not None and model.kind != "single_file":
+        if source is not None and model is not None and model.kind != "single_file":
             raise values.problem("only applies when model is a single-file checkpoint (.safetensors); remove it")
         return source
 
     @field_validator("vae", mode="before")
     @classmethod
     def _vae(cls, value: Any, info: ValidationInfo) -> ModelSource | None:
-        if value is None:
-            return None
-        try:
-            source = _model_source(value, info, allow_pickle=False)
-        except values.Bad as e:
-            raise values.problem(str(e)) from None
-        if source.kind not in ("hub", "folder"):
-            raise values.problem("must be a hub repo id or a diffusers VAE folder (with config.json)")
-        return source
+        return _hub_or_folder(value, info, "a diffusers VAE folder (with config.json)")
 
     @field_validator("resolution", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, Source
 from fastimagic.models import default_device, model_family
 from fastimagic.policy import guard
 from fastimagic.precision import resolve_precision
+from fastimagic.scoring import scorer_problem
 from fastimagic.store import LocalStore, NotFound
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
@@ -88,6 +89,8 @@ def preflight(board: Storyboard) -> None:
         resolve_precision(board.precision, default_device())
     except InputError as e:
         raise InputError(f"{board.source} {e}") from None
+    if board.scorer_name and (why := scorer_problem(board.scorer_name)):
+        raise InputError(f"{board.source} scorer: {why}")
     uri = board.reference.resolved
     try:
         data = read(uri, max_bytes=board.max_reference_bytes)

@@ -225,3 +225,11 @@ def test_a_vae_override_is_loaded_and_named_in_the_identity(tmp_path, photo_byte
     assert missing.returncode == 0  # a folder is checked when the run starts, like the model
     r = fastimagic("run", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
     assert r.returncode == 2 and "nowhere/vae" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_scorer_that_cannot_load_is_refused_before_the_run(tmp_path, photo_bytes):
+    path = _board(tmp_path, photo_bytes, scorer="someone/not-a-cached-clip")
+    r = fastimagic("run", str(path), env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "scorer: someone/not-a-cached-clip is not in the local Hugging Face cache" in r.stderr
+    assert not (tmp_path / "out").exists()
