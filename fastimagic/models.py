@@ -22,6 +22,7 @@ unless ``allow_pickle=True``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -410,7 +411,9 @@ def cached_base_model(spec: str, **options) -> Components:
     for the same model at once load it once.
     """
     identity = model_identity(spec, allow_pickle=options.get("allow_pickle", False), vae=options.get("vae"))
-    key = (identity, *sorted((k, str(v)) for k, v in options.items()))
+    call = inspect.signature(load_base_model).bind(spec, **options)
+    call.apply_defaults()  # the same model whether a caller spells out a default or leaves it out
+    key = (identity, *sorted((k, str(v)) for k, v in call.arguments.items() if k != "spec"))
 
     def load() -> Components:
         started = time.perf_counter()
