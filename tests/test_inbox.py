@@ -1,5 +1,5 @@
 """The inbox flow against a real S3 server (SeaweedFS): each storyboard runs exactly once, then moves to done/ or
-failed/; claims have exactly one winner however many triggers race."""
+failed/, however many triggers race (one flow run per storyboard version, by idempotency key)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,13 @@ def inbox(s3_server, s3_env, photo_bytes):
     return client, bucket, f"s3://{bucket}/storyboards", story
 
 
-def _claim(client, bucket: str, name: str, text: str, record: dict, attempt: int = 0) -> str:
+def _record(client, bucket: str, name: str, text: str, record: dict) -> str:
+    """A run record left by an earlier trigger (runs/<name>-<sha256>.json)."""
     import hashlib
 
     sha = hashlib.sha256(text.encode()).hexdigest()
-    key = f"storyboards/claims/{name}-{sha}/{attempt:04d}.json"
-    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode())
+    key = f"storyboards/runs/{name}-{sha}.json"
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps({"name": name, "sha256": sha, **record}).encode())
     return key
 
 
@@ -78,9 +79,9 @@ def test_a_storyboard_runs_once_and_moves_to_done_with_its_run_id(inbox):
     manifest_key = f"out/inbox-story/{run_id}/manifest.json"
     manifest = json.loads(client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
     assert manifest["run_id"] == run_id and manifest["storyboard"]["source"] == story
-    [claim] = [k for k in _keys(client, bucket, "storyboards/claims/") if k.endswith("/0000.json")]
-    record = json.loads(client.get_object(Bucket=bucket, Key=claim)["Body"].read())
-    assert record["status"] == "done" and record["run_id"] == run_id and record["flow_run_id"]
+    [key] = _keys(client, bucket, "storyboards/runs/")
+    record = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert record["status"] == "done" and record["run_id"] == run_id and record["flow_run_id"] == result["flow_run_id"]
 
 
 def test_an_invalid_storyboard_moves_to_failed_with_the_error_beside_it(inbox):
@@ -122,20 +123,20 @@ def test_two_concurrent_triggers_run_a_storyboard_once(inbox):
 
     assert not errors
     statuses = sorted(r["status"] for rs in results for r in rs)
-    assert statuses in (["done"], ["done", "skipped"])  # the loser saw the file claimed, or already gone
+    assert statuses in (["done"], ["done", "skipped"])  # the loser found the run created by the other, or the file gone
     assert len(_manifests(client, bucket)) == 1
     assert _keys(client, bucket, "storyboards/inbox/") == []
     assert len(_keys(client, bucket, "storyboards/done/")) == 2  # the storyboard and its result.json
 
 
-def test_a_run_whose_claimant_died_after_the_manifest_is_moved_without_running_again(inbox):
+def test_a_run_whose_trigger_died_after_the_manifest_is_moved_without_running_again(inbox):
     from flows.inbox import inbox_flow
 
     client, bucket, uri, story = inbox
     client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
     run_id = "20260101T000000Z-dead00"
     client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/manifest.json", Body=b"{}")
-    _claim(client, bucket, "a.yaml", story, {
+    _record(client, bucket, "a.yaml", story, {
         "status": "running", "run_id": run_id, "claimed_at": datetime.now(timezone.utc).isoformat(),
         "flow_run_id": None, "output": f"s3://{bucket}/out", "manifest_key": f"inbox-story/{run_id}/manifest.json",
         "manifest": f"s3://{bucket}/out/inbox-story/{run_id}/manifest.json",
@@ -149,12 +150,12 @@ def test_a_run_whose_claimant_died_after_the_manifest_is_moved_without_running_a
     assert f"storyboards/done/{run_id}-a.yaml" in _keys(client, bucket, "storyboards/done/")
 
 
-def test_a_claim_held_by_a_live_claimant_is_left_alone(inbox):
+def test_a_record_whose_flow_run_is_not_known_to_have_ended_is_left_alone(inbox):
     from flows.inbox import inbox_flow
 
     client, bucket, uri, story = inbox
     client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
-    _claim(client, bucket, "a.yaml", story, {
+    _record(client, bucket, "a.yaml", story, {
         "status": "running", "run_id": "20260101T000000Z-live00", "flow_run_id": None,
         "claimed_at": datetime.now(timezone.utc).isoformat(),
     })
@@ -166,7 +167,7 @@ def test_a_claim_held_by_a_live_claimant_is_left_alone(inbox):
     assert _manifests(client, bucket) == []
 
 
-def test_a_claim_whose_flow_run_ended_without_finishing_is_taken_over_with_the_same_run_id(inbox):
+def test_a_record_whose_flow_run_ended_without_finishing_is_taken_over_with_the_same_run_id(inbox):
     from prefect import flow
     from prefect.runtime import flow_run
 
@@ -179,10 +180,10 @@ def test_a_claim_whose_flow_run_ended_without_finishing_is_taken_over_with_the_s
     client, bucket, uri, story = inbox
     client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
     run_id = "20260101T000000Z-taken0"
-    # the dead claimant had started writing its run folder: the takeover resumes it rather than refusing it
+    # the dead run had started writing its run folder: the takeover resumes it rather than refusing it
     client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/reference.jpg", Body=b"partial")
     old = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
-    _claim(client, bucket, "a.yaml", story, {
+    _record(client, bucket, "a.yaml", story, {
         "status": "running", "run_id": run_id, "flow_run_id": crashed_trigger(), "claimed_at": old,
     })
 
@@ -210,56 +211,3 @@ def test_a_local_inbox_resolves_relative_paths_against_the_inbox_folder(tmp_path
     assert (tmp_path / "failed" / "b.yaml").is_file()
     assert "b.yaml" in (tmp_path / "failed" / "b.yaml.error.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["x.jpg"]
-
-
-# -- the claim primitive -----------------------------------------------------------------------------------------
-
-
-def _race(store, key: str, contenders: int = 12, **kw) -> list[int]:
-    from tasks.claims import create_once
-
-    barrier = threading.Barrier(contenders)
-    won: list[int] = []
-    errors: list[BaseException] = []
-
-    def contend(i: int):
-        try:
-            barrier.wait()
-            if create_once(store, key, json.dumps({"who": i}).encode(), **kw):
-                won.append(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors
-    return won
-
-
-@pytest.mark.parametrize("conditional", [None, False], ids=["if-none-match", "election"])
-def test_concurrent_claims_on_s3_have_exactly_one_winner(s3_env, conditional):
-    from fastimagic.store import open_store
-    from tasks.claims import create_once, supports_conditional_writes
-
-    store = open_store(f"s3://{s3_env}/storyboards")
-    if conditional is None:
-        assert supports_conditional_writes(store)  # SeaweedFS honours If-None-Match: *
-    for round_ in range(3):
-        key = f"claims/a.yaml-{round_}/0000.json"
-        won = _race(store, key, conditional=conditional)
-        assert len(won) == 1
-        assert json.loads(store.get_bytes(key)) == {"who": won[0]}
-        assert not create_once(store, key, b"{}", conditional=conditional)
-
-
-def test_concurrent_claims_on_a_local_folder_have_exactly_one_winner(tmp_path):
-    from fastimagic.store import open_store
-
-    store = open_store(str(tmp_path))
-    won = _race(store, "claims/a.yaml-x/0000.json", contenders=16)
-    assert len(won) == 1
-    assert json.loads(store.get_bytes("claims/a.yaml-x/0000.json")) == {"who": won[0]}
-    assert store.list() == ["claims/a.yaml-x/0000.json"]  # no temporary files left behind
