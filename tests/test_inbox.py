@@ -211,3 +211,72 @@ def test_a_local_inbox_resolves_relative_paths_against_the_inbox_folder(tmp_path
     assert (tmp_path / "failed" / "b.yaml").is_file()
     assert "b.yaml" in (tmp_path / "failed" / "b.yaml.error.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["x.jpg"]
+
+
+# -- run="deployment": runs are created on a deployment (no worker here: the test plays the worker's outcomes) ------
+
+
+def _storyboard_deployment(name: str) -> str:
+    from prefect import get_client
+
+    from flows.storyboard import storyboard_flow
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(storyboard_flow.name)
+        client.create_deployment(flow_id=flow_id, name=name, entrypoint="flows/storyboard.py:storyboard_flow")
+    return f"{storyboard_flow.name}/{name}"
+
+
+def _end(flow_run_id: str, state) -> None:
+    from uuid import UUID
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(flow_run_id), state, force=True)
+
+
+def test_deployment_runs_are_created_once_and_the_file_moves_when_the_run_is_final(inbox):
+    from prefect.states import Completed, Crashed, Failed
+
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, story = inbox
+    deployment = _storyboard_deployment(f"inbox-{bucket}")
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/b.yaml", Body=story.replace("Inbox Story", "B").encode())
+    results: list[list[dict]] = []
+    threads = [threading.Thread(target=lambda: results.append(inbox_flow(inbox=uri, run="deployment",
+                                                                         deployment=deployment))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+
+    by_status = sorted((r["name"], r["status"]) for rs in results for r in rs)
+    assert by_status == [("a.yaml", "skipped"), ("a.yaml", "submitted"), ("b.yaml", "skipped"), ("b.yaml", "submitted")]
+    first = {r["name"]: r for rs in results for r in rs if r["status"] == "submitted"}
+    # not final yet: left alone
+    assert {r["status"] for r in inbox_flow(inbox=uri, run="deployment", deployment=deployment)} == {"skipped"}
+
+    # a's run crashed before its manifest: the next trigger creates the next attempt, resuming the same run id
+    _end(first["a.yaml"]["flow_run_id"], Crashed(message="worker lost"))
+    # b's run failed: b goes to failed/, without the state's message (it may name the worker's files)
+    _end(first["b.yaml"]["flow_run_id"], Failed(message="/srv/worker/secret: boom"))
+    again = {r["name"]: r for r in inbox_flow(inbox=uri, run="deployment", deployment=deployment)}
+    assert again["a.yaml"]["status"] == "submitted" and again["a.yaml"]["attempt"] == 1
+    assert again["a.yaml"]["run_id"] == first["a.yaml"]["run_id"]
+    assert again["a.yaml"]["flow_run_id"] != first["a.yaml"]["flow_run_id"]
+    assert again["b.yaml"]["status"] == "failed"
+    error = client.get_object(Bucket=bucket, Key="storyboards/failed/b.yaml.error.txt")["Body"].read().decode()
+    assert "ended Failed" in error and "secret" not in error
+
+    # the worker finishes attempt 1: the next trigger moves a to done/
+    run_id = first["a.yaml"]["run_id"]
+    client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/manifest.json", Body=b"{}")
+    _end(again["a.yaml"]["flow_run_id"], Completed())
+    [done] = inbox_flow(inbox=uri, run="deployment", deployment=deployment)
+    assert done["status"] == "done" and done["run_id"] == run_id
+    assert done["flow_run_id"] == again["a.yaml"]["flow_run_id"]
+    assert _keys(client, bucket, "storyboards/inbox/") == []
+    assert f"storyboards/done/{run_id}-a.yaml" in _keys(client, bucket, "storyboards/done/")
