@@ -118,8 +118,9 @@ def _manifest_written(record: dict[str, Any]) -> bool:
         return False
 
 
-def _finish(root: Store, record: dict[str, Any], data: bytes, error: str | None = None) -> dict[str, Any]:
-    """Move ``inbox/<name>`` to done/ (with its result) or failed/ (with the error), then mark the record."""
+def _finish(root: Store, record: dict[str, Any], data: bytes | None, error: str | None = None) -> dict[str, Any]:
+    """Move ``inbox/<name>`` to done/ (with its result) or failed/ (with the error), then mark the record.
+    ``data`` None: the file was refused unread; it is removed, not copied."""
     name, base = record["name"], root.uri.rstrip("/")
     result = {k: record.get(k) for k in ("name", "run_id", "manifest", "flow_run_id", "attempt", "sha256")}
     result["storyboard"] = record.get("uri")
@@ -129,11 +130,11 @@ def _finish(root: Store, record: dict[str, Any], data: bytes, error: str | None 
         root.put_bytes(f"{where}.result.json", json.dumps(result, indent=2).encode())
     else:
         where = f"{FAILED}{name}"
-        if data:  # a file refused unread is not copied
+        if data is not None:
             root.put_bytes(where, data, content_type="application/yaml")
         root.put_bytes(f"{where}.error.txt", (error + "\n").encode(), content_type="text/plain")
     try:  # delete the file unless it was replaced by different content meanwhile (a new upload stays)
-        if not data or hashlib.sha256(root.get_bytes(INBOX + name)).hexdigest() == record["sha256"]:
+        if data is None or hashlib.sha256(root.get_bytes(INBOX + name)).hexdigest() == record["sha256"]:
             root.delete(INBOX + name)
     except NotFound:
         pass
@@ -154,7 +155,7 @@ def _handle(root: Store, uri: str, name: str, rules: Policy, run: str, deploymen
     except TooLarge:
         error = (f"{uri}: refused by the policy: the file is more than the cap of {rules.caps.storyboard_bytes} "
                  "bytes (storyboard_bytes)")
-        return _finish(root, {"name": name, "uri": uri}, b"", error)
+        return _finish(root, {"name": name, "uri": uri}, None, error)
     sha = hashlib.sha256(data).hexdigest()
     try:
         old = json.loads(root.get_bytes(f"{RUNS}{name}-{sha}.json"))
