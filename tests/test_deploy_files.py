@@ -175,6 +175,14 @@ def test_the_inbox_runs_every_two_minutes_on_a_valid_cron_schedule(project, comp
     assert inbox["parameters"]["deployment"] == "storyboard/storyboard"
 
 
+def test_only_one_inbox_trigger_runs_at_a_time_and_an_overlapping_one_is_cancelled(project):
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limit = ConcurrencyLimitConfig.model_validate(_by_name(project)["inbox"]["concurrency_limit"])  # prefect's schema
+    assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert "concurrency_limit" not in _by_name(project)["storyboard"]  # storyboard runs are many at once
+
+
 # -- docker-compose.yml ------------------------------------------------------------------------------------------
 
 

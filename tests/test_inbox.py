@@ -1,5 +1,5 @@
 """The inbox flow against a real S3 server (SeaweedFS): each storyboard runs exactly once, then moves to done/ or
-failed/; claims have exactly one winner however many triggers race."""
+failed/, however many triggers race (one flow run per storyboard version, by idempotency key)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,13 @@ def inbox(s3_server, s3_env, photo_bytes):
     return client, bucket, f"s3://{bucket}/storyboards", story
 
 
-def _claim(client, bucket: str, name: str, text: str, record: dict, attempt: int = 0) -> str:
+def _record(client, bucket: str, name: str, text: str, record: dict) -> str:
+    """A run record left by an earlier trigger (runs/<name>-<sha256>.json)."""
     import hashlib
 
     sha = hashlib.sha256(text.encode()).hexdigest()
-    key = f"storyboards/claims/{name}-{sha}/{attempt:04d}.json"
-    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode())
+    key = f"storyboards/runs/{name}-{sha}.json"
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps({"name": name, "sha256": sha, **record}).encode())
     return key
 
 
@@ -78,9 +79,9 @@ def test_a_storyboard_runs_once_and_moves_to_done_with_its_run_id(inbox):
     manifest_key = f"out/inbox-story/{run_id}/manifest.json"
     manifest = json.loads(client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
     assert manifest["run_id"] == run_id and manifest["storyboard"]["source"] == story
-    [claim] = [k for k in _keys(client, bucket, "storyboards/claims/") if k.endswith("/0000.json")]
-    record = json.loads(client.get_object(Bucket=bucket, Key=claim)["Body"].read())
-    assert record["status"] == "done" and record["run_id"] == run_id and record["flow_run_id"]
+    [key] = _keys(client, bucket, "storyboards/runs/")
+    record = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert record["status"] == "done" and record["run_id"] == run_id and record["flow_run_id"] == result["flow_run_id"]
 
 
 def test_an_invalid_storyboard_moves_to_failed_with_the_error_beside_it(inbox):
@@ -122,20 +123,20 @@ def test_two_concurrent_triggers_run_a_storyboard_once(inbox):
 
     assert not errors
     statuses = sorted(r["status"] for rs in results for r in rs)
-    assert statuses in (["done"], ["done", "skipped"])  # the loser saw the file claimed, or already gone
+    assert statuses in (["done"], ["done", "skipped"])  # the loser found the run created by the other, or the file gone
     assert len(_manifests(client, bucket)) == 1
     assert _keys(client, bucket, "storyboards/inbox/") == []
     assert len(_keys(client, bucket, "storyboards/done/")) == 2  # the storyboard and its result.json
 
 
-def test_a_run_whose_claimant_died_after_the_manifest_is_moved_without_running_again(inbox):
+def test_a_run_whose_trigger_died_after_the_manifest_is_moved_without_running_again(inbox):
     from flows.inbox import inbox_flow
 
     client, bucket, uri, story = inbox
     client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
     run_id = "20260101T000000Z-dead00"
     client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/manifest.json", Body=b"{}")
-    _claim(client, bucket, "a.yaml", story, {
+    _record(client, bucket, "a.yaml", story, {
         "status": "running", "run_id": run_id, "claimed_at": datetime.now(timezone.utc).isoformat(),
         "flow_run_id": None, "output": f"s3://{bucket}/out", "manifest_key": f"inbox-story/{run_id}/manifest.json",
         "manifest": f"s3://{bucket}/out/inbox-story/{run_id}/manifest.json",
@@ -149,12 +150,12 @@ def test_a_run_whose_claimant_died_after_the_manifest_is_moved_without_running_a
     assert f"storyboards/done/{run_id}-a.yaml" in _keys(client, bucket, "storyboards/done/")
 
 
-def test_a_claim_held_by_a_live_claimant_is_left_alone(inbox):
+def test_a_record_whose_flow_run_is_not_known_to_have_ended_is_left_alone(inbox):
     from flows.inbox import inbox_flow
 
     client, bucket, uri, story = inbox
     client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
-    _claim(client, bucket, "a.yaml", story, {
+    _record(client, bucket, "a.yaml", story, {
         "status": "running", "run_id": "20260101T000000Z-live00", "flow_run_id": None,
         "claimed_at": datetime.now(timezone.utc).isoformat(),
     })
@@ -166,7 +167,7 @@ def test_a_claim_held_by_a_live_claimant_is_left_alone(inbox):
     assert _manifests(client, bucket) == []
 
 
-def test_a_claim_whose_flow_run_ended_without_finishing_is_taken_over_with_the_same_run_id(inbox):
+def test_a_record_whose_flow_run_ended_without_finishing_is_taken_over_with_the_same_run_id(inbox):
     from prefect import flow
     from prefect.runtime import flow_run
 
@@ -179,10 +180,10 @@ def test_a_claim_whose_flow_run_ended_without_finishing_is_taken_over_with_the_s
     client, bucket, uri, story = inbox
     client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
     run_id = "20260101T000000Z-taken0"
-    # the dead claimant had started writing its run folder: the takeover resumes it rather than refusing it
+    # the dead run had started writing its run folder: the takeover resumes it rather than refusing it
     client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/reference.jpg", Body=b"partial")
     old = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat()
-    _claim(client, bucket, "a.yaml", story, {
+    _record(client, bucket, "a.yaml", story, {
         "status": "running", "run_id": run_id, "flow_run_id": crashed_trigger(), "claimed_at": old,
     })
 
@@ -212,54 +213,70 @@ def test_a_local_inbox_resolves_relative_paths_against_the_inbox_folder(tmp_path
     assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["x.jpg"]
 
 
-# -- the claim primitive -----------------------------------------------------------------------------------------
+# -- run="deployment": runs are created on a deployment (no worker here: the test plays the worker's outcomes) ------
 
 
-def _race(store, key: str, contenders: int = 12, **kw) -> list[int]:
-    from tasks.claims import create_once
+def _storyboard_deployment(name: str) -> str:
+    from prefect import get_client
 
-    barrier = threading.Barrier(contenders)
-    won: list[int] = []
-    errors: list[BaseException] = []
+    from flows.storyboard import storyboard_flow
 
-    def contend(i: int):
-        try:
-            barrier.wait()
-            if create_once(store, key, json.dumps({"who": i}).encode(), **kw):
-                won.append(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(storyboard_flow.name)
+        client.create_deployment(flow_id=flow_id, name=name, entrypoint="flows/storyboard.py:storyboard_flow")
+    return f"{storyboard_flow.name}/{name}"
 
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+
+def _end(flow_run_id: str, state) -> None:
+    from uuid import UUID
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(flow_run_id), state, force=True)
+
+
+def test_deployment_runs_are_created_once_and_the_file_moves_when_the_run_is_final(inbox):
+    from prefect.states import Completed, Crashed, Failed
+
+    from flows.inbox import inbox_flow
+
+    client, bucket, uri, story = inbox
+    deployment = _storyboard_deployment(f"inbox-{bucket}")
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/a.yaml", Body=story.encode())
+    client.put_object(Bucket=bucket, Key="storyboards/inbox/b.yaml", Body=story.replace("Inbox Story", "B").encode())
+    results: list[list[dict]] = []
+    threads = [threading.Thread(target=lambda: results.append(inbox_flow(inbox=uri, run="deployment",
+                                                                         deployment=deployment))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
-    assert not errors
-    return won
+        t.join(timeout=300)
 
+    by_status = sorted((r["name"], r["status"]) for rs in results for r in rs)
+    assert by_status == [("a.yaml", "skipped"), ("a.yaml", "submitted"), ("b.yaml", "skipped"), ("b.yaml", "submitted")]
+    first = {r["name"]: r for rs in results for r in rs if r["status"] == "submitted"}
+    # not final yet: left alone
+    assert {r["status"] for r in inbox_flow(inbox=uri, run="deployment", deployment=deployment)} == {"skipped"}
 
-@pytest.mark.parametrize("conditional", [None, False], ids=["if-none-match", "election"])
-def test_concurrent_claims_on_s3_have_exactly_one_winner(s3_env, conditional):
-    from fastimagic.store import open_store
-    from tasks.claims import create_once, supports_conditional_writes
+    # a's run crashed before its manifest: the next trigger creates the next attempt, resuming the same run id
+    _end(first["a.yaml"]["flow_run_id"], Crashed(message="worker lost"))
+    # b's run failed: b goes to failed/, without the state's message (it may name the worker's files)
+    _end(first["b.yaml"]["flow_run_id"], Failed(message="/srv/worker/secret: boom"))
+    again = {r["name"]: r for r in inbox_flow(inbox=uri, run="deployment", deployment=deployment)}
+    assert again["a.yaml"]["status"] == "submitted" and again["a.yaml"]["attempt"] == 1
+    assert again["a.yaml"]["run_id"] == first["a.yaml"]["run_id"]
+    assert again["a.yaml"]["flow_run_id"] != first["a.yaml"]["flow_run_id"]
+    assert again["b.yaml"]["status"] == "failed"
+    error = client.get_object(Bucket=bucket, Key="storyboards/failed/b.yaml.error.txt")["Body"].read().decode()
+    assert "ended Failed" in error and "secret" not in error
 
-    store = open_store(f"s3://{s3_env}/storyboards")
-    if conditional is None:
-        assert supports_conditional_writes(store)  # SeaweedFS honours If-None-Match: *
-    for round_ in range(3):
-        key = f"claims/a.yaml-{round_}/0000.json"
-        won = _race(store, key, conditional=conditional)
-        assert len(won) == 1
-        assert json.loads(store.get_bytes(key)) == {"who": won[0]}
-        assert not create_once(store, key, b"{}", conditional=conditional)
-
-
-def test_concurrent_claims_on_a_local_folder_have_exactly_one_winner(tmp_path):
-    from fastimagic.store import open_store
-
-    store = open_store(str(tmp_path))
-    won = _race(store, "claims/a.yaml-x/0000.json", contenders=16)
-    assert len(won) == 1
-    assert json.loads(store.get_bytes("claims/a.yaml-x/0000.json")) == {"who": won[0]}
-    assert store.list() == ["claims/a.yaml-x/0000.json"]  # no temporary files left behind
+    # the worker finishes attempt 1: the next trigger moves a to done/
+    run_id = first["a.yaml"]["run_id"]
+    client.put_object(Bucket=bucket, Key=f"out/inbox-story/{run_id}/manifest.json", Body=b"{}")
+    _end(again["a.yaml"]["flow_run_id"], Completed())
+    [done] = inbox_flow(inbox=uri, run="deployment", deployment=deployment)
+    assert done["status"] == "done" and done["run_id"] == run_id
+    assert done["flow_run_id"] == again["a.yaml"]["flow_run_id"]
+    assert _keys(client, bucket, "storyboards/inbox/") == []
+    assert f"storyboards/done/{run_id}-a.yaml" in _keys(client, bucket, "storyboards/done/")

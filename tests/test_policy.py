@@ -266,7 +266,10 @@ def test_an_inbox_failure_on_the_worker_does_not_leak_its_details(inbox, monkeyp
 
     client, bucket, uri = inbox
 
-    def broken(**kwargs):
+    from prefect import flow
+
+    @flow(name="storyboard")
+    def broken(storyboard: str, run_id: str | None = None, resume: bool = False, policy: dict | None = None):
         raise OSError("/srv/worker/secret-path/model.bin: permission denied")
 
     monkeypatch.setattr(flows.storyboard, "storyboard_flow", broken)
@@ -274,6 +277,6 @@ def test_an_inbox_failure_on_the_worker_does_not_leak_its_details(inbox, monkeyp
     [result] = inbox_flow(inbox=uri)
     error = _error(client, bucket, "a.yaml")
     assert result["status"] == "failed" and "secret-path" not in error and "OSError" in error
-    claim = [k for k in _keys(client, bucket, "storyboards/claims/")][0]
-    assert "secret-path" not in client.get_object(Bucket=bucket, Key=claim)["Body"].read().decode()
-    assert json.loads(client.get_object(Bucket=bucket, Key=claim)["Body"].read())["status"] == "failed"
+    [record] = _keys(client, bucket, "storyboards/runs/")
+    assert "secret-path" not in client.get_object(Bucket=bucket, Key=record)["Body"].read().decode()
+    assert json.loads(client.get_object(Bucket=bucket, Key=record)["Body"].read())["status"] == "failed"
