@@ -27,8 +27,8 @@ def test_fidelity_benchmark_quick_prints_every_figure_within_tolerance():
                  "keyframe_max_pixel_diff_bf16", "auto_tolerance"):
         assert name in values, run.stdout
     assert float(values["parity_max_loss_diff"]) < 1e-6
-    assert float(values["parity_max_embedding_diff"]) < 5e-6
-    assert float(values["parity_max_delta_diff"]) < 2e-5
+    assert float(values["parity_max_embedding_diff"]) < 5e-5  # the bounds of tests/test_parity.py, and why
+    assert float(values["parity_max_delta_diff"]) < 2.5e-4
     assert int(values["keyframe_max_pixel_diff_fp32"]) == 0
     fp16, bf16 = float(values["fp16_delta_error"]), float(values["bf16_delta_error"])
     assert fp16 < float(values["auto_tolerance"]) < bf16  # why auto picks fp16 on CUDA and never bf16

