@@ -14,6 +14,8 @@ Prints ``name=value`` lines, all measured in this one run:
                                  measured on real fine-tunes. fp16/bf16: IEEE casts (what autocast does to the
                                  weights). tf32: emulated, float32 rounded to a 10-bit mantissa (round to nearest,
                                  ties away, as cvt.rna.tf32 does for matmul inputs). Device-independent.
+    <p>_stored_delta_error       the same with the base weights stored in p (fp16, bf16), as the loader keeps them:
+    <p>_stored_delta_vanished    sum|(cast(cast(w) + d) - cast(w)) - d| / sum|d|
     keyframe_max_pixel_diff_<p>  a tiny-model tuning rendered in precision p against float32, largest 8-bit pixel
                                  difference, for every precision this machine offers (CPU: fp32, bf16)
     auto_tolerance               the delta error that ``precision: auto`` accepts (fastimagic.precision)
@@ -125,10 +127,18 @@ def delta_errors(divisor: int) -> dict[str, tuple[float, float]]:
     out = {}
     for name, cast in casts.items():
         seen = cast(w + d) - cast(w)
-        error = float((seen - d).abs().sum() / d.abs().sum())
-        vanished = float(((seen == 0) & (d != 0)).sum() / (d != 0).sum())
-        out[name] = (error, vanished)
+        out[name] = _errors(seen, d)
+        if name != "tf32":
+            # Base weights stored in the compute dtype (fastimagic.precision.store_unet): the learned change is added
+            # to the stored value in float32, and the compute casts the sum.
+            out[f"{name}_stored"] = _errors(cast(cast(w) + d) - cast(w), d)
     return out
+
+
+def _errors(seen: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
+    error = float((seen - d).abs().sum() / d.abs().sum())
+    vanished = float(((seen == 0) & (d != 0)).sum() / (d != 0).sum())
+    return error, vanished
 
 
 def offered(device: torch.device) -> list[str]:

@@ -28,6 +28,7 @@ from fastimagic.families import FAMILIES
 from fastimagic.forgetting import Forgetting, StrategyReport, canonical
 from fastimagic.merge import Edit, as_edit, merge
 from fastimagic.models import Components
+from fastimagic.precision import float32_working, put_back
 from fastimagic.sampler import sample
 from fastimagic.tuning import Tuning
 
@@ -86,7 +87,9 @@ class Editor:
         self.model = model
         self.tuning = tuning
         self._source = tuning.source_embedding.to(model.device)
-        originals = {n: params[n].detach().clone() for n in tuning.deltas}
+        # The tuned tensors hold base + delta as float32 copies (a half-precision base weight, see
+        # fastimagic.precision, would round the delta away); the stored base tensors come back on close.
+        originals = float32_working(params, tuning.deltas)
         with torch.no_grad():
             for n, delta in tuning.deltas.items():
                 params[n].add_(delta.to(device=params[n].device, dtype=params[n].dtype))
@@ -106,9 +109,7 @@ class Editor:
         if self._closed:
             return
         self.forgetting.restore()
-        params = dict(self.model.unet.named_parameters())
-        for n, orig in self._originals.items():
-            params[n].copy_(orig)
+        put_back(dict(self.model.unet.named_parameters()), self._originals)
         self._closed = True
 
     def forget(self, strategy: str, sigma: float = 0.0) -> StrategyReport:

@@ -27,7 +27,7 @@ from fastimagic.config import BLOCK_PRESETS  # noqa: F401  (SD 1.x's presets, as
 from fastimagic.errors import FinetuneError, InputError
 from fastimagic.families import SD1, Family, all_presets
 from fastimagic.models import Components
-from fastimagic.precision import resolve_precision
+from fastimagic.precision import float32_working, put_back, resolve_precision
 from fastimagic.tuning import Tuning, content_key
 
 # The released code calls accelerate's ``backward`` with ``mixed_precision="fp16"`` on an optimiser accelerate never
@@ -144,7 +144,8 @@ def finetune(
 ) -> Tuning:
     """Fine-tune e_src and the chosen UNet blocks on ``image``; return the :class:`Tuning`.
 
-    The model's UNet is left exactly as it was (its trained tensors are put back afterwards): the learned state
+    The model's UNet is left exactly as it was (its trained tensors train as float32 copies and the stored ones are
+    put back afterwards): the learned state
     lives only in the returned Tuning, which is applied to a model for rendering. ``callback(step, max_steps,
     loss)`` is called after every step (progress bars). ``image_sha256`` is the hash of the reference file's bytes,
     part of the content key. ``fit`` (default ``config.fit``, ``crop``) is how the reference is fitted to
@@ -170,8 +171,10 @@ def finetune(
     unet = model.unet
     names = trained_parameter_names(unet, config.blocks(family))
     params = dict(unet.named_parameters())
+    # The trained tensors train as float32 copies (a half-precision weight cannot hold a change of ~4e-4); the
+    # stored base tensors are put back at the end. Adam keeps state for these tensors only.
+    originals = float32_working(params, names)
     trained = [params[n] for n in names]
-    originals = {n: params[n].detach().clone() for n in names}
 
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
     latent = encode_image(model, image, width, height, gen, config.fit)
@@ -234,9 +237,8 @@ def finetune(
         with torch.no_grad():
             # Keep only what was learned, as half-precision differences from the base weights (compact to store
             # and send to render workers), then put the base weights back.
-            deltas = {n: (params[n] - originals[n]).to(torch.float16).cpu() for n in names}
-            for n in names:
-                params[n].copy_(originals[n])
+            deltas = {n: (params[n] - originals[n].float()).to(torch.float16).cpu() for n in names}
+            put_back(params, originals)
         del originals
 
     key = content_key(

@@ -37,7 +37,7 @@ from fastimagic.cache import LruCache
 from fastimagic.config import PICKLE_SUFFIXES, model_kind
 from fastimagic.errors import InputError
 from fastimagic.families import FAMILIES, SD1, SUPPORTED, TINY_FAMILIES, UNSUPPORTED, Family
-from fastimagic.precision import Precision, precision_for_dtype, resolve_precision
+from fastimagic.precision import Precision, precision_for_dtype, resolve_precision, store_unet
 
 DEFAULT_SINGLE_FILE_CONFIG = SD1.config_repo
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -103,8 +103,9 @@ def default_device() -> torch.device:
 class Components:
     """The frozen components of a Stable Diffusion model of any family, on one device.
 
-    The UNet keeps float32 master weights (fine-tuning updates them, tunings and forgetting edit them); its compute
-    runs under autocast in ``precision.compute_dtype``. The text encoders are stored in ``dtype`` (the precision's
+    The UNet's compute runs under autocast in ``precision.compute_dtype``; its convolution and linear weights are
+    stored in that dtype (:func:`fastimagic.precision.store_unet`), and whatever a fine-tune trains or a tuning
+    changes gets float32 working copies meanwhile (:func:`fastimagic.precision.float32_working`). The text encoders are stored in ``dtype`` (the precision's
     frozen dtype), the VAE too where the family's VAE does not overflow in it (SDXL's: float32). ``identity`` names
     the weights for tuning content keys. ``family``: what kind of model it is (:mod:`fastimagic.families`);
     ``text_encoder_2`` / ``tokenizer_2``: SDXL's second encoder (OpenCLIP bigG with projection).
@@ -440,6 +441,7 @@ def _assemble(
         if next(m.parameters()).dtype != want:  # casting a model to the dtype it has makes diffusers warn
             m.to(dtype=want)
         m.to(device)
+    store_unet(unet, precision)  # fp16/bf16: convolutions and linears in the compute dtype, as autocast uses them
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
         # Process-wide switches: cuDNN convolutions default to TF32 on Ampere and later, so fp32 must turn it off.

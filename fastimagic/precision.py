@@ -1,19 +1,29 @@
-"""Numeric precision: which dtypes the UNet computes in and the frozen text encoder and VAE are stored in.
+"""Numeric precision: which dtypes the UNet computes in and its weights, text encoder and VAE are stored in.
 
 The fine-tune changes each trained weight by about 4e-4 (at most ~2.5e-3). Whatever precision the UNet computes
 in, its weights are rounded to it on the fly, so a cast that is coarse next to the change rounds the change away:
 bfloat16 keeps 8 significant bits and loses 18-57% of each learned change (13-36% of them vanish), float16 keeps
-11 and loses 2-7%. The UNet's master weights therefore always stay float32 (fine-tuning updates them, forgetting
-and applying a tuning edit them), and only the compute is reduced:
+11 and loses 2-7%. A weight that is being learned or that carries a learned change is therefore always float32
+(the fine-tune trains float32 working copies; an applied tuning and forgetting edit float32 copies, see
+:func:`float32_working`), and only the compute is reduced:
 
-=========  ==================  ====================  =====  ==========================================
-name       UNet compute        text encoder and VAE  TF32   fine-tune
-=========  ==================  ====================  =====  ==========================================
-``fp32``   float32             float32               off    plain
-``tf32``   float32, TF32 mm    float32               on     plain (CUDA only)
-``fp16``   float16 autocast    float16               off    loss scaling (GradScaler) (CUDA, MPS)
-``bf16``   bfloat16 autocast   bfloat16              off    plain (devices with bfloat16)
-=========  ==================  ====================  =====  ==========================================
+=========  ================  ============================  ==================  =====  =======================
+name       UNet compute      UNet weights stored           text encoder, VAE   TF32   fine-tune
+=========  ================  ============================  ==================  =====  =======================
+``fp32``   float32           float32                       float32             off    plain
+``tf32``   float32, TF32 mm  float32                       float32             on     plain (CUDA only)
+``fp16``   float16 autocast  float16 (conv, linear) [1]    float16             off    GradScaler (CUDA, MPS)
+``bf16``   bf16 autocast     bfloat16 (conv, linear) [1]   bfloat16            off    plain (bfloat16 devices)
+=========  ================  ============================  ==================  =====  =======================
+
+[1] :func:`store_unet`: the convolution and linear weights and biases, which autocast would cast to the compute
+dtype on every call anyway, are kept in it, so the frozen weights compute bit for bit as before in half the memory
+(SDXL's UNet: 10.3 GB -> 5.1 GB); norm scales stay float32 (autocast runs norms in float32). The tensors a
+fine-tune trains or a tuning changes get float32 working copies for as long as they are changed, made from the
+stored values, and the stored tensors are put back afterwards, bit for bit. The base weights are thus the model's
+weights rounded to the compute dtype, as in any half-precision pipeline (and exactly the weights of a checkpoint
+distributed in float16); ``benchmarks/fidelity.py`` (``<p>_stored_delta_error``) shows the learned change loses
+no more than with float32 storage.
 
 ``auto`` picks, per device, the fastest of these whose learned-change error stays within :data:`AUTO_TOLERANCE`
 of float32 (``benchmarks/fidelity.py`` measures it): ``fp16`` on CUDA, ``fp32`` on CPU (CPU autocast is slower
@@ -25,6 +35,7 @@ This module imports torch only when a dtype is asked for, so :data:`PRECISIONS` 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -118,3 +129,41 @@ def precision_for_dtype(dtype) -> str:
     if key not in names:
         raise InputError(f"unknown dtype '{key}'; allowed: float32, float16, bfloat16")
     return names[key]
+
+
+def store_unet(unet: torch.nn.Module, precision: Precision) -> None:
+    """Keep ``unet``'s convolution and linear weights and biases in ``precision``'s compute dtype (fp16, bf16).
+
+    Autocast casts exactly these to the compute dtype on every call, so the UNet computes the same, bit for bit,
+    in half the memory. Norms stay float32. A no-op for float32 compute (fp32, tf32).
+    """
+    import torch
+
+    if not precision.autocast:
+        return
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.to(dtype=precision.compute_dtype)
+
+
+def float32_working(params: Mapping[str, torch.nn.Parameter], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Give each named parameter a float32 working copy of its value, to be trained or edited in place.
+
+    Returns the stored tensors (float16, bfloat16 or float32: untouched, and still the base weights); hand them to
+    :func:`put_back` to make the parameters exactly what they were. A weight stored in half precision cannot hold
+    a learned change of ~4e-4 (see the module docstring); its float32 copy can.
+    """
+    import torch
+
+    stored = {}
+    for n in names:
+        p = params[n]
+        stored[n] = p.data
+        p.data = p.data.to(torch.float32, copy=True)
+    return stored
+
+
+def put_back(params: Mapping[str, torch.nn.Parameter], stored: Mapping[str, torch.Tensor]) -> None:
+    """Undo :func:`float32_working`: each parameter is its stored tensor again (bit for bit, same dtype)."""
+    for n, tensor in stored.items():
+        params[n].data = tensor

@@ -1,4 +1,5 @@
-"""Precision policy: names, per-device choices, one-line refusals, fp32 master weights, fp16 loss scaling."""
+"""Precision policy: names, per-device choices, one-line refusals, half-stored UNet weights that compute as autocast
+would and learn in float32, fp16 loss scaling."""
 
 import dataclasses
 import subprocess
@@ -55,17 +56,72 @@ def test_precision_names_load_without_torch():
     assert out.strip() == "False"
 
 
-def test_the_loaded_model_records_its_precision_and_keeps_fp32_master_weights():
+def _stored(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+
+def _kind(name: str, model) -> str:
+    module = model.unet.get_submodule(name.rsplit(".", 1)[0])
+    return "matmul" if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) else "other"
+
+
+def test_the_loaded_model_records_its_precision_and_stores_convolutions_and_linears_in_it():
     model = load_base_model("tiny", device="cpu", precision="bf16")
     assert model.precision.name == "bf16" and model.dtype == torch.bfloat16
     assert next(model.text_encoder.parameters()).dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in model.unet.parameters())
+    dtypes = {(_kind(n, model), p.dtype) for n, p in model.unet.named_parameters()}
+    assert dtypes == {("matmul", torch.bfloat16), ("other", torch.float32)}  # norms stay float32
     with model.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    assert load_base_model("tiny", device="cpu").precision.name == "fp32"
+    fp32 = load_base_model("tiny", device="cpu")
+    assert fp32.precision.name == "fp32" and all(p.dtype == torch.float32 for p in fp32.unet.parameters())
     assert load_base_model("tiny", device="cpu", dtype="bfloat16").precision.name == "bf16"  # the older override
     with pytest.raises(InputError, match="disagree"):
         load_base_model("tiny", device="cpu", dtype="float32", precision="bf16")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd2", "tiny-sdxl"])
+def test_half_stored_weights_compute_bit_for_bit_what_autocast_makes_of_float32_ones(name):
+    half = load_base_model(name, device="cpu", precision="bf16")
+    full = load_base_model(name, device="cpu", precision="fp32")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    embeddings = full.encode_prompts(["a photo of a cat", ""])
+    ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]) if full.family.pooled else None
+    with half.autocast():
+        stored = half.unet(x, t, **half.unet_inputs(embeddings, ids)).sample
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_on_the_fly = full.unet(x, t, **full.unet_inputs(embeddings, ids)).sample
+    assert torch.equal(stored, cast_on_the_fly)
+
+
+def test_half_stored_tensors_learn_in_float32_and_come_back_bit_for_bit(photo):
+    from fastimagic.editor import Editor
+
+    model = load_base_model("tiny-sdxl", device="cpu", precision="bf16")
+    before = _stored(model)
+    tuning = finetune(model, photo, "a bird", FinetuneConfig(steps=3, min_steps=3), width=64, height=64)
+    after = _stored(model)
+    assert all(torch.equal(before[n], after[n]) and before[n].dtype == after[n].dtype for n in before)
+    # Trained in float32, the changes are there; added to the bfloat16 weights, about half would round to nothing.
+    changed = sum(int((d != 0).sum()) for d in tuning.deltas.values())
+    assert changed > 0.9 * tuning.trained_parameters
+    lost = sum(
+        int((((before[n].float() + d.float()).to(before[n].dtype) == before[n]) & (d != 0)).sum())
+        for n, d in tuning.deltas.items()
+        if before[n].dtype == torch.bfloat16
+    )
+    assert lost > 0.25 * changed
+
+    params = dict(model.unet.named_parameters())
+    with Editor(model, tuning) as editor:
+        for n, delta in tuning.deltas.items():
+            assert params[n].dtype == torch.float32
+            assert torch.equal(params[n], before[n].float() + delta.float())  # base + change, nothing rounded
+        editor.forget("encoder")
+        editor.render("a bird flying", seeds=[0], edits=[{"mode": "subtract", "gamma": 1.0}], steps=2)
+    after = _stored(model)
+    assert all(torch.equal(before[n], after[n]) and before[n].dtype == after[n].dtype for n in before)
 
 
 # fp16 autocast exists on CPU in torch 2.x even though the policy does not offer it there: it lets the loss-scaling
