@@ -64,3 +64,43 @@ def test_a_trained_block_the_model_lacks_is_refused_before_anything_is_written(t
         preflight(board)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model,family", [("tiny-sdxl", "sdxl"), ("tiny-sd2", "sd2")])
+def test_on_s3_each_family_runs_resumes_and_reuses_its_tuning(tmp_path, photo_bytes, s3_server, s3_env, model, family):
+    """Reference, output and tunings in S3; a run that lost keyframes and its manifests is resumed to the same
+    keyframes; a second run reuses the stored tuning (the pooled SDXL vector and the v-prediction model included)."""
+    from flows.storyboard import storyboard_flow
+
+    bucket, client = s3_env, s3_server.client()
+    client.put_object(Bucket=bucket, Key="refs/ref.jpg", Body=photo_bytes)
+    story = STORY.format(model=model, blocks="").replace("reference: ref.jpg", f"reference: s3://{bucket}/refs/ref.jpg")
+    story = story.replace("output: out", f"output: s3://{bucket}/out")
+    (tmp_path / "story.yaml").write_text(story)
+
+    def get(key):
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    first = storyboard_flow(storyboard=str(tmp_path / "story.yaml"), run_id="r1")
+    run = "out/family-day/r1"
+    manifest = json.loads(get(f"{run}/manifest.json"))
+    assert manifest["status"] == "complete" and manifest["model"]["family"] == family
+    assert json.loads(get(f"out/tunings/{first['tuning_key']}/tuning.json"))["family"] == family
+    sequence = json.loads(get(f"{run}/sequence.json"))
+    assert len(sequence["frames"]) == 2
+
+    # Lose one scene's keyframes (a resume re-renders per scene and seed) and the run's manifests, as a crash
+    # mid-run would; the resume renders just those and proves the rest.
+    lost = [k["key"] for k in manifest["keyframes"] if k["scene"] == "walking"]
+    for key in lost + ["manifest.json", "sequence.json"]:
+        client.delete_object(Bucket=bucket, Key=f"{run}/{key}")
+    storyboard_flow(storyboard=str(tmp_path / "story.yaml"), run_id="r1", resume=True)
+    resumed = json.loads(get(f"{run}/manifest.json"))
+    assert resumed["status"] == "complete"
+    assert resumed["resumed"]["rendered"] == len(lost)
+    assert resumed["resumed"]["kept"] == len(manifest["keyframes"]) - len(lost)
+    assert sorted(k["sha256"] for k in resumed["keyframes"]) == sorted(k["sha256"] for k in manifest["keyframes"])
+    assert json.loads(get(f"{run}/sequence.json")) == sequence
+
+    second = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
+    assert second["tuning_reused"] is True and second["tuning_key"] == first["tuning_key"]

@@ -231,6 +231,19 @@ def test_two_storyboards_load_the_model_once_per_worker_and_fetch_each_tuning_on
     assert all(n == 1 for w in WORKERS for n in fetches[w].values()), fetches
 
 
+@pytest.mark.parametrize("model,family", [("tiny-sdxl", "sdxl"), ("tiny-sd2", "sd2")])
+def test_sdxl_and_sd2_storyboards_scale_out_on_the_warm_workers(cluster, s3_server, s3_env, photo_bytes, model, family):
+    uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=2, steps=3, name=f"scaled-{family}")
+    r = _run(cluster, uri, "--model", model)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest, run = _manifest(s3_server, s3_env, f"scaled-{family}")
+    assert manifest["status"] == "complete" and manifest["model"]["family"] == family
+    _check_keyframes(s3_server, s3_env, manifest, run, scenes=2)
+    loads = _worker_counts(cluster, r"loaded base model (\S+)")
+    assert all(n == 1 for w in WORKERS for n in loads[w].values()), loads  # warm: loaded once, whatever the family
+    assert any(f"{model}:v1" in loads[w] for w in WORKERS), loads
+
+
 def _busy_worker(cluster) -> str | None:
     for w in WORKERS:
         log = cluster["procs"].tail(w, 10_000_000)
