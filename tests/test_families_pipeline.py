@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -104,3 +105,21 @@ def test_on_s3_each_family_runs_resumes_and_reuses_its_tuning(tmp_path, photo_by
 
     second = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
     assert second["tuning_reused"] is True and second["tuning_key"] == first["tuning_key"]
+
+
+@pytest.mark.parametrize("kind", ["sdxl-refiner", "inpainting", "sd3", "flux"])
+def test_run_refuses_an_unsupported_checkpoint_in_one_line_exit_2_and_writes_nothing(tmp_path, photo_bytes, kind):
+    import torch
+    from safetensors.torch import save_file
+    from test_cli import _board, fastimagic
+    from test_models import UNSUPPORTED_CHECKPOINTS
+
+    keys, found = UNSUPPORTED_CHECKPOINTS[kind]
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(tmp_path / f"{kind}.safetensors"))
+    board = _board(tmp_path, photo_bytes, model=f"./{kind}.safetensors")
+    r = fastimagic("run", str(board))
+    assert r.returncode == 2, r.stderr[-2000:]
+    [line] = r.stderr.strip().splitlines()
+    assert re.search(found, line) and f"{kind}.safetensors" in line
+    assert "supports SD 1.x, SD 2.x and SDXL" in line
+    assert not (tmp_path / "out").exists()

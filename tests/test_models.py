@@ -64,36 +64,36 @@ _UNET = "model.diffusion_model."
 _CONV_IN = _UNET + "input_blocks.0.0.weight"
 
 
-@pytest.mark.parametrize(
-    "keys,expected",
-    [
-        (
-            {
-                "conditioner.embedders.0.model.token_embedding.weight": [4, 4],
-                _UNET + "label_emb.0.0.weight": [4, 4],
-                _UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": [768, 1280],
-            },
-            r"this is an SDXL refiner \(it only refines another model's latents\); fastimagic supports SD 1.x, SD 2.x",
-        ),
-        (
-            {
-                "cond_stage_model.transformer.text_model.x": [1],
-                "first_stage_model.x": [1],
-                _CONV_IN: [320, 9, 3, 3],
-                _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, 768],
-            },
-            "takes 9 input channels \\(an inpainting or instruct model\\)",
-        ),
-        ({_UNET + "joint_blocks.0.x_block.attn.qkv.weight": [4, 4]}, "Stable Diffusion 3 checkpoint"),
-        ({"double_blocks.0.img_attn.qkv.weight": [4, 4]}, "a FLUX checkpoint"),
-        ({"lora_unet_down_blocks_0.alpha": [1]}, "not a Stable Diffusion checkpoint"),
-        (
-            {"conditioner.embedders.0.transformer.x": [1], _UNET + "label_emb.0.0.weight": [4, 4]},
-            "lacks its VAE or text encoder; give a full SDXL checkpoint",
-        ),
-    ],
-    ids=["sdxl-refiner", "inpainting", "sd3", "flux", "lora", "sdxl-unet-only"],
-)
+# Headers of checkpoints fastimagic refuses, by name: {id: (tensor name -> shape, what the one-line error says)}.
+UNSUPPORTED_CHECKPOINTS = {
+    "sdxl-refiner": (
+        {
+            "conditioner.embedders.0.model.token_embedding.weight": [4, 4],
+            _UNET + "label_emb.0.0.weight": [4, 4],
+            _UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": [768, 1280],
+        },
+        r"this is an SDXL refiner \(it only refines another model's latents\); fastimagic supports SD 1.x, SD 2.x",
+    ),
+    "inpainting": (
+        {
+            "cond_stage_model.transformer.text_model.x": [1],
+            "first_stage_model.x": [1],
+            _CONV_IN: [320, 9, 3, 3],
+            _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, 768],
+        },
+        "takes 9 input channels \\(an inpainting or instruct model\\)",
+    ),
+    "sd3": ({_UNET + "joint_blocks.0.x_block.attn.qkv.weight": [4, 4]}, "Stable Diffusion 3 checkpoint"),
+    "flux": ({"double_blocks.0.img_attn.qkv.weight": [4, 4]}, "a FLUX checkpoint"),
+    "lora": ({"lora_unet_down_blocks_0.alpha": [1]}, "not a Stable Diffusion checkpoint"),
+    "sdxl-unet-only": (
+        {"conditioner.embedders.0.transformer.x": [1], _UNET + "label_emb.0.0.weight": [4, 4]},
+        "lacks its VAE or text encoder; give a full SDXL checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("keys,expected", list(UNSUPPORTED_CHECKPOINTS.values()), ids=list(UNSUPPORTED_CHECKPOINTS))
 def test_checkpoint_of_an_unsupported_architecture_is_refused_by_name(tmp_path, keys, expected):
     path = tmp_path / "other.safetensors"
     save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
