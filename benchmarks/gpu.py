@@ -481,7 +481,7 @@ def figure_finetune(model, image, plan: Plan):
         "trained_parameters": tuning.trained_parameters,
         "tuning_bytes": tuning_bytes,
         # The UNet as stored on the device (fp16/bf16: convolutions and linears in half, fastimagic.precision).
-        "unet_weights_gib": round(sum(p.numel() * p.element_size() for p in model.unet.parameters()) / 2**30, 3),
+        "unet_weights_bytes": sum(p.numel() * p.element_size() for p in model.unet.parameters()),
         "gradient_checkpointing": 0 < model.family.checkpointing_from <= size * size,
         "target": target,
         "meets_target": verdict(

@@ -86,3 +86,4 @@ def test_gpu_benchmark_tiny_sdxl_reports_the_tuning_size():
     assert figures["finetune"]["tuning_bytes"] > 2 * figures["finetune"]["trained_parameters"]  # fp16 + e_src
     assert figures["finetune"]["target"] == {"seconds_max": 30.0, "peak_gib_max": 60.0}
     assert figures["forget_switch"]["meets_target"] is None  # CPU: no verdict
+    assert figures["finetune"]["unet_weights_bytes"] > 4 * figures["finetune"]["trained_parameters"]  # fp32 on CPU
