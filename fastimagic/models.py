@@ -105,8 +105,9 @@ class Components:
 
     The UNet's compute runs under autocast in ``precision.compute_dtype``; its convolution and linear weights are
     stored in that dtype (:func:`fastimagic.precision.store_unet`), and whatever a fine-tune trains or a tuning
-    changes gets float32 working copies meanwhile (:func:`fastimagic.precision.float32_working`). The text encoders are stored in ``dtype`` (the precision's
-    frozen dtype), the VAE too where the family's VAE does not overflow in it (SDXL's: float32). ``identity`` names
+    changes gets float32 working copies meanwhile (:func:`fastimagic.precision.float32_working`). The text
+    encoders are stored in ``dtype`` (the precision's frozen dtype), the VAE too where the family's VAE does not
+    overflow in it (SDXL's: float32). ``identity`` names
     the weights for tuning content keys. ``family``: what kind of model it is (:mod:`fastimagic.families`);
     ``text_encoder_2`` / ``tokenizer_2``: SDXL's second encoder (OpenCLIP bigG with projection).
     """
@@ -252,7 +253,7 @@ def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = N
     :class:`InputError` for missing paths and refused pickle files.
     """
     if vae is not None:
-        return f"{model_identity(spec, allow_pickle=allow_pickle)}+vae:{_vae_identity(vae)}"
+        return f"{model_identity(spec, allow_pickle=allow_pickle)}+vae:{_vae_identity(vae, allow_pickle)}"
     if spec in TINY_FAMILIES:
         from fastimagic import tiny
 
@@ -282,11 +283,18 @@ def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = N
     return _hub_identity(spec)
 
 
-def _vae_identity(spec: str) -> str:
+def _vae_identity(spec: str, allow_pickle: bool = False) -> str:
+    """A ``vae:`` override's identity, refusing pickle weights as for models (``allow_pickle`` covers both)."""
     path = Path(spec).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise InputError(
+            f"vae: {spec}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded; convert it to"
+            " .safetensors or allow it explicitly (allow_pickle: true)"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "vae" / "config.json").is_file():
             raise InputError(f"vae: {spec}: not a diffusers VAE folder (no config.json or vae/config.json)")
+        _refuse_pickle_vae(spec, path, allow_pickle)
         return _folder_identity(path)
     if path.is_file():
         return f"file:{path.name}:{fingerprint(path)}"
@@ -296,7 +304,20 @@ def _vae_identity(spec: str) -> str:
         raise InputError(f"vae: {e}") from None
     if kind != "hub":
         raise InputError(f"vae: {spec}: no such folder (expected a diffusers VAE folder or a hub repo id)")
+    snapshot = _hub_snapshot(spec)
+    if snapshot is not None:
+        _refuse_pickle_vae(spec, snapshot, allow_pickle)
     return _hub_identity(spec)
+
+
+def _refuse_pickle_vae(spec: str, folder: Path, allow_pickle: bool) -> None:
+    """A VAE folder (its weights at the top, or in ``vae/``) whose weights are only pickle files: refused unless
+    ``allow_pickle``, as :func:`_refuse_pickle_folder` does for a model's components."""
+    weights = folder / "vae" if (folder / "vae").is_dir() else folder
+    try:
+        _refuse_pickle_folder(spec, weights.parent, allow_pickle, parts=(weights.name,))
+    except InputError as e:
+        raise InputError(f"vae: {e}") from None
 
 
 def model_family(spec: str, *, allow_pickle: bool = False) -> Family:
@@ -330,13 +351,16 @@ def model_family(spec: str, *, allow_pickle: bool = False) -> Family:
 _COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-def _refuse_pickle_folder(spec: str, folder: Path, allow_pickle: bool) -> None:
-    """A diffusers folder (or hub snapshot) whose weights for some component are only pickle files (``.bin``...)
-    would run code when loaded: refused unless ``allow_pickle``. (Loading also asks for safetensors only.)"""
+def _refuse_pickle_folder(
+    spec: str, folder: Path, allow_pickle: bool, parts: tuple[str, ...] = _COMPONENTS
+) -> None:
+    """A diffusers folder (or hub snapshot) whose weights for some component (of ``parts``) are only pickle files
+    (``.bin``...) would run code when loaded: refused unless ``allow_pickle``. (Loading also asks for safetensors
+    only.)"""
     if allow_pickle:
         return
     pickled = []
-    for part in _COMPONENTS:
+    for part in parts:
         files = [p for p in (folder / part).glob("*") if p.is_file()] if (folder / part).is_dir() else []
         pickle_only = not any(p.suffix == ".safetensors" for p in files)
         if pickle_only and any(p.suffix.lower() in PICKLE_SUFFIXES for p in files):
@@ -394,7 +418,7 @@ def load_base_model(
     else:
         parts = _load_pretrained(spec, local_only=False, allow_pickle=allow_pickle)
     if vae is not None:
-        parts["vae"] = _load_vae(vae)
+        parts["vae"] = _load_vae(vae, allow_pickle)
     return _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
 
 
@@ -521,17 +545,18 @@ def _check_added_embedding(source: object, parts: dict) -> None:
         raise InputError(f"{source}: this is {UNSUPPORTED['sdxl-refiner']}; fastimagic supports {SUPPORTED}")
 
 
-def _load_vae(spec: str):
+def _load_vae(spec: str, allow_pickle: bool = False):
     from diffusers import AutoencoderKL
 
     path = Path(spec).expanduser()
+    weights = {} if allow_pickle else {"use_safetensors": True}  # as for models: never a pickle .bin on its own
     try:
         if path.is_file():
             return AutoencoderKL.from_single_file(str(path), local_files_only=True)
         local = path.is_dir()
         source = str(path) if local else spec
         sub = {"subfolder": "vae"} if local and (path / "vae").is_dir() else {}
-        return AutoencoderKL.from_pretrained(source, local_files_only=local, **sub)
+        return AutoencoderKL.from_pretrained(source, local_files_only=local, **sub, **weights)
     except (OSError, ValueError) as e:
         raise InputError(f"vae: cannot load '{spec}' ({_first_line(e)}); give a diffusers VAE folder or repo id")\
             from None

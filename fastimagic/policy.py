@@ -6,7 +6,8 @@ file (``FASTIMAGIC_POLICY`` or ``--policy FILE``)::
 
     references: [s3://studio-inbox/refs/]        # URI or folder prefixes a storyboard's reference may use
     outputs: [s3://studio-keyframes/]            # prefixes its output may use
-    models: [stable-diffusion-v1-5/stable-diffusion-v1-5, tiny]   # ids, folders or files it may name
+    models: [stable-diffusion-v1-5/stable-diffusion-v1-5, tiny]   # ids, folders or files it may name (model:,
+                                                 # model_config:, vae: and the scorer alike)
     allow_pickle: false                          # pickle checkpoints (.ckpt/.bin...) even if the storyboard asks
     caps: {keyframes: 2000, seeds: 16, side: 1024, prompt_chars: 1000,
            reference_bytes: 20000000, storyboard_bytes: 1000000}
@@ -14,7 +15,7 @@ file (``FASTIMAGIC_POLICY`` or ``--policy FILE``)::
 Every key is optional. Left out, ``references`` and ``outputs`` allow only the storyboard's *home*: the inbox's own
 bucket (``s3://bucket/``) for an S3 inbox, the inbox folder for a local one, or for ``fastimagic submit`` the
 bucket of an ``s3://`` storyboard (a local storyboard has no home: name its prefixes). ``models`` left out allows
-``tiny`` and hub repo ids, never a local path; ``allow_pickle`` is false; caps are :data:`DEFAULT_CAPS`. With no
+the tiny models and hub repo ids, never a local path; ``allow_pickle`` is false; caps are :data:`DEFAULT_CAPS`. With no
 policy file at all every key takes its default: :func:`default_policy`.
 
 A storyboard's own caps (``max_keyframes``, ``max_seeds``, ``max_side``) can only lower the operator's: the check
@@ -78,8 +79,8 @@ def _prefix(value: Any) -> str:
 
 def _model_entry(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError("must be 'tiny', a hub repo id, or an absolute folder or checkpoint file")
-    if value == config.TINY_MODEL:
+        raise ValueError("must be a tiny model, a hub repo id, or an absolute folder or checkpoint file")
+    if value in config.TINY_MODELS:
         return value
     path = os.path.expanduser(value)
     if os.path.isabs(path):
@@ -246,6 +247,8 @@ def check(board: Any, policy: Policy, home: str | None = None) -> list[str]:
     models = [("model", board.model)]
     if board.model_config_source is not None:
         models.append(("model_config", board.model_config_source))
+    if board.vae is not None:  # weights too: a VAE override is loaded as a model is
+        models.append(("vae", board.vae))
     if board.scorer not in ("auto", "none", "tiny"):
         models.append(("scorer", None))
     for field, source in models:

@@ -490,10 +490,11 @@ class Storyboard(_Frozen):
         cap = min(self.max_side, self._side_cap or self.max_side)
         if max(width, height) > cap:
             w, h = image_size
+            ours = cap == self.max_side  # else the operator's policy set it (caps.side)
             raise InputError(
-                f"{self.source or 'storyboard'} resolution: {side} on a {w}x{h} reference gives"
-                f" {width}x{height}, over max_side {cap}; give a size such as"
-                f" '{min(width, cap)}x{min(height, cap)}'" + (" or raise max_side" if cap == self.max_side else "")
+                f"{self.where('resolution')}: {side} on a {w}x{h} reference gives {width}x{height}, over"
+                f" {'max_side' if ours else 'the policy cap (caps.side)'} {cap}; give a size such as"
+                f" '{min(width, cap)}x{min(height, cap)}'" + (" or raise max_side" if ours else "")
             )
         return width, height
 

@@ -1,7 +1,7 @@
 """The ``fastimagic`` command.
 
     fastimagic validate FILE [--policy P]         check a storyboard (and its policy); every problem, one line each
-    fastimagic run FILE [--output URI] [--model M] [--workers] [-v|-q]
+    fastimagic run FILE [--output URI] [--model M] [--workers] [--policy P] [-v|-q]
                                                   run the storyboard flow here (Prefect's embedded server); with
                                                   --workers, the GPU work runs on warm workers (a Prefect server)
     fastimagic worker                             a warm GPU worker: serve fine-tunes and renders, one at a time
@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -62,16 +63,53 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+# Set once ``main`` is handling the end of the run: a stop signal that arrived is no longer at risk of being lost.
+_ENDING = threading.Event()
+REDELIVER_SECONDS = 15.0
+
+
 def _on_signal(signum, frame) -> None:
+    # A KeyboardInterrupt raised where Python cannot propagate it (a finalizer, say) is printed and dropped, and the
+    # run would go on: unless main is handling the end by then, the signal is delivered again, up to three times.
+    def redeliver(left: int) -> None:
+        if not _ENDING.wait(REDELIVER_SECONDS) and left:
+            import _thread
+
+            _thread.interrupt_main(signum)  # the handler for signum runs again in the main thread
+
+    if not getattr(_on_signal, "armed", False):
+        _on_signal.armed = True
+        threading.Thread(target=lambda: [redeliver(n) for n in (3, 2, 1)], daemon=True).start()
     raise Stopped(signum)
+
+
+def _stop_signal(error: BaseException) -> int | None:
+    """The stop signal behind ``error``, if it or an exception it was raised while handling was one: a signal that
+    lands inside Prefect's own bookkeeping can surface as another error (e.g. ``ValueError: Task run is not set``
+    while Prefect records the crash), which then carries the interrupt as its context."""
+    import signal
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, Stopped):
+            return error.signum
+        if isinstance(error, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        if type(error).__name__ == "TerminationSignal":  # Prefect's, for SIGTERM during a flow run
+            return int(getattr(error, "signal", signal.SIGTERM))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _supervise() -> None:
     """Signals this process can catch end it cleanly (exit 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
 
-    For the one it cannot catch (SIGKILL), every child process the main thread starts (Prefect's embedded server)
-    is asked to receive SIGTERM when this process dies (Linux ``PR_SET_PDEATHSIG``), so none outlives it holding
-    the caller's stdout and stderr open.
+    Every child process the main thread starts (Prefect's embedded server) gets a process group of its own, so a
+    Ctrl-C in the terminal (SIGINT to the whole foreground group) reaches this process alone: it marks the run
+    crashed on the server and then stops the server, instead of losing the server mid-run. For the signal it
+    cannot catch (SIGKILL), those children are asked to receive SIGTERM when this process dies (Linux
+    ``PR_SET_PDEATHSIG``), so none outlives it holding the caller's stdout and stderr open.
     """
     import signal
     import subprocess
@@ -89,7 +127,9 @@ def _supervise() -> None:
         return
     parent = os.getpid()
 
-    def die_with_parent() -> None:  # runs in the child between fork and exec
+    def die_with_parent(own_group: bool) -> None:  # runs in the child between fork and exec
+        if own_group:
+            os.setpgid(0, 0)  # out of the terminal's foreground group: Ctrl-C is for this process to handle
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
@@ -99,7 +139,8 @@ def _supervise() -> None:
     def popen(self, *args, **kwargs):
         # Only from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
         if kwargs.get("preexec_fn") is None and threading.current_thread() is threading.main_thread():
-            kwargs["preexec_fn"] = die_with_parent
+            own_group = not kwargs.get("start_new_session") and kwargs.get("process_group") is None
+            kwargs["preexec_fn"] = lambda: die_with_parent(own_group)
         original(self, *args, **kwargs)
 
     subprocess.Popen.__init__ = popen
@@ -180,7 +221,9 @@ def cmd_run(args) -> int:
         raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
                          " storyboard's output")
     output, model = _absolute_output(args.output), _absolute_model(args.model)
-    board = read_storyboard(args.file, output=output, model=model)  # exit 2 here, before any model is loaded
+    policy = _policy(args)  # --policy, else $FASTIMAGIC_POLICY: someone else's storyboard, the operator's rules
+    rules = policy.model_dump(mode="json") if policy is not None else None
+    board = read_storyboard(args.file, output=output, model=model, policy=rules)  # exit 2 here, before any model
     preflight(board)
     if args.workers:
         from flows.workers import check_shared_storage
@@ -200,6 +243,7 @@ def cmd_run(args) -> int:
                 run_id=run_id,
                 resume=bool(args.resume),
                 scale_out=args.workers,
+                policy=rules,
             )
         except NotFound as e:  # the inputs were checked above: something vanished from storage mid-run (exit 1)
             raise StoreError(str(e)) from None
@@ -406,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run: keep verified keyframes")
     s.add_argument("--workers", action="store_true",
                    help="fine-tune and render on warm workers (`fastimagic worker`; needs a Prefect server)")
+    s.add_argument("--policy", metavar="FILE", help="the operator policy it must keep (default: $FASTIMAGIC_POLICY)")
     loud = s.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's per-task log lines")
     loud.add_argument("-q", "--quiet", action="store_true", help="print only the summary and errors")
@@ -451,20 +496,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (InputError, NotFound) as e:  # storyboard problems, missing or bad images, bad models: one line each
-        return _fail(e, EXIT_INVALID)
-    except FastImagicError as e:
-        return _fail(e, EXIT_FAILED)
-    except KeyboardInterrupt as e:
-        import signal
+    except BaseException as e:
+        _ENDING.set()
+        signum = _stop_signal(e)
+        if signum is not None:  # Ctrl-C, SIGTERM, SIGHUP, however the run ended after it
+            import signal
 
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        name = signal.Signals(signum).name
-        return _fail(f"stopped by {name}; nothing more is written (resume an interrupted run with --resume RUN_ID)",
-                     128 + signum)
-    except Exception as e:  # keep the promise of one clear line; the log above has the details
-        first = (str(e).strip().splitlines() or [""])[0]
+            name = signal.Signals(signum).name
+            return _fail(
+                f"stopped by {name}; nothing more is written (resume an interrupted run with --resume RUN_ID)",
+                128 + signum,
+            )
+        if isinstance(e, (InputError, NotFound)):  # storyboard problems, missing or bad images, bad models
+            return _fail(e, EXIT_INVALID)
+        if isinstance(e, FastImagicError):
+            return _fail(e, EXIT_FAILED)
+        if not isinstance(e, Exception):  # SystemExit and the like
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]  # one clear line; the log above has the details
         return _fail(f"{type(e).__name__}: {first}", EXIT_FAILED)
+    finally:
+        _ENDING.set()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from fastimagic.models import default_device, model_family
 from fastimagic.policy import guard
 from fastimagic.precision import resolve_precision
 from fastimagic.scoring import scorer_problem
-from fastimagic.store import LocalStore, NotFound
+from fastimagic.store import LocalStore, NotFound, TooLarge
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.pipeline import (
@@ -96,6 +96,8 @@ def preflight(board: Storyboard) -> None:
         data = read(uri, max_bytes=board.max_reference_bytes)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
+    except TooLarge as e:  # the storyboard's default cap, or the operator's policy (caps.reference_bytes)
+        raise InputError(f"{board.where('reference')}: {e}") from None
     run_size(board, load_reference(data, uri).size)
     output_store(board.output.resolved).check()
 

@@ -17,7 +17,10 @@ in-process backend calls them directly: one code path) and waits for them with a
   starting it; the queue is first in, first out): it is marked Crashed and submitted again, after checking whether
   its keyframes were written and verify intact (:func:`tasks.pipeline.verify_written`); a render rewrites its
   (scene, seed) unit under the same names, so a retry never leaves a gap or a duplicate;
-* a task that fails (a model no worker can load, say) fails the run with the worker's reason.
+* a task that fails (a model no worker can load, say) fails the run with the worker's reason;
+* a task waiting while no worker serving it is connected to the server at all (none started, or all gone) is
+  cancelled after ``$FASTIMAGIC_WORKER_WAIT_SECONDS`` (default 300: time for an autoscaler to start one) and the
+  run fails with one line saying so; a warning says it at once. Busy workers are waited for as long as it takes.
 
 The passed-over rule has a cost: the server hands each connected worker the next run even while it is busy, so a
 run waiting behind a task that takes longer than the lease floor is also presumed lost and submitted again; the
@@ -55,6 +58,8 @@ SCHEDULING_SETTING = "PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK"
 # Scenes waiting on workers at once (each a thread that mostly sleeps); more scenes queue behind them.
 SCENE_THREADS = 16
 ATTEMPTS = 3  # submissions of one unit of work before the run gives up on it
+WORKER_WAIT_SETTING = "FASTIMAGIC_WORKER_WAIT_SECONDS"
+WORKER_CHECK_SECONDS = 5.0  # how often a waiting unit asks the server whether any worker serves its task
 
 
 def storage_block() -> str:
@@ -196,6 +201,49 @@ class Lease:
             self.measured = max(self.measured or 0.0, seconds / steps)
 
 
+def connected_workers(task) -> int:
+    """How many task workers serving ``task`` are connected to the Prefect server now."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        answer = client.request(
+            "POST", "/task_workers/filter", json={"task_worker_filter": {"task_keys": [task.task_key]}}
+        )
+        answer.raise_for_status()
+        return len(answer.json())
+
+
+class _NoWorker:
+    """Tracks how long a waiting unit has had no connected worker to run it."""
+
+    def __init__(self, task):
+        self.task = task
+        self.wait_seconds = float(os.environ.get(WORKER_WAIT_SETTING) or 300)
+        self.checked = 0.0
+        self.since: float | None = None
+        self.warned = False
+
+    def expired(self, logger) -> bool:
+        """Check (every :data:`WORKER_CHECK_SECONDS`) whether a worker is connected; True once none has been for
+        ``wait_seconds``. Warns once, at the first check that finds none."""
+        now = time.monotonic()
+        if now - self.checked < WORKER_CHECK_SECONDS:
+            return self.since is not None and now - self.since > self.wait_seconds
+        self.checked = now
+        if connected_workers(self.task):
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+            if not self.warned:
+                self.warned = True
+                logger.warning(
+                    "no fastimagic worker serving %s is connected; waiting up to %.0f s for one (start one with"
+                    " `fastimagic worker`; %s sets the wait)", self.task.name, self.wait_seconds, WORKER_WAIT_SETTING
+                )
+        return now - self.since > self.wait_seconds
+
+
 class _Runs:
     """The latest task run of every submitted unit, one API call for all of them per poll."""
 
@@ -265,6 +313,7 @@ class Warm:
             run_id = future.task_run_id
             self.runs.add(run_id)
             running_since = passed_over_since = None
+            unserved = _NoWorker(task)
             try:
                 while True:
                     time.sleep(self.runs.poll_seconds)
@@ -280,6 +329,13 @@ class Warm:
                                 reason = "was taken by a worker that never started it: worker presumed dead"
                                 self._crash(run_id, reason)
                                 break
+                        elif unserved.expired(logger):
+                            self._end(run_id, "Cancelled", "no worker connected to run it")
+                            raise FastImagicError(
+                                f"{run.name}: no fastimagic worker connected to the Prefect server for"
+                                f" {unserved.wait_seconds:.0f} s; start one with `fastimagic worker` (one per GPU),"
+                                " then run again"
+                            )
                         continue
                     if state.is_completed():
                         if run.start_time and run.end_time:
@@ -308,11 +364,15 @@ class Warm:
 
     @staticmethod
     def _crash(task_run_id, reason: str) -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.states import Crashed
+        Warm._end(task_run_id, "Crashed", reason)  # so the UI stops showing it as Running
 
-        with get_client(sync_client=True) as client:  # so the UI stops showing it as Running
-            client.set_task_run_state(task_run_id, Crashed(message=reason), force=True)
+    @staticmethod
+    def _end(task_run_id, state: str, reason: str) -> None:
+        import prefect.states
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:  # a Cancelled run is no longer handed to any worker
+            client.set_task_run_state(task_run_id, getattr(prefect.states, state)(message=reason), force=True)
 
     def tune(self, board: Storyboard, reference: Reference, run_prefix: str) -> tuple[SourcePrompt, TuningRef]:
         if board.source_prompt:

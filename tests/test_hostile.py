@@ -54,6 +54,23 @@ def test_a_diffusers_folder_of_pickle_bin_weights_needs_allow_pickle(tmp_path):
     assert model_identity(str(_diffusers_folder(tmp_path / "safe", "safetensors"))).startswith("folder:safe:")
 
 
+def test_a_vae_override_of_pickle_weights_needs_allow_pickle(tmp_path):
+    from fastimagic.models import model_identity
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"weights")
+    with pytest.raises(InputError, match=r"^vae: .*weights of vae are pickle files .*allow_pickle: true"):
+        model_identity("tiny", vae=str(folder))
+    assert "+vae:folder:vae:" in model_identity("tiny", vae=str(folder), allow_pickle=True)
+    (tmp_path / "vae.ckpt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(InputError, match=r"^vae: .*vae.ckpt: pickle files .* can run code"):
+        model_identity("tiny", vae=str(tmp_path / "vae.ckpt"))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    assert "+vae:folder:vae:" in model_identity("tiny", vae=str(folder))  # safetensors beside it: loaded instead
+
+
 def test_a_cached_hub_snapshot_of_pickle_weights_needs_allow_pickle(tmp_path, monkeypatch):
     import fastimagic.models as models
 
@@ -291,7 +308,7 @@ def _running_cli(tmp_path: Path, photo_bytes: bytes):
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", str(path), "--run-id", "sig"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     plan = tmp_path / "out" / "resume" / "sig" / "run.json"
     deadline = time.monotonic() + 240
@@ -311,15 +328,52 @@ def _read_all(proc, timeout: float) -> str:
     return out[0]
 
 
-def test_sigterm_mid_run_stops_the_server_and_exits_143_with_a_line(tmp_path, photo_bytes):
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("SIGTERM", False),  # `kill PID`, a process supervisor
+        ("SIGHUP", False),  # the terminal closed
+        ("SIGINT", True),  # Ctrl-C: the terminal signals the whole foreground group, the embedded server included
+    ],
+)
+def test_a_signal_mid_run_stops_the_server_and_exits_128_plus_it_with_a_line(tmp_path, photo_bytes, name, group):
     import signal
 
+    signum = getattr(signal, name)
     proc = _running_cli(tmp_path, photo_bytes)
-    proc.send_signal(signal.SIGTERM)
-    output = _read_all(proc, 90)
-    assert proc.wait(30) == 143, output[-3000:]
-    assert output.rstrip().splitlines()[-1].startswith("fastimagic: stopped by SIGTERM")
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    output = _read_all(proc, 90)  # EOF: nothing the CLI started outlives it
+    assert proc.wait(30) == 128 + signum, output[-3000:]
+    assert output.rstrip().splitlines()[-1].startswith(f"fastimagic: stopped by {name}")
     assert "Traceback" not in output
+
+
+def test_a_signal_that_surfaces_as_another_error_still_ends_as_stopped():
+    """A signal landing inside Prefect's bookkeeping can end the run as another error raised while handling it
+    (seen: ``ValueError: Task run is not set`` while Prefect recorded the crash); it is still reported as the
+    signal, and a plain error is not."""
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    from flows.cli import Stopped, _stop_signal
+
+    def raised_while_handling(interrupt: BaseException) -> ValueError:
+        try:
+            try:
+                raise interrupt
+            except BaseException:
+                raise ValueError("Task run is not set") from None  # no cause, the interrupt is its context
+        except ValueError as e:
+            return e
+
+    assert _stop_signal(raised_while_handling(TerminationSignal(signal.SIGTERM))) == signal.SIGTERM
+    assert _stop_signal(raised_while_handling(Stopped(signal.SIGHUP))) == signal.SIGHUP
+    assert _stop_signal(raised_while_handling(KeyboardInterrupt())) == signal.SIGINT
+    assert _stop_signal(ValueError("a plain error")) is None
 
 
 def test_sigkill_mid_run_leaves_no_server_behind(tmp_path, photo_bytes):

@@ -280,3 +280,49 @@ def test_an_inbox_failure_on_the_worker_does_not_leak_its_details(inbox, monkeyp
     [record] = _keys(client, bucket, "storyboards/runs/")
     assert "secret-path" not in client.get_object(Bucket=bucket, Key=record)["Body"].read().decode()
     assert json.loads(client.get_object(Bucket=bucket, Key=record)["Body"].read())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "caps, found",
+    [
+        # the reference is read with the cap: a larger file is refused before it is decoded
+        ("{reference_bytes: 1000}", "story.yaml:2 reference: "),
+        # one number keeps the reference's aspect: 64 on a 320x240 reference is 88x64, over the cap of 64 a side
+        ("{side: 64}", "story.yaml:4 resolution: 64 on a 320x240 reference gives 88x64, over the policy cap"
+                       " (caps.side) 64"),
+    ],
+    ids=["reference_bytes", "side"],
+)
+def test_run_applies_the_policys_run_time_caps_in_one_line_exit_2_and_writes_nothing(tmp_path, caps, found):
+    from test_cli import _board
+
+    from fastimagic.tiny import drawn_photo
+
+    story = _board(tmp_path, drawn_photo(320, 240), resolution="64")
+    policy = _write(tmp_path, "policy.yaml", f"references: ['{tmp_path}/']\noutputs: ['{tmp_path}/']\n"
+                    f"models: [tiny]\ncaps: {caps}\n")
+    r = fastimagic("run", "--policy", str(policy), str(story))
+    assert r.returncode == 2, r.stderr[-2000:]
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("fastimagic: ") and found in line, line
+    if "reference_bytes" in caps:
+        assert line.endswith("bytes, more than the limit of 1,000"), line
+    assert not (tmp_path / "out").exists()
+    assert fastimagic("validate", "--policy", str(policy), str(story)).returncode == 0  # known only at run time
+
+
+def test_a_vae_override_is_a_model_to_the_policy_and_every_tiny_model_can_be_listed(tmp_path):
+    head = "name: x\nreference: s3://studio-inbox/refs/a.png\noutput: s3://studio-keyframes/out\n"
+    tail = "defaults: {edit: {subtract: {gamma: [1.0]}}}\nscenes:\n  - {id: a, prompt: p}\n"
+    studio = load_policy(_write(tmp_path, "policy.yaml", STUDIO_POLICY.replace(", tiny]", ", tiny, tiny-sdxl]")))
+    assert studio.models[-1] == "tiny-sdxl"
+    assert check(load_storyboard(_write(tmp_path, "xl.yaml", head + "model: tiny-sdxl\n" + tail)), studio) == []
+    hub_vae = load_storyboard(_write(tmp_path, "v.yaml", head + "vae: madebyollin/sdxl-vae-fp16-fix\n" + tail))
+    [problem] = check(hub_vae, studio)
+    assert problem.startswith(f"{tmp_path}/v.yaml:4 vae: refused by the policy")
+    assert "model madebyollin/sdxl-vae-fp16-fix is not one of the allowed models" in problem
+    (tmp_path / "my-vae").mkdir()
+    local_vae = load_storyboard(_write(tmp_path, "l.yaml", head + f"vae: {tmp_path}/my-vae\n" + tail))
+    no_models = STUDIO_POLICY.replace("models: [stable-diffusion-v1-5/stable-diffusion-v1-5, tiny]\n", "")
+    [problem] = check(local_vae, load_policy(_write(tmp_path, "no-models.yaml", no_models)))
+    assert problem.startswith(f"{tmp_path}/l.yaml:4 vae: refused by the policy") and "local models are not" in problem

@@ -331,3 +331,31 @@ def test_a_model_no_worker_can_load_fails_the_run_with_the_reason_and_nothing_ha
     assert r.returncode in (1, 2), r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("fastimagic: ") and "broken-model" in last, last
+
+
+def test_with_no_worker_connected_the_run_says_so_at_once_and_gives_up_after_the_wait(
+    cluster, s3_server, s3_env, photo_bytes
+):
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    procs = cluster["procs"]
+    for name in WORKERS:
+        procs.kill(name, signal.SIGTERM)
+    try:
+        uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=1, steps=2, name="no-worker")
+        r = _run(cluster, uri, env={**cluster["env"], "FASTIMAGIC_WORKER_WAIT_SECONDS": "8"}, timeout=300)
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert "no fastimagic worker serving fine-tune once is connected" in r.stderr
+        assert "waiting up to 8 s" in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("fastimagic: fine-tune once")
+        assert "no fastimagic worker connected to the Prefect server for 8 s" in last
+        with _client(cluster["api"]) as client:  # cancelled: a worker started later does not run it for nobody
+            cancelled = client.read_task_runs(task_run_filter=TaskRunFilter(
+                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.CANCELLED]))))
+        assert any(t.state.message == "no worker connected to run it" for t in cancelled)
+    finally:
+        for name in WORKERS:
+            _start_worker(procs, name, cluster["env"])
+        _wait_for(procs, WORKERS, "serving caption")
