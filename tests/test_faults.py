@@ -66,7 +66,8 @@ def _spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group: SIGKILL reaches Prefect's server child too
+        # its own process group; the embedded Prefect server (a group of its own) dies with it (PR_SET_PDEATHSIG)
+        start_new_session=True,
     )
 
 
@@ -150,6 +151,49 @@ def test_s3_server_stopped_mid_run_and_restarted_the_run_completes(tmp_path, pho
     for k in manifest["keyframes"]:
         data = client.get_object(Bucket=bucket, Key=f"out/faults/blip/{k['key']}")["Body"].read()
         assert kf.sha256(data) == k["sha256"]
+
+
+def test_storage_that_stays_down_mid_run_fails_in_one_line_exit_1_and_the_run_resumes_later(tmp_path, photo_bytes):
+    from s3server import start_s3_server
+
+    server = start_s3_server(tmp_path / "s3")  # its own server: this one stays down for a while
+    try:
+        bucket = server.make_bucket()
+        client = server.client()
+        path = _story(tmp_path, photo_bytes, f"s3://{bucket}/out", scenes=2, steps=25)
+        proc = _spawn("run", str(path), "--run-id", "down", env=server.env())
+        started = time.monotonic()
+        try:
+            def progress_written():
+                page = client.list_objects_v2(Bucket=bucket, Prefix=f"out/faults/down/{kf.PROGRESS}/")
+                return page.get("KeyCount", 0) >= 1
+
+            _wait_for(progress_written, 240, proc)
+            server.stop(graceful=False)  # and it stays down: retries run out
+            down = time.monotonic()
+            out, _ = proc.communicate(timeout=600)
+            print(f"run to outage {down - started:.0f} s, outage to exit {time.monotonic() - down:.0f} s")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 1, out[-3000:]
+        last = out.rstrip().splitlines()[-1]
+        assert last.startswith("fastimagic: ") and server.endpoint_url.split("//")[1] in last, out[-3000:]
+        assert "Traceback" not in out
+        assert server.secret_key not in out and server.access_key not in out  # never a credential
+
+        server.start()  # storage is back: the same run is resumed, nothing lost or duplicated
+        r = fastimagic("run", str(path), "--resume", "down", env=server.env())
+        assert r.returncode == 0, r.stderr[-3000:]
+        manifest = json.loads(client.get_object(Bucket=bucket, Key="out/faults/down/manifest.json")["Body"].read())
+        keys = [k["key"] for k in manifest["keyframes"]]
+        assert set(keys) == _expected_keys(2, 2, [0.9, 1.2]) and len(keys) == 8
+        assert manifest["resumed"]["kept"] >= 1
+        for k in manifest["keyframes"]:
+            data = client.get_object(Bucket=bucket, Key=f"out/faults/down/{k['key']}")["Body"].read()
+            assert kf.sha256(data) == k["sha256"]
+    finally:
+        server.close()
 
 
 def test_a_corrupted_stored_tuning_is_detected_and_fine_tuned_again(tmp_path, photo_bytes):
