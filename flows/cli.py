@@ -71,15 +71,18 @@ REDELIVER_SECONDS = 15.0
 def _on_signal(signum, frame) -> None:
     # A KeyboardInterrupt raised where Python cannot propagate it (a finalizer, say) is printed and dropped, and the
     # run would go on: unless main is handling the end by then, the signal is delivered again, up to three times.
-    def redeliver(left: int) -> None:
-        if not _ENDING.wait(REDELIVER_SECONDS) and left:
-            import _thread
+    def redeliver() -> None:
+        import signal
 
-            _thread.interrupt_main(signum)  # the handler for signum runs again in the main thread
+        for _ in range(3):
+            if _ENDING.wait(REDELIVER_SECONDS):
+                return
+            # to the main thread itself, so a wait it is blocked in ends and the handler runs again there
+            signal.pthread_kill(threading.main_thread().ident, signum)
 
     if not getattr(_on_signal, "armed", False):
         _on_signal.armed = True
-        threading.Thread(target=lambda: [redeliver(n) for n in (3, 2, 1)], daemon=True).start()
+        threading.Thread(target=redeliver, daemon=True, name="fastimagic-redeliver").start()
     raise Stopped(signum)
 
 

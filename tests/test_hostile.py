@@ -376,6 +376,37 @@ def test_a_signal_that_surfaces_as_another_error_still_ends_as_stopped():
     assert _stop_signal(ValueError("a plain error")) is None
 
 
+def test_a_stop_signal_python_drops_is_delivered_again():
+    """A KeyboardInterrupt raised where Python cannot propagate it (here a finalizer) is printed and dropped; the
+    handler delivers the signal again until the CLI is handling the end of the run."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    code = """
+import signal, sys, time
+from flows import cli
+cli.REDELIVER_SECONDS = 0.5
+signal.signal(signal.SIGHUP, cli._on_signal)
+class Finalizer:
+    def __\x64el__(self):
+        cli._on_signal(signal.SIGHUP, None)  # raises Stopped inside a finalizer: Python drops it
+Finalizer()
+started = time.monotonic()
+try:
+    time.sleep(60)
+    print("not delivered again")
+except KeyboardInterrupt as e:
+    # ended the blocking wait, not only after it (0.5 s, not 60)
+    print("delivered again:", cli._stop_signal(e), "wait ended early:", time.monotonic() - started < 30)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in r.stderr  # the first one was dropped
+    assert r.stdout.strip() == f"delivered again: {int(signal.SIGHUP)} wait ended early: True", r.stdout + r.stderr
+
+
 def test_sigkill_mid_run_leaves_no_server_behind(tmp_path, photo_bytes):
     import signal
 
