@@ -259,11 +259,7 @@ def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = N
 
         return tiny.IDENTITIES[spec]
     path = Path(spec).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise InputError(
-            f"{spec}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded;"
-            " convert it to .safetensors or allow it explicitly (allow_pickle: true)"
-        )
+    _refuse_pickle_file(spec, path, allow_pickle)
     if path.is_file():
         return f"file:{path.name}:{fingerprint(path)}"
     if path.is_dir():
@@ -286,15 +282,10 @@ def model_identity(spec: str, *, allow_pickle: bool = False, vae: str | None = N
 def _vae_identity(spec: str, allow_pickle: bool = False) -> str:
     """A ``vae:`` override's identity, refusing pickle weights as for models (``allow_pickle`` covers both)."""
     path = Path(spec).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise InputError(
-            f"vae: {spec}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded; convert it to"
-            " .safetensors or allow it explicitly (allow_pickle: true)"
-        )
+    _refuse_pickle_vae(spec, path, allow_pickle)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "vae" / "config.json").is_file():
             raise InputError(f"vae: {spec}: not a diffusers VAE folder (no config.json or vae/config.json)")
-        _refuse_pickle_vae(spec, path, allow_pickle)
         return _folder_identity(path)
     if path.is_file():
         return f"file:{path.name}:{fingerprint(path)}"
@@ -310,12 +301,14 @@ def _vae_identity(spec: str, allow_pickle: bool = False) -> str:
     return _hub_identity(spec)
 
 
-def _refuse_pickle_vae(spec: str, folder: Path, allow_pickle: bool) -> None:
-    """A VAE folder (its weights at the top, or in ``vae/``) whose weights are only pickle files: refused unless
-    ``allow_pickle``, as :func:`_refuse_pickle_folder` does for a model's components."""
-    weights = folder / "vae" if (folder / "vae").is_dir() else folder
+def _refuse_pickle_vae(spec: str, path: Path, allow_pickle: bool) -> None:
+    """A VAE file, or folder (weights at the top or in ``vae/``), of pickle weights only: refused unless
+    ``allow_pickle``, as a model's are (:func:`_refuse_pickle_file`, :func:`_refuse_pickle_folder`)."""
     try:
-        _refuse_pickle_folder(spec, weights.parent, allow_pickle, parts=(weights.name,))
+        _refuse_pickle_file(spec, path, allow_pickle)
+        if path.is_dir():
+            weights = path / "vae" if (path / "vae").is_dir() else path
+            _refuse_pickle_folder(spec, weights.parent, allow_pickle, parts=(weights.name,))
     except InputError as e:
         raise InputError(f"vae: {e}") from None
 
@@ -349,6 +342,15 @@ def model_family(spec: str, *, allow_pickle: bool = False) -> Family:
 
 
 _COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _refuse_pickle_file(spec: str, path: Path, allow_pickle: bool) -> None:
+    """A pickle checkpoint (``.ckpt``, ``.bin``...) can run code when loaded: refused unless ``allow_pickle``."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise InputError(
+            f"{spec}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded;"
+            " convert it to .safetensors or allow it explicitly (allow_pickle: true)"
+        )
 
 
 def _refuse_pickle_folder(

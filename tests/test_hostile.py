@@ -65,7 +65,7 @@ def test_a_vae_override_of_pickle_weights_needs_allow_pickle(tmp_path):
         model_identity("tiny", vae=str(folder))
     assert "+vae:folder:vae:" in model_identity("tiny", vae=str(folder), allow_pickle=True)
     (tmp_path / "vae.ckpt").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(InputError, match=r"^vae: .*vae.ckpt: pickle files .* can run code"):
+    with pytest.raises(InputError, match=r"^vae: .*vae.ckpt: pickle checkpoints .* can run code"):
         model_identity("tiny", vae=str(tmp_path / "vae.ckpt"))
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
     assert "+vae:folder:vae:" in model_identity("tiny", vae=str(folder))  # safetensors beside it: loaded instead
