@@ -1,0 +1,111 @@
+"""What the GPU's speed depends on, held on the CPU: no weight cast per UNet call while sampling, no host sync per
+sampling step, and keyframes unchanged by each of these optimisations (docs/performance.md)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastimagic.editor import Editor
+from fastimagic.forgetting import Forgetting
+from fastimagic.models import load_base_model
+from fastimagic.precision import Precision, float32_working, store_unet
+
+# fp16 autocast runs on CPU in torch 2.x although the precision policy does not offer it there (see test_precision).
+CPU_FP16 = Precision(name="fp16", device_type="cpu", compute="float16", frozen="float32", tf32=False,
+                     grad_scaler=True)
+EDITS = [{"mode": "subtract", "gamma": 1.0}, {"mode": "subtract", "gamma": 1.2}]
+# Ops that hand a tensor's value to Python: on a GPU each one waits for every kernel queued before it.
+READ_BACK = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal"}
+
+
+class Ops(TorchDispatchMode):
+    """Counts what reaches the kernels: casts (``_to_copy``) of the given tensors, and read-backs to Python."""
+
+    def __init__(self, weights=()):
+        super().__init__()
+        self.weights = {w.untyped_storage().data_ptr() for w in weights}
+        self.weight_casts = 0
+        self.read_backs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in self.weights:
+            self.weight_casts += 1
+        if func.name().split(".")[0] in READ_BACK:
+            self.read_backs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _half_model(precision: str):
+    if precision == "bf16":
+        return load_base_model("tiny", device="cpu", precision="bf16")
+    model = dataclasses.replace(load_base_model("tiny", device="cpu"), precision=CPU_FP16)
+    store_unet(model.unet, CPU_FP16)
+    return model
+
+
+def _calls(unet) -> list:
+    calls = []
+    unet.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sampling_casts_no_frozen_or_tuned_weight_per_unet_call(tuning, precision):
+    model = _half_model(precision)
+    calls = _calls(model.unet)
+    with Editor(model, tuning) as editor:
+        editor.forget("decoderattn", sigma=0.5)  # a blend, too, is rounded once
+        with Ops(model.unet.parameters()) as ops:
+            editor.render("a bird flying", seeds=[0], edits=EDITS[:1], steps=3)
+    assert len(calls) == 3 and ops.weight_casts == 0
+    # The probe sees autocast's casts: float32 weights under the same autocast are cast on every call.
+    full = load_base_model("tiny", device="cpu")
+    x, t, context = torch.zeros(1, 4, 8, 8), torch.tensor(10), full.encode_prompts(["a bird"])
+    with Ops(full.unet.parameters()) as ops, torch.no_grad(), model.autocast():
+        full.unet(x, t, encoder_hidden_states=context)
+    assert ops.weight_casts > 100
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_tuning_rounded_once_renders_what_float32_working_copies_rendered(tuning, precision):
+    """The tuned tensors are base + delta added in float32 and rounded once to the stored dtype; before, they were
+    float32 copies that autocast rounded on every call. Same rounding, so the same keyframes, blends included."""
+    model = _half_model(precision)
+
+    def frames(editor):
+        out = []
+        for forget, sigma in (("none", 0.0), ("encoderattn", 0.0), ("decoder", 0.3)):
+            out += editor.render("a bird flying", seeds=[0, 1], edits=EDITS, forget=forget, sigma=sigma, steps=3)
+        return [np.asarray(f.image) for f in out]
+
+    with Editor(model, tuning) as editor:
+        assert {p.dtype for p in dict(model.unet.named_parameters()).values()} == {model.precision.compute_dtype,
+                                                                                    torch.float32}
+        rounded_once = frames(editor)
+    # The way it was: float32 working copies of the tuned tensors, learned values blended in place.
+    params = dict(model.unet.named_parameters())
+    originals = float32_working(params, tuning.deltas)
+    with torch.no_grad():
+        for n, delta in tuning.deltas.items():
+            params[n].add_(delta.float())
+    editor = Editor.__new__(Editor)
+    editor.model, editor.tuning, editor._closed = model, tuning, False
+    editor._source, editor._originals = tuning.source_embedding, {}
+    editor.forgetting = Forgetting(model.unet, originals, model.family)
+    working_copies = frames(editor)
+    assert all(np.array_equal(a, b) for a, b in zip(rounded_once, working_copies))
+
+
+def test_no_sampling_step_reads_a_value_back_from_the_device(tiny_model, tuning):
+    """On a GPU a read-back (``.item()``, ``bool(tensor)``, ...) waits for the queue to drain; the step loop has
+    none (diffusers' DDIM step is given a Python int timestep, whose tensor form made it read back twice)."""
+    counts = {}
+    with Editor(tiny_model, tuning) as editor:
+        for steps in (2, 6):
+            with Ops() as ops:
+                editor.render("a bird flying", seeds=[0], edits=EDITS, steps=steps, max_batch=2)
+            counts[steps] = ops.read_backs
+    assert counts[6] == counts[2]  # four more steps, not one more read-back
