@@ -50,6 +50,7 @@ class Keyframe:
     width: int
     height: int
     negative_prompt: str | None = None
+    compiled: str = "off"  # how the UNet was compiled (fastimagic.models.compile_unet); recorded when not off
 
     def settings(self) -> dict:
         return {
@@ -63,7 +64,7 @@ class Keyframe:
             "width": self.width,
             "height": self.height,
             "negative_prompt": self.negative_prompt,
-        }
+        } | ({"compile": self.compiled} if self.compiled != "off" else {})
 
 
 class Editor:
@@ -182,6 +183,7 @@ class Editor:
                 width=width,
                 height=height,
                 negative_prompt=negative_prompt,
+                compiled=self.model.compiled,
             )
             for (s, i), img in zip(combos, images.to_pil(pixels))
         ]

@@ -251,6 +251,8 @@ def finetune(
         if callback is not None:
             callback(step, config.steps, value)
 
+    eager = model.eager()  # a UNet compiled for sampling trains uncompiled
+    eager.__enter__()
     try:
         for step in range(1, config.steps + 1):
             latents = latent.expand(config.batch_size, -1, -1, -1)
@@ -276,6 +278,7 @@ def finetune(
             settle(keep=1)  # the previous step's loss: computed before this step's kernels, which are queued
         settle()
     finally:
+        eager.__exit__(None, None, None)
         unet.eval()
         for p in trained:
             p.requires_grad_(False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastimagic import images
-from fastimagic.models import Components
+from fastimagic.models import BATCH_BUCKETS, Components
 
 # Rough activation memory per latent pixel for one guided image (two UNet passes) of an SD 1.x UNet under bf16
 # autocast with SDPA attention, plus headroom. Used only to pick a batch size when none is given.
@@ -60,6 +60,21 @@ def decode(model: Components, latents: torch.Tensor) -> list[torch.Tensor]:
     return parts
 
 
+def chunks(count: int, batch: int, bucketed: bool = False) -> list[tuple[int, int, int]]:
+    """How :func:`sample` splits ``count`` images into UNet batches of at most ``batch``: ``(start, size,
+    padded size)`` each. ``bucketed`` (a compiled UNet): every padded size is one of
+    :data:`~fastimagic.models.BATCH_BUCKETS`, so a storyboard meets a handful of shapes however its scenes are
+    sized: full chunks of the largest bucket up to ``batch``, and the rest padded up to the next bucket."""
+    if not bucketed:
+        return [(s, min(batch, count - s), min(batch, count - s)) for s in range(0, count, batch)]
+    top = max([b for b in BATCH_BUCKETS if b <= batch] or [1])
+    out = []
+    for start in range(0, count, top):
+        size = min(top, count - start)
+        out.append((start, size, min(b for b in BATCH_BUCKETS if b >= size)))
+    return out
+
+
 def initial_latents(seed: int, width: int, height: int, channels: int = 4) -> torch.Tensor:
     """The starting noise of one keyframe, ``[1, C, H/8, W/8]``, from its seed alone (CPU generator)."""
     g = torch.Generator().manual_seed(int(seed))
@@ -82,7 +97,8 @@ def sample(
     """Render one image per row of ``embeddings`` ``[K, 77, C]`` with the matching seed; returns ``[K, 3, H, W]``.
 
     ``unconditional`` is the embedding of the empty (or negative) prompt ``[1, 77, C]``; guidance > 1 needs it.
-    Rows are processed in chunks of ``max_batch`` (default :func:`auto_batch_size`). The UNet predicts what the
+    Rows are processed in chunks of ``max_batch`` (default :func:`auto_batch_size`; a compiled UNet gets them
+    padded to a bucket size, see :func:`chunks`). The UNet predicts what the
     model's scheduler says (noise or velocity); SDXL embeddings carry their pooled row (``[K, 78, C]``) and are
     conditioned on the target size (original = target = ``height`` x ``width``, no crop).
     """
@@ -97,16 +113,20 @@ def sample(
     channels = model.unet.config.in_channels
     time_ids = model.family.time_ids((height, width), (0, 0), (height, width)) if model.family.pooled else None
     out = []
-    for start in range(0, len(seeds), batch):
-        cond = embeddings[start : start + batch].to(model.device)
-        n = cond.shape[0]
+    for start, n, padded in chunks(len(seeds), batch, model.compiled != "off"):
+        cond = embeddings[start : start + n].to(model.device)
         latents = torch.cat([initial_latents(s, width, height, channels) for s in seeds[start : start + n]])
+        real = n
+        if padded > n:  # a compiled UNet sees bucketed batch sizes only: repeat the last row, decode none of it
+            cond = torch.cat([cond, cond[-1:].expand(padded - n, -1, -1)])
+            latents = torch.cat([latents, latents[-1:].expand(padded - n, -1, -1, -1)])
+            n = padded
         latents = latents.to(model.device) * scheduler.init_noise_sigma
         context = torch.cat([unconditional.to(model.device).expand(n, -1, -1), cond]) if guided else cond
         # The UNet takes each timestep as a device tensor, the DDIM step as a Python int: indexing the scheduler's
         # tables with a device tensor, and its `prev_timestep >= 0`, would wait for the GPU every step. The step is
         # diffusers' own, so its arithmetic (float32, on the whole batch) is unchanged. Nothing in the loop below
-        # reads a device value back or copies from the host (tests/test_tuning_and_sampling.py counts).
+        # reads a device value back or copies from the host (tests/test_gpu_proxies.py counts).
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps.to(model.device)
         inputs = model.unet_inputs(context, time_ids)
@@ -119,5 +139,5 @@ def sample(
                 uncond, text = pred.chunk(2)
                 pred = uncond + guidance * (text - uncond)
             latents = scheduler.step(pred, step, latents).prev_sample
-        out += decode(model, latents)
+        out += decode(model, latents[:real])
     return torch.cat(out)

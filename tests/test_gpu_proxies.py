@@ -109,3 +109,45 @@ def test_no_sampling_step_reads_a_value_back_from_the_device(tiny_model, tuning)
                 editor.render("a bird flying", seeds=[0], edits=EDITS, steps=steps, max_batch=2)
             counts[steps] = ops.read_backs
     assert counts[6] == counts[2]  # four more steps, not one more read-back
+
+
+def test_a_compiled_unet_meets_a_handful_of_shapes_in_a_five_scene_storyboard(tuning, monkeypatch):
+    """Regional compilation with bucketed batches: five scenes of different sizes compile graphs for two batch
+    sizes only, a sixth scene compiles nothing, and the keyframes are those of the uncompiled UNet. Dynamo traces
+    for real; the counting backend runs the traced graphs as they are (inductor's speed needs a GPU to show)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fastimagic.models import COMPILED_BLOCKS, compile_unet
+    from fastimagic.sampler import chunks
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("FASTIMAGIC_COMPILE_CACHE", "")  # no cache folder is written by a counting backend
+    counter = CompileCounter()
+    compiled, plain = load_base_model("tiny", device="cpu"), load_base_model("tiny", device="cpu")
+    compile_unet(compiled, "regional", backend=counter)
+    assert compiled.compiled == "regional"
+    # (seeds, gammas) per scene: 3, 6, 8, 4 and 5 keyframes, at most 8 per UNet batch
+    scenes = [([0], 3), ([0, 1], 3), ([0, 1], 4), ([0, 1], 2), ([0], 5)]
+    shapes = {padded for seeds, g in scenes for _, _, padded in chunks(len(seeds) * g, 8, bucketed=True)}
+    assert shapes == {4, 8}
+
+    def render(model, seeds, gammas, forget):
+        with Editor(model, tuning) as editor:
+            edits = [{"mode": "subtract", "gamma": 1.0 + 0.1 * i} for i in range(gammas)]
+            return editor.render("a bird flying", seeds=seeds, edits=edits, forget=forget, steps=2, max_batch=8)
+
+    diffs = []
+    for i, (seeds, gammas) in enumerate(scenes):
+        forget = ("none", "encoderattn", "decoderattn")[i % 3]
+        frames = render(compiled, seeds, gammas, forget)
+        expected = render(plain, seeds, gammas, forget)
+        diffs += [int(np.abs(np.asarray(a.image, int) - np.asarray(b.image, int)).max()) for a, b in
+                  zip(frames, expected)]
+        assert all(f.settings()["compile"] == "regional" for f in frames)  # recorded in each manifest record
+    graphs = counter.frame_count
+    blocks = sum(type(m).__name__ in COMPILED_BLOCKS for m in compiled.unet.modules())
+    assert 0 < graphs <= len(shapes) * blocks  # tiny: 30, one set of region graphs per batch size
+    render(compiled, [3, 4], 3, "none")  # 6 keyframes: padded to 8, a shape already compiled
+    assert counter.frame_count == graphs
+    assert max(diffs) <= 1  # padding rows may change the float order of a batched kernel, nothing more
+    assert "compile" not in expected[0].settings()
