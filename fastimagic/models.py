@@ -462,8 +462,10 @@ def compile_setting(value: str | None = None) -> str:
     return name
 
 
-def compile_unet(model: Components, mode: str = "regional", *, backend: str | object = "inductor") -> None:
-    """Compile ``model``'s UNet for sampling, in place, region by region (``mode``: ``regional``; ``off`` does
+def compile_unet(
+    model: Components, setting: str = "regional", *, backend: str | object = "inductor", mode: str | None = None
+) -> None:
+    """Compile ``model``'s UNet for sampling, in place, region by region (``setting``: ``regional``; ``off`` does
     nothing).
 
     Each of the UNet's repeated blocks (:data:`COMPILED_BLOCKS`) is compiled with ``nn.Module.compile`` (as
@@ -473,10 +475,10 @@ def compile_unet(model: Components, mode: str = "regional", *, backend: str | ob
     edits are seen). Shapes are static: the sampler pads batches to :data:`BATCH_BUCKETS`. The compiled artefacts
     go to inductor's on-disk cache, ``$FASTIMAGIC_COMPILE_CACHE`` (default ``~/.cache/fastimagic/torch-compile``
     unless ``TORCHINDUCTOR_CACHE_DIR`` is set), so a second process or a restarted worker compiles from the cache.
-    The fine-tune runs uncompiled (:meth:`Components.eager`). ``backend``: torch.compile's (tests count graphs
-    with a counting backend).
+    The fine-tune runs uncompiled (:meth:`Components.eager`). ``backend``, ``mode``: torch.compile's (tests count
+    graphs with a counting backend; ``benchmarks/gpu.py --compile-mode`` tries others).
     """
-    if compile_setting(mode) == "off":
+    if compile_setting(setting) == "off":
         return
     import torch._dynamo
 
@@ -492,7 +494,7 @@ def compile_unet(model: Components, mode: str = "regional", *, backend: str | ob
     torch._dynamo.config.accumulated_recompile_limit = max(4096, torch._dynamo.config.accumulated_recompile_limit)
     blocks = [m for m in model.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
     for block in blocks:
-        block.compile(backend=backend, dynamic=False)
+        block.compile(backend=backend, dynamic=False, mode=mode)
     model.compiled = "regional"
 
 
