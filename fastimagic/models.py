@@ -411,10 +411,11 @@ def load_base_model(
     tokenizers (default: the family's base repo, e.g. :data:`DEFAULT_SINGLE_FILE_CONFIG` for SD 1.x).
     ``device``/``dtype``/``precision``: see :func:`pick_device` and :mod:`fastimagic.precision`; the result's
     ``precision`` records the resolved one. ``vae``: a diffusers VAE (folder, or repo id in the cache) replacing the
-    model's, e.g. a float16-safe SDXL VAE; it then runs in the precision's dtype (the model's own SDXL VAE runs in
-    float32, as it overflows in float16). ``compile``: ``off`` or ``regional`` (:func:`compile_unet`), default
-    ``$FASTIMAGIC_COMPILE`` (off). Raises :class:`InputError` for a missing path, a refused pickle file, a
-    checkpoint of an unsupported architecture or an unknown compile setting.
+    model's, e.g. a float16-safe SDXL VAE; it then runs in the precision's dtype unless its config says
+    ``force_upcast: true`` (the model's own SDXL VAE runs in float32, as it overflows in float16). ``compile``:
+    ``off`` or ``regional`` (:func:`compile_unet`), default ``$FASTIMAGIC_COMPILE`` (off). Raises
+    :class:`InputError` for a missing path, a refused pickle file, a checkpoint of an unsupported architecture or an
+    unknown compile setting.
     """
     compile = compile_setting(compile)
     dev = _pick(device)
@@ -533,8 +534,10 @@ def _assemble(
     family: Family = parts.get("family", SD1)
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     text_encoder_2 = parts.get("text_encoder_2")
-    # The SDXL VAE's activations overflow float16 (NaN images): it runs in float32 unless a fixed VAE was given.
-    vae_dtype = dtype if family.vae_fp16 or fixed_vae or dtype != torch.float16 else torch.float32
+    # The SDXL VAE's activations overflow float16 (NaN images): it runs in float32 unless a fixed VAE was given
+    # whose config does not ask for float32 (``force_upcast``: false in the fp16-fix VAE, true in SDXL's own).
+    fp16_safe = family.vae_fp16 or (fixed_vae and not getattr(vae.config, "force_upcast", True))
+    vae_dtype = dtype if fp16_safe or dtype != torch.float16 else torch.float32
     encoders = [(text_encoder, dtype)] + ([(text_encoder_2, dtype)] if text_encoder_2 is not None else [])
     for m, want in ((unet, torch.float32), (vae, vae_dtype), *encoders):
         m.requires_grad_(False)

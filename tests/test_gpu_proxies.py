@@ -151,3 +151,21 @@ def test_a_compiled_unet_meets_a_handful_of_shapes_in_a_five_scene_storyboard(tu
     assert counter.frame_count == graphs
     assert max(diffs) <= 1  # padding rows may change the float order of a batched kernel, nothing more
     assert "compile" not in expected[0].settings()
+
+
+def test_an_sdxl_vae_override_decodes_in_float16_only_when_its_config_allows():
+    """SDXL's own VAE overflows float16 (NaN keyframes) and says ``force_upcast: true``; the fp16-fix VAE says
+    false. An override runs in float16 only in the second case; SD 1.x's VAE always does."""
+    from fastimagic import tiny
+    from fastimagic.families import TINY_FAMILIES
+    from fastimagic.models import _assemble
+
+    half = dataclasses.replace(CPU_FP16, frozen="float16")
+    dtypes = {}
+    for name, upcast in (("tiny-sdxl", True), ("tiny-sdxl", False), ("tiny", True)):
+        parts = tiny.build_components(name=name) | {"family": TINY_FAMILIES[name]}
+        parts["vae"].register_to_config(force_upcast=upcast)
+        model = _assemble(parts, "tiny:test", torch.device("cpu"), half, fixed_vae=True)
+        dtypes[name, upcast] = model.vae.dtype
+    assert dtypes == {("tiny-sdxl", True): torch.float32, ("tiny-sdxl", False): torch.float16,
+                      ("tiny", True): torch.float16}
