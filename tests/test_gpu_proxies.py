@@ -169,3 +169,14 @@ def test_an_sdxl_vae_override_decodes_in_float16_only_when_its_config_allows():
         dtypes[name, upcast] = model.vae.dtype
     assert dtypes == {("tiny-sdxl", True): torch.float32, ("tiny-sdxl", False): torch.float16,
                       ("tiny", True): torch.float16}
+
+
+def test_an_unknown_compile_setting_is_one_clear_line(monkeypatch):
+    from fastimagic.errors import InputError
+    from fastimagic.models import compile_setting
+
+    monkeypatch.setenv("FASTIMAGIC_COMPILE", "fast")
+    with pytest.raises(InputError, match=r"^FASTIMAGIC_COMPILE: unknown setting 'fast'; allowed: off, regional"):
+        load_base_model("tiny", device="cpu")
+    monkeypatch.setenv("FASTIMAGIC_COMPILE", "1")
+    assert compile_setting() == "regional" and compile_setting("off") == "off"
