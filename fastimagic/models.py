@@ -104,8 +104,10 @@ class Components:
     """The frozen components of a Stable Diffusion model of any family, on one device.
 
     The UNet's compute runs under autocast in ``precision.compute_dtype``; its convolution and linear weights are
-    stored in that dtype (:func:`fastimagic.precision.store_unet`), and whatever a fine-tune trains or a tuning
-    changes gets float32 working copies meanwhile (:func:`fastimagic.precision.float32_working`). The text
+    stored in that dtype (:func:`fastimagic.precision.store_unet`); whatever a fine-tune trains gets float32 working
+    copies meanwhile (:func:`fastimagic.precision.float32_working`), and an applied tuning is added in float32 and
+    rounded once to the stored dtype (:func:`fastimagic.precision.apply_deltas`). ``compiled``: ``off`` or
+    ``regional`` (:func:`compile_unet`). The text
     encoders are stored in ``dtype`` (the precision's frozen dtype), the VAE too where the family's VAE does not
     overflow in it (SDXL's: float32). ``identity`` names
     the weights for tuning content keys. ``family``: what kind of model it is (:mod:`fastimagic.families`);
