@@ -137,7 +137,8 @@ class Forgetting:
     model's (:mod:`fastimagic.families`), which says which blocks ``encoder1`` / ``decoder2`` are. ``deltas``:
     the tuning's changes (name -> tensor), given when the UNet holds the learned values rounded to a half-precision
     dtype (:func:`fastimagic.precision.apply_deltas`): a blend (0 < sigma < 1) is then made in float32 from the
-    original and the delta, as from float32 learned values, and rounded once.
+    original and the delta, as from float32 learned values, and rounded once (the deltas a blend needs are copied
+    to the UNet's device once and kept).
 
     An :class:`~fastimagic.editor.Editor` holds one for the tuning it applied:
 
@@ -164,6 +165,7 @@ class Forgetting:
         self._params = {n: params[n] for n in originals}
         self._originals = dict(originals)
         self._deltas = deltas
+        self._device_deltas: dict[str, torch.Tensor] = {}  # deltas a blend needed, kept where the UNet is
         self.family = family
         self._saved: dict[str, torch.Tensor] = {}  # learned values of the tensors currently forgotten
         self.strategy = "none"
@@ -190,11 +192,19 @@ class Forgetting:
                     p.copy_(self._originals[n].to(device=p.device, dtype=p.dtype))
                     continue
                 # The blend in float32 from the float32 learned value, rounded once by copy_ to p's dtype.
-                learned = p if self._deltas is None else learned_value(self._originals[n].to(p.device), self._deltas[n])
-                orig = self._originals[n].to(device=p.device, dtype=learned.dtype)
+                stored = self._originals[n].to(p.device)
+                learned = p if self._deltas is None else learned_value(stored, self._delta(n, p))
+                orig = stored.to(dtype=learned.dtype)
                 p.copy_(sigma * learned + (1.0 - sigma) * orig)
         self.strategy, self.sigma = name, float(sigma)
         return report
+
+    def _delta(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The tuning's delta of ``name`` on ``like``'s device, copied there once (a blend of the same tensor with
+        another sigma, or after another strategy, needs it again)."""
+        if name not in self._device_deltas:
+            self._device_deltas[name] = self._deltas[name].to(like.device)
+        return self._device_deltas[name]
 
     def restore(self) -> None:
         """Put back the learned weights of every forgotten tensor, bit for bit."""
