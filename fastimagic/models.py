@@ -494,7 +494,8 @@ def compile_unet(
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
-    torch._dynamo.config.accumulated_recompile_limit = max(4096, torch._dynamo.config.accumulated_recompile_limit)
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(4096, torch._dynamo.config.accumulated_recompile_limit)
     blocks = [m for m in model.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
     for block in blocks:
         block.compile(backend=backend, dynamic=False, mode=mode)
