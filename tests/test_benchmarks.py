@@ -94,3 +94,23 @@ def test_gpu_benchmark_tiny_sdxl_reports_the_tuning_size():
     assert figures["finetune"]["target"] == {"seconds_max": 30.0, "peak_gib_max": 60.0}
     assert figures["forget_switch"]["meets_target"] is None  # CPU: no verdict
     assert figures["finetune"]["unet_weights_bytes"] > 4 * figures["finetune"]["trained_parameters"]  # fp32 on CPU
+
+
+SAMPLING = ("finetune", "sample", "batch1", "flops", "forget_switch")
+
+
+@pytest.mark.parametrize(
+    "argv, figures",
+    [  # the command lines of ../shared/device/gpu-check.sh, which the next GPU run uses as they are
+        ("--arch sd15 --only finetune,sample,forget_switch", [*SAMPLING]),
+        ("--arch sdxl --only finetune,sample,forget_switch --batches 1,4,8", [*SAMPLING]),
+        ("--arch sd15 --only storyboard", ["storyboard"]),
+        ("--arch sd15 --only sample --compile --batches 1,32", ["compile", "sample", "batch1", "flops"]),
+        ("--arch sd15", ["equivalence", "finetune", "sample", "batch1", "flops", "forget_switch", "storyboard"]),
+    ],
+)
+def test_gpu_check_command_lines_select_the_figures_of_the_table(argv, figures):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu import parse_args
+
+    assert parse_args(argv.split()).figures == figures
