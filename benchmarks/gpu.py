@@ -15,8 +15,16 @@ Prints one JSON line per figure (stdout; progress goes to stderr):
                     keyframe: the largest 8-bit pixel difference
     finetune        fastimagic.finetuning.finetune, 40 steps at batch 10, 512 px, no early stop: steady seconds (after
                     a separate 1-step warm-up call, whose time is first_call_seconds) and peak CUDA memory
+    compile         (with --only compile, or with --compile and sample; runs before sample) compile_unet: the
+                    first-call seconds per batch size cold (empty inductor cache) and from the on-disk cache,
+                    images/s compiled against uncompiled in the same run, largest pixel difference
     sample          Editor.render: 50-step DDIM with guidance 7.5 at 512 px, VAE decode and PIL conversion included,
                     best images/second over a sweep of batch sizes (images per UNet call, x2 for guidance)
+    batch1          one image alone (comes with sample): seconds per image, UNet steps/s, VAE decode seconds, and
+                    the host syncs per sampling step CUDA's sync debug mode counts
+    flops           (comes with sample) TFLOP per keyframe (UNet pair x steps + VAE decode) and per fine-tune step,
+                    counted with torch.utils.flop_counter, and the fraction of 790 TFLOP/s (dense fp16, H200) that
+                    the sample, batch1 and finetune figures achieve
     forget_switch   Editor.forget("encoderattn") then Editor.forget("decoderattn"): median seconds of one switch
     storyboard      the real Prefect flow (flows.storyboard.storyboard_flow) on a 5-scene x 4-seed x 8-gamma
                     storyboard (160 keyframes, 50 steps, 512 px) whose model is a diffusers folder saved from the
@@ -29,8 +37,9 @@ storyboard; not yet measured);
 ``python benchmarks/gpu.py --tiny`` runs the same code on the tiny model on CPU in well under a minute (CI).
 Options: ``--precision fp16`` (see fastimagic.precision; default auto) for the finetune, sample and forget_switch
 figures; ``--only finetune,sample`` selects figures; ``--compile``, ``--channels-last`` (VAE; CUDA only),
-``--cudnn-benchmark`` switch speed-ups on for every figure (checked by the equivalence figure first). See
-docs/performance.md for what each figure includes.
+``--cudnn-benchmark`` switch speed-ups on for every figure (checked by the equivalence figure first); ``--compile``
+is the product's regional compilation (FASTIMAGIC_COMPILE=regional). See docs/performance.md for what each figure
+includes.
 """
 
 from __future__ import annotations
@@ -54,7 +63,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FIGURES = ("equivalence", "finetune", "sample", "forget_switch", "storyboard")
+FIGURES = ("equivalence", "finetune", "compile", "sample", "batch1", "flops", "forget_switch", "storyboard")
+# Run by default (compile only when asked: it compiles for minutes on a CPU) and what comes with what.
+DEFAULT_FIGURES = tuple(f for f in FIGURES if f != "compile")
+RIDERS = {"sample": ("batch1", "flops")}
+# Dense fp16 tensor-core TFLOP/s this machine kind (H200) measures; the flops figure's yardstick.
+PEAK_TFLOPS = 790.0
 SWITCHES = ("channels_last", "cudnn_benchmark", "compile")
 
 # The issues' targets, for one H200, per architecture (--arch): SD 1.5 at 512 px, SDXL at 1024 px.
@@ -62,12 +76,14 @@ TARGETS_BY_ARCH = {
     "sd15": {
         "finetune": {"seconds_max": 4.0, "peak_gib_max": 20.0},
         "sample": {"images_per_second_min": 5.0},
+        "batch1": {"seconds_per_image_max": 1.0},
         "forget_switch": {"seconds_max": 0.1},
         "storyboard": {"seconds_max": 60.0},
     },
     "sdxl": {
         "finetune": {"seconds_max": 30.0, "peak_gib_max": 60.0},
         "sample": {"images_per_second_min": 0.5},
+        "batch1": {"seconds_per_image_max": 3.0},
         "forget_switch": {"seconds_max": 0.2},
         "storyboard": {"seconds_max": None},  # no target given for SDXL; measured all the same
     },
@@ -298,14 +314,14 @@ def assemble(kind: str, device: str, seed: int = 0, precision: str = "auto"):
     return _assemble(build_components(kind, device, seed), f"benchmark:{kind}-random-{seed}", dev, resolved)
 
 
-def apply_switches(model, switches: list[str], compile_mode: str) -> None:
+def apply_switches(model, switches: list[str], compile_mode: str, backend: str = "inductor") -> None:
     """Turn speed switches on for ``model``. None changes parameter names, so tunings and forgetting still apply.
 
     channels_last: the VAE (``_assemble`` already makes the UNet channels_last on CUDA). CUDA only: on CPU, torch
     2.13 segfaults in GroupNorm's channels_last backward when the input needs no grad, which is what the first
     norm of down_blocks.0 sees in fine-tuning once a channels_last latent reaches it. cudnn_benchmark:
-    process-wide. compile: ``nn.Module.compile`` on the UNet, in place (``torch.compile(unet)`` would wrap it and
-    rename every parameter ``_orig_mod.*``); weights are graph inputs, so in-place tuning/forgetting edits are seen.
+    process-wide. compile: :func:`fastimagic.models.compile_unet`, the UNet's repeated blocks compiled in place
+    (parameter names unchanged), batches padded to buckets, the fine-tune eager.
     """
     import torch
 
@@ -314,13 +330,9 @@ def apply_switches(model, switches: list[str], compile_mode: str) -> None:
     if "cudnn_benchmark" in switches:
         torch.backends.cudnn.benchmark = True
     if "compile" in switches:
-        import torch._dynamo
+        from fastimagic.models import compile_unet
 
-        # Fine-tune (train mode, batch 10) and every sampling batch size each need their own graph.
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-        model.unet.compile(mode=None if compile_mode == "default" else compile_mode)
+        compile_unet(model, "regional", mode=None if compile_mode == "default" else compile_mode, backend=backend)
 
 
 def free(device) -> None:
@@ -549,6 +561,197 @@ def figure_sample(model, tuning, plan: Plan) -> dict:
     }
 
 
+def host_syncs_per_step(device, render) -> float | None:
+    """Synchronising CUDA calls per sampling step, as CUDA's sync debug mode reports them: ``render(steps)`` at 2
+    and 6 steps, the difference over 4 (so the syncs before and after the step loop cancel out). None off CUDA."""
+    import warnings
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    counts = {}
+    for steps in (2, 6):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                render(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts[steps] = sum("synchroniz" in str(w.message).lower() for w in caught)
+    return (counts[6] - counts[2]) / 4
+
+
+def figure_batch1(model, tuning, plan: Plan) -> dict:
+    """One image alone: what a user waiting for one keyframe sees."""
+    import torch
+
+    from fastimagic.editor import Editor
+    from fastimagic.sampler import decode
+
+    device, size = model.device, plan.resolution
+    with Editor(model, tuning) as editor:
+
+        def render(steps: int):
+            return editor.render(PROMPT, seeds=[0], edits=[{"mode": "subtract", "gamma": 1.0}], steps=steps,
+                                 guidance=7.5, max_batch=1)
+
+        render(2)
+        _, seconds = timed(device, lambda: render(plan.sample_steps))
+        syncs = host_syncs_per_step(device, render)
+    latent = torch.randn(1, model.unet.config.in_channels, size // 8, size // 8, device=device)
+    decode(model, latent)
+    _, decode_seconds = timed(device, lambda: decode(model, latent))
+    target = targets(plan)["batch1"]
+    return {
+        "figure": "batch1",
+        "seconds_per_image": round(seconds, 3),
+        "unet_steps_per_second": round(plan.sample_steps / seconds, 2),  # one step = the guided pair
+        "steps": plan.sample_steps,
+        "resolution": size,
+        "vae_decode_seconds": round(decode_seconds, 4),
+        "vae_decode_share": round(decode_seconds / seconds, 3),
+        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
+        "host_syncs_per_step": syncs,
+        "target": target,
+        "meets_target": verdict(plan, device, [seconds <= target["seconds_per_image_max"]]),
+    }
+
+
+def count_tflop(fn) -> float:
+    """TFLOP that ``fn()`` runs, counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def figure_flops(model, image, plan: Plan, records: dict) -> dict:
+    """Work counted, not guessed, and the fraction of the chip the sample, batch1 and finetune figures reach."""
+    import torch
+
+    from fastimagic.finetuning import FinetuneConfig, finetune
+
+    device, size, latent = model.device, plan.resolution, plan.resolution // 8
+    ids = model.family.time_ids((size, size), (0, 0), (size, size)) if model.family.pooled else None
+    inputs = model.unet_inputs(model.encode_prompts(["", PROMPT]), ids)
+    x = torch.randn(2, model.unet.config.in_channels, latent, latent, device=device)
+    z = torch.randn(1, model.unet.config.in_channels, latent, latent, device=device, dtype=model.vae.dtype)
+    t = torch.tensor(500, device=device)
+
+    def unet_pair():
+        with model.autocast():
+            model.unet(x, t, **inputs)
+
+    def finetune_steps(steps: int) -> float:
+        config = FinetuneConfig(steps=steps, min_steps=steps, batch_size=plan.finetune_batch)
+        return count_tflop(lambda: finetune(model, image, SOURCE_PROMPT, config, width=size, height=size))
+
+    with model.eager(), torch.no_grad():
+        unet = count_tflop(unet_pair) / 2  # per image; the guided pair is two
+        vae = count_tflop(lambda: model.vae.decode(z))
+    with model.eager():
+        step = finetune_steps(2) - finetune_steps(1)  # one step exactly: encode and text work cancel out
+    keyframe = plan.sample_steps * 2 * unet + vae
+    on_gpu = device.type == "cuda" and not plan.model.startswith("tiny")
+
+    def fraction(tflop_per_second: float | None) -> float | None:
+        return round(tflop_per_second / PEAK_TFLOPS, 3) if on_gpu and tflop_per_second else None
+
+    sample, batch1, tune = records.get("sample"), records.get("batch1"), records.get("finetune")
+    return {
+        "figure": "flops",
+        "unet_tflop_per_image": _sig(unet),
+        "vae_decode_tflop": _sig(vae),
+        "tflop_per_keyframe": _sig(keyframe),
+        "finetune_tflop_per_step": _sig(step),
+        "finetune_batch": plan.finetune_batch,
+        "resolution": size,
+        "steps": plan.sample_steps,
+        "peak_tflops": PEAK_TFLOPS,
+        "keyframes_per_second_at_peak": _sig(PEAK_TFLOPS / keyframe),
+        "sample_fraction_of_peak": fraction(sample and sample["images_per_second"] * keyframe),
+        "batch1_fraction_of_peak": fraction(batch1 and keyframe / batch1["seconds_per_image"]),
+        "finetune_fraction_of_peak": fraction(tune and step / tune["seconds_per_step"]),
+    }
+
+
+def figure_compile(model, tuning, plan: Plan, work: Path, backend: str = "inductor") -> dict:
+    """Regional compilation (fastimagic.models.compile_unet) against no compilation, in one run: the first call per
+    batch size with an empty inductor cache (cold) and after ``torch._dynamo.reset()`` with the cache on disk
+    (what a restarted worker pays), the steady speed, and the largest pixel difference."""
+    import torch
+    import torch._dynamo
+    from torch._inductor.utils import clear_caches
+
+    from fastimagic.editor import Editor
+    from fastimagic.models import COMPILED_BLOCKS, compile_unet
+
+    device = model.device
+    if model.compiled == "off":
+        compile_unet(model, "regional", backend=backend)
+    # An empty cache folder of this run's own, inductor's and Triton's (the cold pass), read back by the second pass.
+    cache = work / "inductor-cache"
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    os.environ.update(TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
+    per_batch: dict[str, dict] = {}
+    diff = 0
+    with Editor(model, tuning) as editor:
+
+        def render(steps: int, batch: int):
+            return editor.render(PROMPT, seeds=list(range(batch)), edits=[{"mode": "subtract", "gamma": 1.0}],
+                                 steps=steps, guidance=7.5, max_batch=batch)
+
+        eager_frames = {}
+        with torch.compiler.set_stance("force_eager"):
+            for b in plan.sample_batches:
+                render(2, b)
+                _, two = timed(device, lambda b=b: render(2, b))
+                frames, seconds = timed(device, lambda b=b: render(plan.sample_steps, b))
+                eager_frames[b] = _frames_uint8(frames)
+                per_batch[str(b)] = {"eager_two_step_seconds": round(two, 3),
+                                     "eager_images_per_second": round(b / seconds, 3)}
+        for label in ("cold", "cache"):
+            torch._dynamo.reset()
+            clear_caches()  # inductor's in-memory caches: only the folder on disk carries over
+            for b in plan.sample_batches:
+                _, first = timed(device, lambda b=b: render(2, b))
+                per_batch[str(b)][f"{label}_first_call_seconds"] = round(first, 3)
+                note(f"compile {label}: batch {b} first call {first:.1f} s")
+                if label == "cache":
+                    frames, seconds = timed(device, lambda b=b: render(plan.sample_steps, b))
+                    diff = max(diff, _max_diff(eager_frames[b], _frames_uint8(frames)))
+                    row = per_batch[str(b)]
+                    row["compiled_images_per_second"] = round(b / seconds, 3)
+                    row["speedup"] = round(row["compiled_images_per_second"] / row["eager_images_per_second"], 3)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    rows = per_batch.values()
+    return {
+        "figure": "compile",
+        "setting": model.compiled,
+        "backend": backend,
+        "blocks": list(COMPILED_BLOCKS),
+        "batches": per_batch,
+        "cold_compile_seconds": round(sum(r["cold_first_call_seconds"] - r["eager_two_step_seconds"] for r in rows), 2),
+        "cache_compile_seconds": round(
+            sum(r["cache_first_call_seconds"] - r["eager_two_step_seconds"] for r in rows), 2
+        ),
+        "max_pixel_diff": diff,
+        "target": {"max_pixel_diff_max": 2},
+        "meets_target": verdict(plan, device, [diff <= 2]),
+    }
+
+
 def figure_forget_switch(model, tuning, plan: Plan) -> dict:
     from fastimagic.editor import Editor
 
@@ -665,14 +868,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--arch", choices=["sd15", "sdxl"], default="sd15", help="UNet architecture (with --tiny: tiny or tiny-sdxl)"
     )
-    ap.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated figures: {', '.join(FIGURES)}")
+    ap.add_argument(
+        "--only",
+        default=",".join(DEFAULT_FIGURES),
+        help=f"comma-separated figures: {', '.join(FIGURES)} (sample brings batch1 and flops along; --compile brings"
+        " compile along with sample; default: all but compile)",
+    )
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (nn.Module.compile, in place)")
+    ap.add_argument(
+        "--compile", action="store_true", help="regional compilation of the UNet (fastimagic.models.compile_unet)"
+    )
     ap.add_argument(
         "--compile-mode",
         default="default",
         choices=("default", "max-autotune-no-cudagraphs"),
         help="torch.compile mode (max-autotune takes minutes to compile)",
+    )
+    ap.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only, a quick CPU check)"
     )
     ap.add_argument("--channels-last", action="store_true", help="channels_last VAE (the UNet already is, on CUDA)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
@@ -687,6 +900,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"--only: unknown figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     args.switches = [s for s in SWITCHES if getattr(args, s)]
+    wanted = set(args.figures) | {r for f in args.figures for r in RIDERS.get(f, ())}
+    if "compile" in args.switches and "sample" in wanted:
+        wanted.add("compile")
+    args.figures = [f for f in FIGURES if f in wanted]
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     if "channels_last" in args.switches and not args.device.startswith("cuda"):
         ap.error("--channels-last is for CUDA: on CPU, torch 2.13 crashes in GroupNorm's channels_last backward")
@@ -719,24 +936,33 @@ def main(argv: list[str] | None = None) -> int:
         if "equivalence" in args.figures:
             note("equivalence (tiny model)")
             emit(figure_equivalence(device, args.switches, args.compile_mode, image))
-        wanted = {"finetune", "sample", "forget_switch"} & set(args.figures)
+        wanted = {"finetune", "sample", "batch1", "flops", "compile", "forget_switch"} & set(args.figures)
         if wanted:
             note(f"building the {plan.model} model on {device}")
             model = assemble(plan.model, args.device, precision=args.precision)
-            apply_switches(model, args.switches, args.compile_mode)
+            apply_switches(model, args.switches, args.compile_mode, args.compile_backend)
             tuning = None
+            records: dict[str, dict] = {}
             if "finetune" in args.figures:
                 note("finetune")
-                record, tuning = figure_finetune(model, image, plan)
-                emit(record)
+                records["finetune"], tuning = figure_finetune(model, image, plan)
+                emit(records["finetune"])
             if tuning is None:  # the other figures need some tuning to apply: a 1-step one will do
                 from fastimagic.finetuning import FinetuneConfig, finetune
 
                 config = FinetuneConfig(steps=1, min_steps=1, batch_size=plan.finetune_batch)
                 tuning = finetune(model, image, SOURCE_PROMPT, config, width=plan.resolution, height=plan.resolution)
-            if "sample" in args.figures:
-                note("sample")
-                emit(figure_sample(model, tuning, plan))
+            # compile first: its cold pass must find nothing compiled, and what it compiles serves the figures after
+            for name, run in (
+                ("compile", lambda: figure_compile(model, tuning, plan, work, args.compile_backend)),
+                ("sample", lambda: figure_sample(model, tuning, plan)),
+                ("batch1", lambda: figure_batch1(model, tuning, plan)),
+                ("flops", lambda: figure_flops(model, image, plan, records)),
+            ):
+                if name in args.figures:
+                    note(name)
+                    records[name] = run()
+                    emit(records[name])
             if "forget_switch" in args.figures:
                 note("forget_switch")
                 emit(figure_forget_switch(model, tuning, plan))

@@ -28,7 +28,7 @@ from fastimagic.families import FAMILIES
 from fastimagic.forgetting import Forgetting, StrategyReport, canonical
 from fastimagic.merge import Edit, as_edit, merge
 from fastimagic.models import Components
-from fastimagic.precision import float32_working, put_back
+from fastimagic.precision import apply_deltas, put_back
 from fastimagic.sampler import sample
 from fastimagic.tuning import Tuning
 
@@ -50,6 +50,7 @@ class Keyframe:
     width: int
     height: int
     negative_prompt: str | None = None
+    compiled: str = "off"  # how the UNet was compiled (fastimagic.models.compile_unet); recorded when not off
 
     def settings(self) -> dict:
         return {
@@ -63,7 +64,7 @@ class Keyframe:
             "width": self.width,
             "height": self.height,
             "negative_prompt": self.negative_prompt,
-        }
+        } | ({"compile": self.compiled} if self.compiled != "off" else {})
 
 
 class Editor:
@@ -87,14 +88,13 @@ class Editor:
         self.model = model
         self.tuning = tuning
         self._source = tuning.source_embedding.to(model.device)
-        # The tuned tensors hold base + delta as float32 copies (a half-precision base weight, see
-        # fastimagic.precision, would round the delta away); the stored base tensors come back on close.
-        originals = float32_working(params, tuning.deltas)
-        with torch.no_grad():
-            for n, delta in tuning.deltas.items():
-                params[n].add_(delta.to(device=params[n].device, dtype=params[n].dtype))
-        self._originals = originals
-        self.forgetting = Forgetting(model.unet, originals, model.family)
+        # Each tuned tensor becomes base + delta, added in float32 (a half-precision base weight, see
+        # fastimagic.precision, cannot hold the delta) and rounded once to the dtype the base weight is stored in:
+        # fp16/bf16 for convolutions and linears, which autocast would otherwise round from a float32 copy on every
+        # UNet call (the same rounding, so the same numbers, without a weight cast per call). The stored base
+        # tensors come back on close.
+        self._originals = apply_deltas(params, tuning.deltas)
+        self.forgetting = Forgetting(model.unet, self._originals, model.family, deltas=tuning.deltas)
         self._closed = False
 
     def __enter__(self) -> Editor:
@@ -183,6 +183,7 @@ class Editor:
                 width=width,
                 height=height,
                 negative_prompt=negative_prompt,
+                compiled=self.model.compiled,
             )
             for (s, i), img in zip(combos, images.to_pil(pixels))
         ]

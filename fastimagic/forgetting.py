@@ -134,7 +134,11 @@ class Forgetting:
 
     ``originals`` holds the base weights of the trained tensors only (name -> tensor, any device/dtype). Only
     those names can ever be forgotten: every other UNet tensor already equals its original. ``family``: the
-    model's (:mod:`fastimagic.families`), which says which blocks ``encoder1`` / ``decoder2`` are.
+    model's (:mod:`fastimagic.families`), which says which blocks ``encoder1`` / ``decoder2`` are. ``deltas``:
+    the tuning's changes (name -> tensor), given when the UNet holds the learned values rounded to a half-precision
+    dtype (:func:`fastimagic.precision.apply_deltas`): a blend (0 < sigma < 1) is then made in float32 from the
+    original and the delta, as from float32 learned values, and rounded once (the deltas a blend needs are copied
+    to the UNet's device once and kept).
 
     An :class:`~fastimagic.editor.Editor` holds one for the tuning it applied:
 
@@ -147,13 +151,21 @@ class Forgetting:
     >>> editor.close()
     """
 
-    def __init__(self, unet: torch.nn.Module, originals: Mapping[str, torch.Tensor], family: Family = SD1):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        originals: Mapping[str, torch.Tensor],
+        family: Family = SD1,
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ):
         params = dict(unet.named_parameters())
         missing = [n for n in originals if n not in params]
         if missing:
             raise InputError(f"original weights name tensors the UNet lacks, e.g. '{missing[0]}'")
         self._params = {n: params[n] for n in originals}
         self._originals = dict(originals)
+        self._deltas = deltas
+        self._device_deltas: dict[str, torch.Tensor] = {}  # deltas a blend needed, kept where the UNet is
         self.family = family
         self._saved: dict[str, torch.Tensor] = {}  # learned values of the tensors currently forgotten
         self.strategy = "none"
@@ -169,18 +181,30 @@ class Forgetting:
             return report
         import torch
 
+        from fastimagic.precision import learned_value
+
         self.restore()
         with torch.no_grad():
             for n in report.tensors:
                 p = self._params[n]
                 self._saved[n] = p.detach().clone()
-                orig = self._originals[n].to(device=p.device, dtype=p.dtype)
                 if sigma == 0.0:
-                    p.copy_(orig)
-                else:
-                    p.copy_(sigma * p + (1.0 - sigma) * orig)
+                    p.copy_(self._originals[n].to(device=p.device, dtype=p.dtype))
+                    continue
+                # The blend in float32 from the float32 learned value, rounded once by copy_ to p's dtype.
+                stored = self._originals[n].to(p.device)
+                learned = p if self._deltas is None else learned_value(stored, self._delta(n, p))
+                orig = stored.to(dtype=learned.dtype)
+                p.copy_(sigma * learned + (1.0 - sigma) * orig)
         self.strategy, self.sigma = name, float(sigma)
         return report
+
+    def _delta(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The tuning's delta of ``name`` on ``like``'s device, copied there once (a blend of the same tensor with
+        another sigma, or after another strategy, needs it again)."""
+        if name not in self._device_deltas:
+            self._device_deltas[name] = self._deltas[name].to(like.device)
+        return self._device_deltas[name]
 
     def restore(self) -> None:
         """Put back the learned weights of every forgotten tensor, bit for bit."""

@@ -104,8 +104,10 @@ class Components:
     """The frozen components of a Stable Diffusion model of any family, on one device.
 
     The UNet's compute runs under autocast in ``precision.compute_dtype``; its convolution and linear weights are
-    stored in that dtype (:func:`fastimagic.precision.store_unet`), and whatever a fine-tune trains or a tuning
-    changes gets float32 working copies meanwhile (:func:`fastimagic.precision.float32_working`). The text
+    stored in that dtype (:func:`fastimagic.precision.store_unet`); whatever a fine-tune trains gets float32 working
+    copies meanwhile (:func:`fastimagic.precision.float32_working`), and an applied tuning is added in float32 and
+    rounded once to the stored dtype (:func:`fastimagic.precision.apply_deltas`). ``compiled``: ``off`` or
+    ``regional`` (:func:`compile_unet`). The text
     encoders are stored in ``dtype`` (the precision's frozen dtype), the VAE too where the family's VAE does not
     overflow in it (SDXL's: float32). ``identity`` names
     the weights for tuning content keys. ``family``: what kind of model it is (:mod:`fastimagic.families`);
@@ -126,6 +128,15 @@ class Components:
     family: Family = SD1
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
+    # How the UNet's sampling calls are compiled: "off" or "regional" (:func:`compile_unet`).
+    compiled: str = "off"
+
+    def eager(self):
+        """A context in which a compiled UNet runs uncompiled (the fine-tune: training graphs would cost minutes of
+        compilation for one use); a no-op for an uncompiled one."""
+        import contextlib
+
+        return torch.compiler.set_stance("force_eager") if self.compiled != "off" else contextlib.nullcontext()
 
     @property
     def latent_scale(self) -> float:
@@ -393,6 +404,7 @@ def load_base_model(
     precision: str = "auto",
     allow_pickle: bool = False,
     vae: str | None = None,
+    compile: str | None = None,
 ) -> Components:
     """Load a Stable Diffusion base model of any family from ``spec`` (a tiny name, repo id, diffusers folder or
     single file); the family is read from the model (UNet config or checkpoint header).
@@ -401,10 +413,13 @@ def load_base_model(
     tokenizers (default: the family's base repo, e.g. :data:`DEFAULT_SINGLE_FILE_CONFIG` for SD 1.x).
     ``device``/``dtype``/``precision``: see :func:`pick_device` and :mod:`fastimagic.precision`; the result's
     ``precision`` records the resolved one. ``vae``: a diffusers VAE (folder, or repo id in the cache) replacing the
-    model's, e.g. a float16-safe SDXL VAE; it then runs in the precision's dtype (the model's own SDXL VAE runs in
-    float32, as it overflows in float16). Raises :class:`InputError` for a missing path, a refused pickle file or a
-    checkpoint of an unsupported architecture.
+    model's, e.g. a float16-safe SDXL VAE; it then runs in the precision's dtype unless its config says
+    ``force_upcast: true`` (the model's own SDXL VAE runs in float32, as it overflows in float16). ``compile``:
+    ``off`` or ``regional`` (:func:`compile_unet`), default ``$FASTIMAGIC_COMPILE`` (off). Raises
+    :class:`InputError` for a missing path, a refused pickle file, a checkpoint of an unsupported architecture or an
+    unknown compile setting.
     """
+    compile = compile_setting(compile)
     dev = _pick(device)
     resolved = resolve_precision(_precision_name(precision, dtype), dev)
     identity = model_identity(spec, allow_pickle=allow_pickle, vae=vae)
@@ -421,7 +436,70 @@ def load_base_model(
         parts = _load_pretrained(spec, local_only=False, allow_pickle=allow_pickle)
     if vae is not None:
         parts["vae"] = _load_vae(vae, allow_pickle)
-    return _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
+    model = _assemble(parts, identity, dev, resolved, fixed_vae=vae is not None)
+    compile_unet(model, compile)
+    return model
+
+
+# Compiling the UNet for sampling, a worker setting (docs/performance.md, "Compilation").
+COMPILE_ENV = "FASTIMAGIC_COMPILE"
+COMPILE_CACHE_ENV = "FASTIMAGIC_COMPILE_CACHE"
+COMPILE_MODES = ("off", "regional")
+# The UNet's repeated blocks (diffusers' own list for regional compilation, UNet2DConditionModel._repeated_blocks,
+# plus the ResNet blocks, where GroupNorm, SiLU and the float32 round trips of autocast fuse into one kernel).
+COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+# A compiled UNet sees batches of these sizes only (sampler pads a short last chunk up to one): with fixed shapes,
+# each size is one set of graphs, compiled once per process and then read from the on-disk cache.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def compile_setting(value: str | None = None) -> str:
+    """``value`` (default ``$FASTIMAGIC_COMPILE``) as one of :data:`COMPILE_MODES`; ``1``/``on``/``true`` mean
+    ``regional``, empty/``0``/``false`` mean ``off``. Anything else: :class:`InputError`, one line."""
+    given = os.environ.get(COMPILE_ENV, "") if value is None else value
+    name = {"": "off", "0": "off", "false": "off", "no": "off", "1": "regional", "on": "regional",
+            "true": "regional", "yes": "regional"}.get(given.strip().lower(), given.strip().lower())
+    if name not in COMPILE_MODES:
+        where = COMPILE_ENV if value is None else "compile"
+        raise InputError(f"{where}: unknown setting {given!r}; allowed: off, regional (or 0/1)")
+    return name
+
+
+def compile_unet(
+    model: Components, setting: str = "regional", *, backend: str | object = "inductor", mode: str | None = None
+) -> None:
+    """Compile ``model``'s UNet for sampling, in place, region by region (``setting``: ``regional``; ``off`` does
+    nothing).
+
+    Each of the UNet's repeated blocks (:data:`COMPILED_BLOCKS`) is compiled with ``nn.Module.compile`` (as
+    diffusers' ``compile_repeated_blocks`` does): instances of one block class share their graphs, so a process
+    compiles a few dozen small graphs in seconds to a minute instead of the whole UNet in minutes, and parameter
+    names do not change (tunings and forgetting address them by name; weights are graph inputs, so their in-place
+    edits are seen). Shapes are static: the sampler pads batches to :data:`BATCH_BUCKETS`. The compiled artefacts
+    go to inductor's on-disk cache, ``$FASTIMAGIC_COMPILE_CACHE`` (default ``~/.cache/fastimagic/torch-compile``
+    unless ``TORCHINDUCTOR_CACHE_DIR`` is set), so a second process or a restarted worker compiles from the cache.
+    The fine-tune runs uncompiled (:meth:`Components.eager`). ``backend``, ``mode``: torch.compile's (tests count
+    graphs with a counting backend; ``benchmarks/gpu.py --compile-mode`` tries others).
+    """
+    if compile_setting(setting) == "off":
+        return
+    import torch._dynamo
+
+    cache = os.environ.get(COMPILE_CACHE_ENV)
+    if cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    else:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fastimagic" / "torch-compile"))
+    # One graph per (block shape, batch bucket): SD 1.5's ResNet blocks alone have ~15 shapes.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(4096, torch._dynamo.config.accumulated_recompile_limit)
+    blocks = [m for m in model.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False, mode=mode)
+    model.compiled = "regional"
 
 
 # Base models a process keeps loaded, least recently used out: one by default (an SD UNet and its encoders take
@@ -438,6 +516,7 @@ def cached_base_model(spec: str, **options) -> Components:
     for the same model at once load it once.
     """
     identity = model_identity(spec, allow_pickle=options.get("allow_pickle", False), vae=options.get("vae"))
+    options["compile"] = compile_setting(options.get("compile"))  # the worker's setting is part of the key
     call = inspect.signature(load_base_model).bind(spec, **options)
     call.apply_defaults()  # the same model whether a caller spells out a default or leaves it out
     key = (identity, *sorted((k, str(v)) for k, v in call.arguments.items() if k != "spec"))
@@ -458,8 +537,10 @@ def _assemble(
     family: Family = parts.get("family", SD1)
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     text_encoder_2 = parts.get("text_encoder_2")
-    # The SDXL VAE's activations overflow float16 (NaN images): it runs in float32 unless a fixed VAE was given.
-    vae_dtype = dtype if family.vae_fp16 or fixed_vae or dtype != torch.float16 else torch.float32
+    # The SDXL VAE's activations overflow float16 (NaN images): it runs in float32 unless a fixed VAE was given
+    # whose config does not ask for float32 (``force_upcast``: false in the fp16-fix VAE, true in SDXL's own).
+    fp16_safe = family.vae_fp16 or (fixed_vae and not getattr(vae.config, "force_upcast", True))
+    vae_dtype = dtype if fp16_safe or dtype != torch.float16 else torch.float32
     encoders = [(text_encoder, dtype)] + ([(text_encoder_2, dtype)] if text_encoder_2 is not None else [])
     for m, want in ((unet, torch.float32), (vae, vae_dtype), *encoders):
         m.requires_grad_(False)

@@ -4,8 +4,9 @@ The fine-tune changes each trained weight by about 4e-4 (at most ~2.5e-3). Whate
 in, its weights are rounded to it on the fly, so a cast that is coarse next to the change rounds the change away:
 bfloat16 keeps 8 significant bits and loses 18-57% of each learned change (13-36% of them vanish), float16 keeps
 11 and loses 2-7%. A weight that is being learned or that carries a learned change is therefore always float32
-(the fine-tune trains float32 working copies; an applied tuning and forgetting edit float32 copies, see
-:func:`float32_working`), and only the compute is reduced:
+(the fine-tune trains float32 working copies, see :func:`float32_working`; an applied tuning and forgetting add the
+change to the base weight in float32 and round the sum once, to the dtype the UNet computes that weight in, see
+:func:`apply_deltas`), and only the compute is reduced:
 
 =========  ================  ============================  ==================  =====  =======================
 name       UNet compute      UNet weights stored           text encoder, VAE   TF32   fine-tune
@@ -19,8 +20,10 @@ name       UNet compute      UNet weights stored           text encoder, VAE   T
 [1] :func:`store_unet`: the convolution and linear weights and biases, which autocast would cast to the compute
 dtype on every call anyway, are kept in it, so the frozen weights compute bit for bit as before in half the memory
 (SDXL's UNet: 10.3 GB -> 5.1 GB); norm scales stay float32 (autocast runs norms in float32). The tensors a
-fine-tune trains or a tuning changes get float32 working copies for as long as they are changed, made from the
-stored values, and the stored tensors are put back afterwards, bit for bit. The base weights are thus the model's
+fine-tune trains get float32 working copies while it runs; a tuning applied for rendering is added in float32 and
+rounded once to the stored dtype (the rounding autocast would otherwise repeat on every UNet call), so sampling casts
+no weight at all. Either way the stored tensors are put back afterwards, bit for bit. The base weights are thus the
+model's
 weights rounded to the compute dtype, as in any half-precision pipeline (and exactly the weights of a checkpoint
 distributed in float16); ``benchmarks/fidelity.py`` (``<p>_stored_delta_error``) shows the learned change loses
 no more than with float32 storage.
@@ -160,6 +163,30 @@ def float32_working(params: Mapping[str, torch.nn.Parameter], names: Iterable[st
         p = params[n]
         stored[n] = p.data
         p.data = p.data.to(torch.float32, copy=True)
+    return stored
+
+
+def learned_value(stored: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A tuned tensor's learned value in float32, on ``stored``'s device: the stored base weight plus the tuning's
+    delta, added in float32 (the one definition :func:`apply_deltas` and forgetting's blend both use)."""
+    import torch
+
+    return stored.float() + delta.to(device=stored.device, dtype=torch.float32)
+
+
+def apply_deltas(params: Mapping[str, torch.nn.Parameter], deltas: Mapping[str, torch.Tensor]) -> dict:
+    """Put a tuning into the parameters: each named one becomes :func:`learned_value`, rounded once to the dtype
+    it is stored in (fp16/bf16 for the convolutions and linears of a half-precision UNet, else float32).
+
+    Autocast rounds a float32 weight to the compute dtype on every call, round-to-nearest as this cast does, so a
+    tuned UNet computes bit for bit what it computed from float32 working copies, without a weight cast per UNet
+    call. Returns the stored tensors for :func:`put_back`.
+    """
+    stored = {}
+    for n, delta in deltas.items():
+        p = params[n]
+        stored[n] = p.data
+        p.data = learned_value(p.data, delta).to(p.dtype)
     return stored
 
 

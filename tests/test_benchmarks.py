@@ -52,17 +52,24 @@ def test_gpu_benchmark_tiny_prints_every_figure_as_one_json_line(outputs):
     run = outputs["gpu"]
     assert run.returncode == 0, run.stderr[-3000:]
     figures = _figures(run.stdout)
-    assert list(figures) == ["device", "equivalence", "finetune", "sample", "forget_switch", "storyboard"]
+    assert list(figures) == [
+        "device", "equivalence", "finetune", "sample", "batch1", "flops", "forget_switch", "storyboard"
+    ]
     assert {"gpu", "torch", "diffusers", "date"} <= set(figures["device"])
     assert figures["equivalence"]["max_pixel_diff"] == 0  # no switch on: two renders of one keyframe agree
     assert {"seconds", "first_call_seconds", "steps", "batch", "resolution", "peak_gib"} <= set(figures["finetune"])
     assert figures["finetune"]["steps"] == 4 and figures["finetune"]["resolution"] == 64
     assert {"images_per_second", "batch", "steps", "resolution", "sweep"} <= set(figures["sample"])
     assert set(figures["sample"]["sweep"]) == {"1", "4"}
+    assert figures["batch1"]["seconds_per_image"] > 0 and figures["batch1"]["host_syncs_per_step"] is None  # CPU
+    flops = figures["flops"]  # counted by torch.utils.flop_counter: the keyframe is 2 x steps UNet images + decode
+    expected = 2 * figures["sample"]["steps"] * flops["unet_tflop_per_image"] + flops["vae_decode_tflop"]
+    assert flops["tflop_per_keyframe"] == pytest.approx(expected, rel=1e-3) and flops["finetune_tflop_per_step"] > 0
+    assert flops["sample_fraction_of_peak"] is None  # the fraction of an H200 is for an H200
     assert figures["forget_switch"]["seconds"] > 0
     assert figures["storyboard"]["keyframes"] == 2 * 2 * 2
     assert figures["storyboard"]["model_prewarmed"] is True  # the flow used the model the figure loaded
-    for name in ("finetune", "sample", "forget_switch", "storyboard"):
+    for name in ("finetune", "sample", "batch1", "forget_switch", "storyboard"):
         assert figures[name]["meets_target"] is None  # targets are for a GPU, not the tiny model
         assert figures[name]["target"]
 
@@ -87,3 +94,23 @@ def test_gpu_benchmark_tiny_sdxl_reports_the_tuning_size():
     assert figures["finetune"]["target"] == {"seconds_max": 30.0, "peak_gib_max": 60.0}
     assert figures["forget_switch"]["meets_target"] is None  # CPU: no verdict
     assert figures["finetune"]["unet_weights_bytes"] > 4 * figures["finetune"]["trained_parameters"]  # fp32 on CPU
+
+
+SAMPLING = ("finetune", "sample", "batch1", "flops", "forget_switch")
+
+
+@pytest.mark.parametrize(
+    "argv, figures",
+    [  # the command lines of ../shared/device/gpu-check.sh, which the next GPU run uses as they are
+        ("--arch sd15 --only finetune,sample,forget_switch", [*SAMPLING]),
+        ("--arch sdxl --only finetune,sample,forget_switch --batches 1,4,8", [*SAMPLING]),
+        ("--arch sd15 --only storyboard", ["storyboard"]),
+        ("--arch sd15 --only sample --compile --batches 1,32", ["compile", "sample", "batch1", "flops"]),
+        ("--arch sd15", ["equivalence", "finetune", "sample", "batch1", "flops", "forget_switch", "storyboard"]),
+    ],
+)
+def test_gpu_check_command_lines_select_the_figures_of_the_table(argv, figures):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu import parse_args
+
+    assert parse_args(argv.split()).figures == figures
