@@ -16,7 +16,9 @@ keyframes lists in a few requests per run. A run folder is one holding a manifes
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -39,6 +41,7 @@ __all__ = [
     "format_runs",
     "list_runs",
     "plan_record",
+    "resume_command",
     "runs_json",
 ]
 
@@ -64,12 +67,15 @@ def plan_record(board: Storyboard, run_id: str, *, created: str | None = None, t
     """
     created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     scenes = [{"id": s.id, "keyframes": s.keyframe_count(), "auto": bool(s.auto_forget)} for s in board.scenes]
+    source = board.source
+    if source and not source.startswith("s3://"):
+        source = os.path.abspath(source)  # the resume hint of `fastimagic runs` works from any folder
     return {
         "format": PLAN_FORMAT,
         "version": 1,
         "run_id": run_id,
         "created": created,
-        "storyboard": {"name": board.name, "slug": board.slug},
+        "storyboard": {"name": board.name, "slug": board.slug, "uri": source or None},
         "keyframes": sum(s["keyframes"] for s in scenes),
         "keyframes_at_most": any(s["auto"] for s in scenes),
         "scenes": scenes,
@@ -87,6 +93,7 @@ class RunInfo:
     records. expected: what the run set out to render (its manifest, or its plan ``run.json``; ``None`` when
     unknown), an upper bound when ``expected_at_most``. created: ISO 8601 (from the manifest, the plan, or the
     time in a timestamped run id). tuning_key / tuning_reused: the fine-tune used, when known. uri: the run folder.
+    storyboard_uri: the storyboard file the run was started from (from its plan), when known.
     """
 
     storyboard: str
@@ -101,6 +108,7 @@ class RunInfo:
     tuning_reused: bool | None
     uri: str
     problem: str | None = None
+    storyboard_uri: str | None = None
 
     @property
     def status_text(self) -> str:
@@ -220,6 +228,7 @@ def _incomplete(run: Store, slug: str, run_id: str, entries: list[str]) -> RunIn
         tuning_reused=tuning.get("reused"),
         uri=run.uri,
         problem="; ".join(problems) or None,
+        storyboard_uri=board.get("uri") if isinstance(board.get("uri"), str) else None,
     )
 
 
@@ -267,6 +276,17 @@ def _short(key: str | None) -> str:
     return key[:12] if key else "-"
 
 
+_HINTS = 3  # resume commands printed under the table
+
+
+def resume_command(run: RunInfo) -> str:
+    """The command that continues an incomplete run, to paste as it is: its storyboard (``<storyboard.yaml>``
+    when its plan predates recording it) and the output it was written to, so it works from any folder."""
+    output = run.uri.removesuffix(f"/{run.slug}/{run.run_id}")
+    return shlex.join(["fastimagic", "run", run.storyboard_uri or "<storyboard.yaml>", "--resume", run.run_id,
+                       "--output", output])
+
+
 def format_runs(runs: list[RunInfo]) -> str:
     """A plain aligned table, in the order given: storyboard, run id, status, keyframes, created, tuning (its
     key's first 12 characters, ``(reused)`` or ``(new)``). Problems (damaged manifests, unreadable progress
@@ -283,8 +303,11 @@ def format_runs(runs: list[RunInfo]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     notes = [f"{r.run_id}: {r.status}: {r.problem}" for r in runs if r.problem]
-    if any(r.status == INCOMPLETE for r in runs):
-        notes.append("continue an incomplete run with: fastimagic run <storyboard.yaml> --resume <RUN>")
+    incomplete = [r for r in runs if r.status == INCOMPLETE]
+    for r in incomplete[:_HINTS]:
+        notes.append(f"continue {r.run_id} with: {resume_command(r)}")
+    if len(incomplete) > _HINTS:
+        notes.append(f"(and {len(incomplete) - _HINTS} more incomplete: the same command with their run ids)")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -119,7 +119,9 @@ def _supervise() -> None:
     import threading
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+        # An inherited SIG_IGN is kept, as Python keeps it for SIGINT: `nohup fastimagic run` outlives its terminal.
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _on_signal)
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -170,6 +172,7 @@ def cmd_validate(args) -> int:
 
         text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
     board = load_storyboard(args.file, text=text)
+    _check_local_files(board)
     if policy is not None:
         enforce(board, policy)
     _say(
@@ -177,6 +180,14 @@ def cmd_validate(args) -> int:
         f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
     )
     return EXIT_OK
+
+
+def _check_local_files(board) -> None:
+    """Exit 2 with one line per local file or folder the storyboard names that is missing or of the wrong kind."""
+    from fastimagic.storyboard_yaml import StoryboardError
+
+    if problems := board.local_problems():
+        raise StoryboardError(problems)
 
 
 def _absolute_output(value: str | None) -> str | None:
@@ -227,6 +238,7 @@ def cmd_run(args) -> int:
     policy = _policy(args)  # --policy, else $FASTIMAGIC_POLICY: someone else's storyboard, the operator's rules
     rules = policy.model_dump(mode="json") if policy is not None else None
     board = read_storyboard(args.file, output=output, model=model, policy=rules)  # exit 2 here, before any model
+    _check_local_files(board)  # every missing file at once, as validate says it
     preflight(board)
     if args.workers:
         from flows.workers import check_shared_storage
@@ -235,7 +247,11 @@ def cmd_run(args) -> int:
     if not args.verbose:
         _one_line_logs()
 
-    run_id = args.resume or args.run_id
+    from fastimagic.keyframes import new_run_id
+
+    # Named here, not in the flow, so that a stopped run can say which id to resume.
+    run_id = args.resume or args.run_id or new_run_id()
+    _STOPPED_HINT.append(lambda: _resume_hint(args, board, run_id))
     display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
     with listening(display) if display else _nothing():
         try:
@@ -269,6 +285,31 @@ def cmd_run(args) -> int:
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+# What a stopped command says next (``run``: the command that resumes the run), set once it is known.
+_STOPPED_HINT: list = []
+
+
+def _resume_hint(args, board, run_id: str) -> str:
+    """The command that continues this run, to paste as it is (the same file, output, model, policy and workers),
+    or, when the run folder has no plan yet (stopped before it started), that there is nothing to resume."""
+    import shlex
+
+    from fastimagic.runs import PLAN
+    from tasks.storage import output_store
+
+    try:
+        started = output_store(board.output.resolved).exists(f"{board.slug}/{run_id}/{PLAN}")
+    except Exception:  # storage down: say what would resume it anyway
+        started = True
+    if not started:
+        return "; the run had not started: run the same command again"
+    words = ["fastimagic", "run", args.file, "--resume", run_id]
+    for flag, value in (("--output", _absolute_output(args.output)), ("--model", _absolute_model(args.model)),
+                        ("--policy", args.policy)):
+        words += [flag, value] if value else []
+    words += ["--workers"] if args.workers else []
+    return "; continue it with: " + shlex.join(words)
 
 
 class _NoTraceback(logging.Filter):
@@ -506,10 +547,10 @@ def main(argv: list[str] | None = None) -> int:
             import signal
 
             name = signal.Signals(signum).name
-            return _fail(
-                f"stopped by {name}; nothing more is written (resume an interrupted run with --resume RUN_ID)",
-                128 + signum,
-            )
+            hint = ""
+            for said in _STOPPED_HINT:
+                hint = said()
+            return _fail(f"stopped by {name}; nothing more is written{hint}", 128 + signum)
         if isinstance(e, (InputError, NotFound)):  # storyboard problems, missing or bad images, bad models
             return _fail(e, EXIT_INVALID)
         if isinstance(e, FastImagicError):

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,14 @@ def test_runs_lists_complete_and_incomplete_runs_newest_first(tmp_path, photo_by
         ("20260102T000000Z-bbbbbb", "incomplete"),
         ("20260101T000000Z-aaaaaa", "complete"),
     ]
+    # the hint is a command that works as pasted, from any folder
+    (hint,) = [line for line in r.stdout.splitlines() if line.startswith("continue ")]
+    command = shlex.split(hint.split(" with: ")[1])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = fastimagic(*command[1:], cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed 20260102T000000Z-bbbbbb: 2 keyframes verified and kept, 2 rendered" in resumed.stdout
 
 
 def test_runs_on_a_missing_folder_is_exit_2_and_on_an_empty_one_says_so(tmp_path):
