@@ -34,6 +34,7 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client telemetry (and its first-run notice) too
 
 
 def _fail(message: str | BaseException, code: int) -> int:
@@ -220,7 +221,7 @@ def cmd_run(args) -> int:
         # Prefect's per-task lines still reach its API (the UI, `prefect flow-run logs`); the console shows warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     from fastimagic.errors import InputError
-    from fastimagic.progress import ProgressDisplay, listening
+    from fastimagic.progress import ProgressDisplay, listening, ticking
     from fastimagic.store import NotFound, StoreError
     from flows.run import preflight, read_storyboard
     from flows.storyboard import storyboard_flow
@@ -244,16 +245,18 @@ def cmd_run(args) -> int:
         from flows.workers import check_shared_storage
 
         check_shared_storage()  # exit 1 with one line before any work is submitted
-    if not args.verbose:
-        _one_line_logs()
+    display = None
+    if not args.quiet:
+        at_most = any(scene.auto_forget for scene in board.scenes)
+        display = ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty(), at_most=at_most)
+    _console_logs(display, one_line=not args.verbose)
 
     from fastimagic.keyframes import new_run_id
 
     # Named here, not in the flow, so that a stopped run can say which id to resume.
     run_id = args.resume or args.run_id or new_run_id()
     _STOPPED_HINT.append(lambda: _resume_hint(args, board, run_id))
-    display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
-    with listening(display) if display else _nothing():
+    with listening(display) if display else _nothing(), ticking(display) if display else _nothing():
         try:
             result = storyboard_flow(
                 storyboard=args.file,
@@ -323,12 +326,43 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def _one_line_logs() -> None:
+class _ClearsProgress(logging.Filter):
+    """Takes the progress line off the terminal before a log line is written, so the two never share a line (the
+    display draws itself again on its next tick)."""
+
+    def __init__(self, display):
+        super().__init__()
+        self.display = display
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.display.clear()
+        return True
+
+
+class _NamedRuns(logging.Formatter):
+    """``LEVEL WHO: message``, where WHO is the Prefect task run (``render walking seed 0``) or flow run a line is
+    about, else the logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        task, flow = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.who = task or (f"flow {flow}" if flow else record.name)
+        return super().format(record)
+
+
+def _console_logs(display, *, one_line: bool) -> None:
+    """Shape what reaches the console: warnings through logging, every line naming its task or flow run, the
+    progress line cleared before any of them, and (``one_line``) no tracebacks."""
+    logging.captureWarnings(True)  # a warnings.warn from a library is a log line too, so it cannot glue on
     names = [n for n in logging.root.manager.loggerDict if n == "prefect" or n.startswith("prefect.")]
     for logger in [logging.getLogger(n) for n in names] + [logging.getLogger()]:
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.addFilter(_NoTraceback())
+                if one_line:
+                    handler.addFilter(_NoTraceback())
+                if display is not None:
+                    handler.addFilter(_ClearsProgress(display))
+                if logger is logging.root:
+                    handler.setFormatter(_NamedRuns("%(levelname)s %(who)s: %(message)s"))
 
 
 def _nothing():
