@@ -232,14 +232,17 @@ def _incomplete(run: Store, slug: str, run_id: str, entries: list[str]) -> RunIn
     )
 
 
-def _inspect(store: Store, slug: str, run_id: str) -> RunInfo | None:
-    run = store.child(f"{slug}/{run_id}")
+def _inspect(store: Store, slug: str, run_id: str, folder: str | None = None) -> RunInfo | None:
+    run = store.child(folder or f"{slug}/{run_id}")
     entries = run.listdir()
     if kf.MANIFEST in entries:
         return _complete(run, slug, run_id)
     if PLAN in entries or f"{kf.PROGRESS}/" in entries or "scenes/" in entries:
         return _incomplete(run, slug, run_id, entries)
     return None  # not a run folder
+
+
+_RUN_MARKS = {kf.MANIFEST, PLAN, f"{kf.PROGRESS}/", "scenes/"}  # what makes a folder a run folder (see _inspect)
 
 
 def _newest_first(info: RunInfo) -> tuple:
@@ -251,6 +254,7 @@ def _newest_first(info: RunInfo) -> tuple:
 def list_runs(store: Store) -> list[RunInfo]:
     """Every run under the output ``store`` (from ``fastimagic.store.open_store``), newest first.
 
+    ``store`` may also be one storyboard's folder (``<output>/<storyboard>``): its runs are listed.
     Reads manifests, plans and progress records only, one folder level at a time. Raises :class:`InputError`
     (one line naming it) when the folder or bucket does not exist; an output without runs gives ``[]``; a run
     whose manifest does not parse is listed as ``damaged``. Storage failures (endpoint, credentials) are
@@ -266,7 +270,11 @@ def list_runs(store: Store) -> list[RunInfo]:
         if not entry.endswith("/") or entry == f"{TUNINGS}/":
             continue
         slug = entry.rstrip("/")
-        candidates += [(slug, run.rstrip("/")) for run in store.listdir(slug) if run.endswith("/")]
+        inside = store.listdir(slug)
+        if _RUN_MARKS & set(inside):  # OUTPUT is one storyboard's folder (<output>/<slug>): this is one of its runs
+            candidates.append((store.uri.rstrip("/").rsplit("/", 1)[-1], slug, slug))
+            continue
+        candidates += [(slug, run.rstrip("/"), None) for run in inside if run.endswith("/")]
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         found = list(pool.map(lambda c: _inspect(store, *c), candidates))
     return sorted((r for r in found if r is not None), key=_newest_first, reverse=True)

@@ -280,10 +280,15 @@ def cmd_run(args) -> int:
         )
     _say(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
-    print(f"browse:   {result['index_url']}")
-    if result["index_url"].startswith("http") and not args.quiet:
-        print("          (presigned, expires in 24 h; for a private bucket, `fastimagic open "
-              f"{result['run_uri']}` makes a page whose images are presigned too)")
+    if result["run_uri"].startswith("s3://"):  # a page whose images load from a private bucket too
+        from tasks.storage import output_store
+
+        print(f"browse:   {_shared_page(output_store(result['run_uri']), LINK_EXPIRES_SECONDS)}")
+        if not args.quiet:
+            print(f"          (presigned page and images, valid 24 h; `fastimagic open {result['run_uri']}` makes"
+                  " a fresh link)")
+    else:
+        print(f"browse:   {result['index_url']}")
     return EXIT_OK
 
 
@@ -397,13 +402,39 @@ def cmd_caption(args) -> int:
     return EXIT_OK
 
 
-def cmd_strategies(args) -> int:
-    from fastimagic.forgetting import ALIASES, STRATEGIES, describe
-    from fastimagic.models import UNET_ARCHS, unet_shapes
+def _unet_shapes(which: str) -> dict[str, tuple[int, ...]]:
+    """:func:`fastimagic.models.unet_shapes` as plain tuples, kept in the per-user cache folder
+    (``$XDG_CACHE_HOME/fastimagic``, default ``~/.cache/fastimagic``) per diffusers version: building the UNet, even
+    on the meta device, means importing torch and diffusers (seconds); reading the JSON does not."""
+    import json
+    from importlib.metadata import version
 
-    family = UNET_ARCHS[args.model]
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastimagic"
+    path = folder / f"unet-shapes-{which}-diffusers-{version('diffusers')}.json"
+    try:
+        return {name: tuple(shape) for name, shape in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    from fastimagic.models import unet_shapes
+
+    shapes = {name: tuple(shape) for name, shape in unet_shapes(which).items()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(shapes))
+        temporary.replace(path)  # whole or not at all, whoever else writes it at the same time
+    except OSError:
+        pass  # a read-only home: computed every time, as before
+    return shapes
+
+
+def cmd_strategies(args) -> int:
+    from fastimagic.families import FAMILIES, SD1, TINY_FAMILIES
+    from fastimagic.forgetting import ALIASES, STRATEGIES, describe
+
+    family = {"sd15": SD1, "sd2": FAMILIES["sd2"], "sdxl": FAMILIES["sdxl"], **TINY_FAMILIES}[args.model]
     blocks = family.presets[args.blocks]
-    trained = {n: s for n, s in unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
+    trained = {n: s for n, s in _unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
     total = sum(math.prod(s) for s in trained.values())
     print(
         f"{args.model} UNet ({family.label}), trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)}"
@@ -422,12 +453,14 @@ def cmd_open(args) -> int:
     too (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
-    from fastimagic.sequence import index_page
-    from flows.run import LINK_EXPIRES_SECONDS, read_storyboard
     from tasks.storage import output_store
 
     target = args.run
     if target.endswith((".yaml", ".yml")):
+        if target.startswith("s3://"):
+            from flows.run import read_storyboard  # Prefect's import (seconds) only where S3 costs more anyway
+        else:
+            from fastimagic.storyboard_yaml import load_storyboard as read_storyboard
         board = read_storyboard(target)
         base = output_store(board.output.resolved).child(board.slug)
         runs = sorted({k.split("/", 1)[0] for k in base.list() if k.endswith("/" + kf.MANIFEST) and k.count("/") == 1})
@@ -448,16 +481,29 @@ def cmd_open(args) -> int:
     if not store.uri.startswith("s3://"):
         print(f"{store.uri}/{kf.INDEX}")
         return EXIT_OK
-    import json
-
-    run = json.loads(store.get_bytes(kf.MANIFEST))
     expires = args.expires or LINK_EXPIRES_SECONDS
-    page = index_page(run, link=lambda key: store.url(key, expires=expires))
-    name = f"shared/index-{kf.new_run_id()}.html"
-    store.put_bytes(name, page, "text/html; charset=utf-8")
-    print(store.url(name, expires=expires))
+    print(_shared_page(store, expires))
     print(f"(presigned page and images, valid {expires // 3600} h {expires % 3600 // 60} min)", file=sys.stderr)
     return EXIT_OK
+
+
+LINK_EXPIRES_SECONDS = 24 * 3600  # as flows.run's, without importing Prefect for `open`
+SHARED_PAGE = "shared/index.html"
+
+
+def _shared_page(store, expires: int) -> str:
+    """A presigned link to the run's page for a private bucket: the page (the run's index.html, every image link
+    presigned too, as a plain presigned index.html cannot load its relative images) is written to one key of the
+    run folder, ``shared/index.html``, replaced each time rather than adding an object per call."""
+    import json
+
+    from fastimagic import keyframes as kf
+    from fastimagic.sequence import index_page
+
+    run = json.loads(store.get_bytes(kf.MANIFEST))
+    store.put_bytes(SHARED_PAGE, index_page(run, link=lambda key: store.url(key, expires=expires)),
+                    "text/html; charset=utf-8")
+    return store.url(SHARED_PAGE, expires=expires)
 
 
 def cmd_submit(args) -> int:

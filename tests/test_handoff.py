@@ -109,6 +109,15 @@ def test_a_run_on_s3_writes_its_sequence_there(tmp_path, photo_bytes, s3_server,
     jsonschema.validate(sequence, SCHEMA)
     assert sequence["frames"][0]["uri"].startswith(f"s3://{bucket}/out/cli-test/")
     assert any(k.endswith("/sequence/000-one.png") for k in keys)
+    # the browse: link opens on a private bucket with its images: the page's image links are presigned too
+    import html
+    import urllib.request
+
+    browse = r.stdout.split("browse:")[1].split()[0]
+    page = urllib.request.urlopen(browse, timeout=30).read().decode()
+    images = [html.unescape(src) for src in re.findall(r'<img[^>]* src="([^"]+)"', page)]
+    assert images and all("X-Amz-Signature=" in src for src in images)
+    assert urllib.request.urlopen(images[0], timeout=30).read().startswith(b"\x89PNG")
 
 
 # --- fastimagic runs -------------------------------------------------------------------------------------------

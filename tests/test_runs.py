@@ -143,6 +143,14 @@ def test_table_is_aligned_and_says_how_to_resume(output: Store):
     ]
 
 
+def test_a_storyboards_folder_lists_its_own_runs(output: Store):
+    """``fastimagic runs keyframes/demo`` (the folder a run prints) lists the runs there, as the output would."""
+    build_output(output)
+    whole = [r for r in list_runs(output) if r.slug == "cat-walk"]
+    assert whole and list_runs(output.child("cat-walk")) == whole
+    assert f"--output {output.uri}" in format_runs(list_runs(output.child("cat-walk")))
+
+
 def test_json_form_for_scripts(output: Store):
     build_output(output)
     runs = list_runs(output)
