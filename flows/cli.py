@@ -48,6 +48,11 @@ def _fail(message: str | BaseException, code: int) -> int:
     return code
 
 
+def _count(n: int, word: str) -> str:
+    """``1 scene``, ``2 scenes``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _say(text: str) -> None:
     """One line of output: values from a storyboard in it are escaped like error lines."""
     from fastimagic.config import printable
@@ -176,8 +181,9 @@ def cmd_validate(args) -> int:
     _check_local_files(board)
     if policy is not None:
         enforce(board, policy)
+    bound = "up to " if any(scene.auto_forget for scene in board.scenes) else ""  # the second pass, if it overfits
     _say(
-        f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
+        f"{args.file}: ok: {_count(len(board.scenes), 'scene')}, {bound}{_count(board.keyframe_count(), 'keyframe')}, "
         f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
     )
     return EXIT_OK
@@ -275,10 +281,10 @@ def cmd_run(args) -> int:
     reused = " (reused stored tuning)" if result["tuning_reused"] else ""
     if args.resume:
         print(
-            f"resumed {args.resume}: {result['kept']} keyframes verified and kept, "
+            f"resumed {args.resume}: {_count(result['kept'], 'keyframe')} verified and kept, "
             f"{result['keyframes'] - result['kept']} rendered"
         )
-    _say(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
+    _say(f"{_count(result['keyframes'], 'keyframe')} for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
     if result["run_uri"].startswith("s3://"):  # a page whose images load from a private bucket too
         from tasks.storage import output_store
@@ -560,7 +566,10 @@ def cmd_worker(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastimagic import __version__
+
     p = argparse.ArgumentParser(prog="fastimagic", description="One reference image in, story keyframes out.")
+    p.add_argument("--version", action="version", version=f"fastimagic {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("validate", help="check a storyboard file")
     s.add_argument("file")

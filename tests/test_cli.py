@@ -63,7 +63,7 @@ def _board(tmp_path: Path, photo_bytes: bytes, **fields) -> Path:
 def test_validate_ok(tmp_path, photo_bytes):
     r = fastimagic("validate", str(_board(tmp_path, photo_bytes)))
     assert r.returncode == 0, r.stderr
-    assert "ok: 1 scenes, 2 keyframes, 64 (shorter side, the reference's aspect)" in r.stdout
+    assert "ok: 1 scene, 2 keyframes, 64 (shorter side, the reference's aspect)" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -286,3 +286,34 @@ def test_a_scorer_that_cannot_load_is_refused_before_the_run(tmp_path, photo_byt
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "scorer: someone/not-a-cached-clip is not in the local Hugging Face cache" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_version_and_counts_that_read_as_english(tmp_path, photo_bytes):
+    from fastimagic import __version__
+
+    r = fastimagic("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"fastimagic {__version__}"
+    path = _board(tmp_path, photo_bytes)
+    path.write_text(path.read_text().replace("forget: [none, encoderattn]", "forget: auto"))
+    r = fastimagic("validate", str(path))  # forget: auto renders its second pass only if the first overfits
+    assert r.returncode == 0 and "ok: 1 scene, up to 3 keyframes, " in r.stdout, r.stderr
+
+
+def test_strategies_and_open_print_without_loading_torch_or_prefect(tmp_path, photo_bytes):
+    """What makes `strategies` (once its shapes are cached) and `open` of a local run print at once: they import
+    neither torch nor Prefect."""
+    run_dir = tmp_path / "out" / "story" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text("{}")
+    code = (
+        "import sys\nfrom flows import cli\n"
+        f"assert cli.main(['strategies', '--model', 'sdxl']) == 0\nassert cli.main(['open', {str(run_dir)!r}]) == 0\n"
+        "print('loaded:', sorted(m for m in ('torch', 'prefect', 'diffusers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                           stdin=subprocess.DEVNULL, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert runs[0].stdout == runs[1].stdout.replace("loaded: []", "loaded: ['diffusers', 'torch']")
+    assert runs[1].stdout.rstrip().endswith(f"{run_dir}/index.html\nloaded: []")
+    assert list((tmp_path / "cache" / "fastimagic").glob("unet-shapes-sdxl-diffusers-*.json"))
