@@ -221,6 +221,27 @@ def test_caption_with_the_tiny_blip(tmp_path, photo_bytes):
     assert r.stdout.strip()
 
 
+def test_caption_without_network_fails_at_once_with_what_to_do(tmp_path, photo_bytes):
+    """BLIP not in the cache and the hub unreachable (a closed port on loopback): one line saying how to get it,
+    not minutes of retries; with HF_HUB_OFFLINE=1, one line too."""
+    import socket
+
+    (tmp_path / "p.jpg").write_bytes(photo_bytes)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "flows.cli", "caption", str(tmp_path / "p.jpg")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    assert f"Salesforce/blip-image-captioning-base: not in the Hugging Face cache, and {endpoint} cannot be reached" \
+        in r.stderr and "huggingface-cli download Salesforce/blip-image-captioning-base" in r.stderr
+    r = fastimagic("caption", str(tmp_path / "p.jpg"), env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    assert "cannot load the BLIP captioner" in r.stderr
+
+
 def test_caption_of_a_missing_image_is_one_line(tmp_path):
     r = fastimagic("caption", str(tmp_path / "missing.jpg"), "--model", "tiny")
     assert r.returncode == 2
