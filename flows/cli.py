@@ -229,6 +229,8 @@ def cmd_run(args) -> int:
     from fastimagic.errors import InputError
     from fastimagic.progress import ProgressDisplay, listening, ticking
     from fastimagic.store import NotFound, StoreError
+
+    _start_early(args)
     from flows.run import preflight, read_storyboard
     from flows.storyboard import storyboard_flow
 
@@ -299,6 +301,42 @@ def cmd_run(args) -> int:
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _start_early(args) -> None:
+    """Take Prefect's start-up off the critical path of a local run: the embedded server (a process of its own,
+    seconds to boot) starts in this thread while another imports torch and the pipeline, checks the storyboard as
+    the run will (:func:`flows.run.preflight`) and, if it passes, loads the base model into the process's cache,
+    where the fine-tune task finds it. Nothing here decides anything: the run checks again and says what is wrong.
+    With ``--workers``, an ``s3://`` storyboard or a Prefect server of your own (``PREFECT_API_URL``), it does
+    nothing. The server starts from this (the main) thread, so it gets the process group and the death signal
+    :func:`_supervise` gives every child."""
+    if args.workers or args.file.startswith("s3://") or os.environ.get("FASTIMAGIC_SERIAL_START"):
+        return
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+
+    def warm() -> None:
+        try:
+            from flows.run import preflight, read_storyboard
+            from tasks.pipeline import preload_model
+
+            board = read_storyboard(args.file, output=_absolute_output(args.output), model=_absolute_model(args.model),
+                                    policy=_policy(args))
+            if not board.local_problems():
+                preflight(board)
+                preload_model(board)
+        except Exception:  # noqa: BLE001 - the run checks everything again, in order, and says what is wrong
+            return
+
+    warming = threading.Thread(target=warm, daemon=True, name="fastimagic-warm")
+    warming.start()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().start()  # the instance the flow's client uses (Prefect keeps one per process)
+    warming.join()
 
 # What a stopped command says next (``run``: the command that resumes the run), set once it is known.
 _STOPPED_HINT: list = []
