@@ -230,10 +230,6 @@ def cmd_run(args) -> int:
     from fastimagic.progress import ProgressDisplay, listening, ticking
     from fastimagic.store import NotFound, StoreError
 
-    _start_early(args)
-    from flows.run import preflight, read_storyboard
-    from flows.storyboard import storyboard_flow
-
     for flag, value in (("--run-id", args.run_id), ("--resume", args.resume)):
         if value is not None and not _RUN_ID.fullmatch(value):
             raise InputError(
@@ -243,6 +239,10 @@ def cmd_run(args) -> int:
     if args.output is not None and not args.output.strip():
         raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
                          " storyboard's output")
+    _start_early(args)  # after the checks of the arguments alone: it does what the run does next, in order
+    from flows.run import preflight, read_storyboard
+    from flows.storyboard import storyboard_flow
+
     output, model = _absolute_output(args.output), _absolute_model(args.model)
     policy = _policy(args)  # --policy, else $FASTIMAGIC_POLICY: someone else's storyboard, the operator's rules
     rules = policy.model_dump(mode="json") if policy is not None else None
@@ -304,19 +304,20 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def _start_early(args) -> None:
-    """Take Prefect's start-up off the critical path of a local run: the embedded server (a process of its own,
-    seconds to boot) starts in this thread while another imports torch and the pipeline, checks the storyboard as
-    the run will (:func:`flows.run.preflight`) and, if it passes, loads the base model into the process's cache,
-    where the fine-tune task finds it. Nothing here decides anything: the run checks again and says what is wrong.
-    With ``--workers``, an ``s3://`` storyboard or a Prefect server of your own (``PREFECT_API_URL``), it does
-    nothing. The server starts from this (the main) thread, so it gets the process group and the death signal
-    :func:`_supervise` gives every child."""
+    """Take Prefect's start-up off the critical path of a local run: once another thread has imported the pipeline
+    and checked the storyboard as the run will (:func:`flows.run.preflight`: bad input still ends before anything
+    starts), the embedded server (a process of its own, seconds to boot) starts in this thread while that one loads
+    the base model into the process's cache, where the fine-tune task finds it. Nothing here decides anything: the
+    run checks again and says what is wrong. With ``--workers``, an ``s3://`` storyboard, a Prefect server of your
+    own (``PREFECT_API_URL``) or ``FASTIMAGIC_SERIAL_START=1``, it does nothing. The server starts from this (the
+    main) thread, so it gets the process group and the death signal :func:`_supervise` gives every child."""
     if args.workers or args.file.startswith("s3://") or os.environ.get("FASTIMAGIC_SERIAL_START"):
         return
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    checked, passed = threading.Event(), []
 
     def warm() -> None:
         try:
@@ -327,15 +328,25 @@ def _start_early(args) -> None:
                                     policy=_policy(args))
             if not board.local_problems():
                 preflight(board)
-                preload_model(board)
+                passed.append(True)
         except Exception:  # noqa: BLE001 - the run checks everything again, in order, and says what is wrong
+            return
+        finally:
+            checked.set()
+        if not passed:
+            return
+        try:
+            preload_model(board)
+        except Exception:  # noqa: BLE001 - the fine-tune task loads it again and reports what fails
             return
 
     warming = threading.Thread(target=warm, daemon=True, name="fastimagic-warm")
     warming.start()
-    from prefect.server.api.server import SubprocessASGIServer
+    checked.wait()
+    if passed:
+        from prefect.server.api.server import SubprocessASGIServer
 
-    SubprocessASGIServer().start()  # the instance the flow's client uses (Prefect keeps one per process)
+        SubprocessASGIServer().start()  # the instance the flow's client uses (Prefect keeps one per process)
     warming.join()
 
 # What a stopped command says next (``run``: the command that resumes the run), set once it is known.

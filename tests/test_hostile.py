@@ -513,7 +513,7 @@ def test_validate_reads_an_s3_storyboard_as_strictly_as_a_local_file(s3_server, 
     client.put_object(Bucket=bucket, Key="latin1.yaml", Body=good.encode("latin-1"))
     env = s3_server.env()
     r = fastimagic("validate", f"s3://{bucket}/good.yaml", env=env)
-    assert r.returncode == 0 and f"s3://{bucket}/good.yaml: ok: 1 scene, 1 keyframe" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"s3://{bucket}/good.yaml: ok: 1 scene, 16 keyframes" in r.stdout, r.stderr
     r = fastimagic("validate", f"s3://{bucket}/latin1.yaml", env=env)
     assert r.returncode == 2 and f"s3://{bucket}/latin1.yaml: not UTF-8 text" in r.stderr
 
