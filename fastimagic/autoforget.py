@@ -316,5 +316,10 @@ def render_scene(
     strategies = tuple(decision["strategies"])
     again = render(strategies)
     by_strategy = {"none": first} | {name: [r for r in again if r["forget"] == name] for name in strategies}
-    decision["chosen"] = choose_best(by_strategy)
+    chosen = decision["chosen"] = choose_best(by_strategy)
+    # The reason ends with the outcome, so that what it says and what is recorded as chosen agree.
+    best = {name: max(float(scores_of(r)["clip"]) for r in recs) for name, recs in by_strategy.items() if recs}
+    against = ", ".join(f"{name} {clip:.2f}" for name, clip in best.items() if name != chosen)
+    outcome = "the re-render did not beat the first pass" if chosen == "none" else f"{chosen} scored best"
+    decision["reason"] += f"; chose {chosen}: {outcome} (best CLIP score {best[chosen]:.2f} against {against})"
     return first + again, decision

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from fastimagic.errors import InputError
+from fastimagic.errors import FastImagicError, InputError
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 _PHOTO_PREFIX = "a photo of"
@@ -73,9 +74,20 @@ def load_captioner(
     else:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        try:  # the cache (or a folder) first: no network at all when BLIP is already here
+            processor = BlipProcessor.from_pretrained(name, local_files_only=True)
+            model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=True)
+        except OSError:
+            processor = model = None
+        if model is None and not os.path.isdir(name) and (why := hub_unreachable()):
+            raise FastImagicError(
+                f"{name}: not in the Hugging Face cache, and {why}; download it on a connected machine"
+                f" (`huggingface-cli download {name}`) and set HF_HUB_OFFLINE=1, or give source_prompt to skip"
+                " captioning"
+            )
         try:
-            processor = BlipProcessor.from_pretrained(name)
-            model = BlipForConditionalGeneration.from_pretrained(name)
+            processor = processor or BlipProcessor.from_pretrained(name)
+            model = model or BlipForConditionalGeneration.from_pretrained(name)
         except OSError as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InputError(
@@ -84,6 +96,25 @@ def load_captioner(
             ) from None
     model.to(dev).eval()
     return Captioner(model=model, processor=processor, device=dev, num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub (``$HF_ENDPOINT``, default https://huggingface.co) cannot be reached, or None: one
+    connection attempt of at most ``timeout`` seconds, where a download would retry for minutes with no network.
+    ``HF_HUB_OFFLINE`` set is not a failure to connect (None): the download then fails at once, saying so."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        return f"{endpoint} cannot be reached ({type(e).__name__}: {e})"
+    return None
 
 
 def source_prompt_from_caption(caption: str, target_prompts: list[str]) -> str:

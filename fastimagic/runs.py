@@ -16,7 +16,9 @@ keyframes lists in a few requests per run. A run folder is one holding a manifes
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -39,6 +41,7 @@ __all__ = [
     "format_runs",
     "list_runs",
     "plan_record",
+    "resume_command",
     "runs_json",
 ]
 
@@ -64,12 +67,15 @@ def plan_record(board: Storyboard, run_id: str, *, created: str | None = None, t
     """
     created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     scenes = [{"id": s.id, "keyframes": s.keyframe_count(), "auto": bool(s.auto_forget)} for s in board.scenes]
+    source = board.source
+    if source and not source.startswith("s3://"):
+        source = os.path.abspath(source)  # the resume hint of `fastimagic runs` works from any folder
     return {
         "format": PLAN_FORMAT,
         "version": 1,
         "run_id": run_id,
         "created": created,
-        "storyboard": {"name": board.name, "slug": board.slug},
+        "storyboard": {"name": board.name, "slug": board.slug, "uri": source or None},
         "keyframes": sum(s["keyframes"] for s in scenes),
         "keyframes_at_most": any(s["auto"] for s in scenes),
         "scenes": scenes,
@@ -87,6 +93,7 @@ class RunInfo:
     records. expected: what the run set out to render (its manifest, or its plan ``run.json``; ``None`` when
     unknown), an upper bound when ``expected_at_most``. created: ISO 8601 (from the manifest, the plan, or the
     time in a timestamped run id). tuning_key / tuning_reused: the fine-tune used, when known. uri: the run folder.
+    storyboard_uri: the storyboard file the run was started from (from its plan), when known.
     """
 
     storyboard: str
@@ -101,6 +108,7 @@ class RunInfo:
     tuning_reused: bool | None
     uri: str
     problem: str | None = None
+    storyboard_uri: str | None = None
 
     @property
     def status_text(self) -> str:
@@ -220,17 +228,21 @@ def _incomplete(run: Store, slug: str, run_id: str, entries: list[str]) -> RunIn
         tuning_reused=tuning.get("reused"),
         uri=run.uri,
         problem="; ".join(problems) or None,
+        storyboard_uri=board.get("uri") if isinstance(board.get("uri"), str) else None,
     )
 
 
-def _inspect(store: Store, slug: str, run_id: str) -> RunInfo | None:
-    run = store.child(f"{slug}/{run_id}")
+def _inspect(store: Store, slug: str, run_id: str, folder: str | None = None) -> RunInfo | None:
+    run = store.child(folder or f"{slug}/{run_id}")
     entries = run.listdir()
     if kf.MANIFEST in entries:
         return _complete(run, slug, run_id)
     if PLAN in entries or f"{kf.PROGRESS}/" in entries or "scenes/" in entries:
         return _incomplete(run, slug, run_id, entries)
     return None  # not a run folder
+
+
+_RUN_MARKS = {kf.MANIFEST, PLAN, f"{kf.PROGRESS}/", "scenes/"}  # what makes a folder a run folder (see _inspect)
 
 
 def _newest_first(info: RunInfo) -> tuple:
@@ -242,6 +254,7 @@ def _newest_first(info: RunInfo) -> tuple:
 def list_runs(store: Store) -> list[RunInfo]:
     """Every run under the output ``store`` (from ``fastimagic.store.open_store``), newest first.
 
+    ``store`` may also be one storyboard's folder (``<output>/<storyboard>``): its runs are listed.
     Reads manifests, plans and progress records only, one folder level at a time. Raises :class:`InputError`
     (one line naming it) when the folder or bucket does not exist; an output without runs gives ``[]``; a run
     whose manifest does not parse is listed as ``damaged``. Storage failures (endpoint, credentials) are
@@ -257,7 +270,11 @@ def list_runs(store: Store) -> list[RunInfo]:
         if not entry.endswith("/") or entry == f"{TUNINGS}/":
             continue
         slug = entry.rstrip("/")
-        candidates += [(slug, run.rstrip("/")) for run in store.listdir(slug) if run.endswith("/")]
+        inside = store.listdir(slug)
+        if _RUN_MARKS & set(inside):  # OUTPUT is one storyboard's folder (<output>/<slug>): this is one of its runs
+            candidates.append((store.uri.rstrip("/").rsplit("/", 1)[-1], slug, slug))
+            continue
+        candidates += [(slug, run.rstrip("/"), None) for run in inside if run.endswith("/")]
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         found = list(pool.map(lambda c: _inspect(store, *c), candidates))
     return sorted((r for r in found if r is not None), key=_newest_first, reverse=True)
@@ -265,6 +282,17 @@ def list_runs(store: Store) -> list[RunInfo]:
 
 def _short(key: str | None) -> str:
     return key[:12] if key else "-"
+
+
+_HINTS = 3  # resume commands printed under the table
+
+
+def resume_command(run: RunInfo) -> str:
+    """The command that continues an incomplete run, to paste as it is: its storyboard (``<storyboard.yaml>``
+    when its plan predates recording it) and the output it was written to, so it works from any folder."""
+    output = run.uri.removesuffix(f"/{run.slug}/{run.run_id}")
+    return shlex.join(["fastimagic", "run", run.storyboard_uri or "<storyboard.yaml>", "--resume", run.run_id,
+                       "--output", output])
 
 
 def format_runs(runs: list[RunInfo]) -> str:
@@ -283,8 +311,11 @@ def format_runs(runs: list[RunInfo]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     notes = [f"{r.run_id}: {r.status}: {r.problem}" for r in runs if r.problem]
-    if any(r.status == INCOMPLETE for r in runs):
-        notes.append("continue an incomplete run with: fastimagic run <storyboard.yaml> --resume <RUN>")
+    incomplete = [r for r in runs if r.status == INCOMPLETE]
+    for r in incomplete[:_HINTS]:
+        notes.append(f"continue {r.run_id} with: {resume_command(r)}")
+    if len(incomplete) > _HINTS:
+        notes.append(f"(and {len(incomplete) - _HINTS} more incomplete: the same command with their run ids)")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -473,6 +473,54 @@ class Storyboard(_Frozen):
         # Once more with the scenes, so that Storyboard(...) fills in itself (validated Scenes are kept as they are).
         return handler({**top, "scenes": scenes})
 
+    def local_problems(self) -> list[str]:
+        """What is wrong with the local files and folders this storyboard names, known without reading them:
+        each must exist and be of its kind (``model``: a diffusers folder or a checkpoint file; ``model_config``,
+        ``vae`` and ``scorer``: folders; ``reference``: a regular file). One ``FILE:LINE field: ...`` line each;
+        hub ids, ``s3://`` URIs and the tiny models are checked when the run starts. ``[]`` when all is well."""
+        import os
+        import stat
+
+        found = []
+
+        def check(field: str, given: str, resolved: str, kind: str, what: str) -> None:
+            try:
+                mode = os.stat(resolved).st_mode
+            except FileNotFoundError:
+                at = f" ({resolved})" if resolved != given else ""
+                found.append(f"{self.where(field)}: {given}: no such {kind}{at}; expected {what}")
+                return
+            except OSError as e:
+                found.append(f"{self.where(field)}: {given}: cannot be read ({e.strerror}); expected {what}")
+                return
+            if kind == "folder" and not stat.S_ISDIR(mode):
+                found.append(f"{self.where(field)}: {given}: is a file, expected a folder: {what}")
+            elif kind == "file" and not stat.S_ISREG(mode):
+                # worded as the store words it when the run reads the file
+                other = ("a folder, expected a file" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                         else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+                other += "" if stat.S_ISDIR(mode) else ", expected a regular file"
+                found.append(f"{self.where(field)}: {given}: is {other}: {what}")
+            elif field == "model" and kind == "folder" and not any(
+                os.path.exists(os.path.join(resolved, part)) for part in ("model_index.json", "unet")
+            ):
+                found.append(f"{self.where(field)}: {given}: not a diffusers model folder (no model_index.json or"
+                             " unet/)")
+
+        if self.model.kind == "single_file":
+            check("model", self.model.given, self.model.resolved, "file", "a .safetensors checkpoint file")
+        elif self.model.kind == "folder":
+            check("model", self.model.given, self.model.resolved, "folder", "a diffusers model folder")
+        for field, source in (("model_config", self.model_config_source), ("vae", self.vae)):
+            if source is not None and source.kind == "folder":
+                check(field, source.given, source.resolved, "folder", "a local diffusers folder or a hub repo id")
+        if self.scorer not in ("auto", "none", "tiny") and os.path.isabs(self.scorer):
+            check("scorer", self.scorer, self.scorer, "folder", "a local CLIP folder or a hub repo id")
+        if not self.reference.resolved.startswith("s3://"):
+            check("reference", self.reference.given, self.reference.resolved, "file",
+                  "the reference image (relative paths start at the storyboard's folder)")
+        return found
+
     @property
     def slug(self) -> str:
         """The run's folder name, from ``name``."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -87,19 +86,15 @@ def write_bert_vocab(folder: Path) -> Path:
     return folder
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_dir() -> Path:
-    # One folder per process; the files are a few kilobytes and rebuilt identically each time.
-    return write_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="fastimagic-tiny-tok-")))
-
-
 def clip_tokenizer(pad_token: str | None = None):
     """The tiny byte-level CLIP tokenizer (77 tokens, like SD 1.x); ``pad_token``: e.g. ``!`` (SDXL's second)."""
     from transformers import CLIPTokenizer
 
-    # Loaded through from_pretrained, exactly as a real model's tokenizer/ folder is.
+    # Loaded through from_pretrained, exactly as a real model's tokenizer/ folder is, from files (a few kilobytes,
+    # rebuilt identically each time) that are gone once it has read them: nothing is left in /tmp.
     kw = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(_tokenizer_dir()), model_max_length=77, **kw)
+    with tempfile.TemporaryDirectory(prefix="fastimagic-tiny-tok-") as folder:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(Path(folder))), model_max_length=77, **kw)
 
 
 def unet_config() -> dict:
@@ -224,8 +219,8 @@ def build_blip(seed: int = TINY_SEED):
         BlipProcessor,
     )
 
-    folder = write_bert_vocab(Path(tempfile.mkdtemp(prefix="fastimagic-tiny-blip-")))
-    tokenizer = BertTokenizer.from_pretrained(str(folder), model_max_length=40)
+    with tempfile.TemporaryDirectory(prefix="fastimagic-tiny-blip-") as folder:  # read, then gone
+        tokenizer = BertTokenizer.from_pretrained(str(write_bert_vocab(Path(folder))), model_max_length=40)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)

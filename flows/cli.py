@@ -34,6 +34,7 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client telemetry (and its first-run notice) too
 
 
 def _fail(message: str | BaseException, code: int) -> int:
@@ -45,6 +46,11 @@ def _fail(message: str | BaseException, code: int) -> int:
     lines = getattr(message, "problems", None) or [str(message)]
     print("fastimagic: " + "\n".join(printable(line) for line in lines), file=sys.stderr)
     return code
+
+
+def _count(n: int, word: str) -> str:
+    """``1 scene``, ``2 scenes``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _say(text: str) -> None:
@@ -119,7 +125,9 @@ def _supervise() -> None:
     import threading
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+        # An inherited SIG_IGN is kept, as Python keeps it for SIGINT: `nohup fastimagic run` outlives its terminal.
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _on_signal)
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -170,13 +178,23 @@ def cmd_validate(args) -> int:
 
         text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
     board = load_storyboard(args.file, text=text)
+    _check_local_files(board)
     if policy is not None:
         enforce(board, policy)
+    bound = "up to " if any(scene.auto_forget for scene in board.scenes) else ""  # the second pass, if it overfits
     _say(
-        f"{args.file}: ok: {len(board.scenes)} scenes, {board.keyframe_count()} keyframes, "
+        f"{args.file}: ok: {_count(len(board.scenes), 'scene')}, {bound}{_count(board.keyframe_count(), 'keyframe')}, "
         f"{board.describe_resolution()}, model {board.model.given}, output {board.output.resolved}"
     )
     return EXIT_OK
+
+
+def _check_local_files(board) -> None:
+    """Exit 2 with one line per local file or folder the storyboard names that is missing or of the wrong kind."""
+    from fastimagic.storyboard_yaml import StoryboardError
+
+    if problems := board.local_problems():
+        raise StoryboardError(problems)
 
 
 def _absolute_output(value: str | None) -> str | None:
@@ -209,10 +227,8 @@ def cmd_run(args) -> int:
         # Prefect's per-task lines still reach its API (the UI, `prefect flow-run logs`); the console shows warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     from fastimagic.errors import InputError
-    from fastimagic.progress import ProgressDisplay, listening
+    from fastimagic.progress import ProgressDisplay, listening, ticking
     from fastimagic.store import NotFound, StoreError
-    from flows.run import preflight, read_storyboard
-    from flows.storyboard import storyboard_flow
 
     for flag, value in (("--run-id", args.run_id), ("--resume", args.resume)):
         if value is not None and not _RUN_ID.fullmatch(value):
@@ -223,21 +239,32 @@ def cmd_run(args) -> int:
     if args.output is not None and not args.output.strip():
         raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
                          " storyboard's output")
+    _start_early(args)  # after the checks of the arguments alone: it does what the run does next, in order
+    from flows.run import preflight, read_storyboard
+    from flows.storyboard import storyboard_flow
+
     output, model = _absolute_output(args.output), _absolute_model(args.model)
     policy = _policy(args)  # --policy, else $FASTIMAGIC_POLICY: someone else's storyboard, the operator's rules
     rules = policy.model_dump(mode="json") if policy is not None else None
     board = read_storyboard(args.file, output=output, model=model, policy=rules)  # exit 2 here, before any model
+    _check_local_files(board)  # every missing file at once, as validate says it
     preflight(board)
     if args.workers:
         from flows.workers import check_shared_storage
 
         check_shared_storage()  # exit 1 with one line before any work is submitted
-    if not args.verbose:
-        _one_line_logs()
+    display = None
+    if not args.quiet:
+        at_most = any(scene.auto_forget for scene in board.scenes)
+        display = ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty(), at_most=at_most)
+    _console_logs(display, one_line=not args.verbose)
 
-    run_id = args.resume or args.run_id
-    display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
-    with listening(display) if display else _nothing():
+    from fastimagic.keyframes import new_run_id
+
+    # Named here, not in the flow, so that a stopped run can say which id to resume.
+    run_id = args.resume or args.run_id or new_run_id()
+    _STOPPED_HINT.append(lambda: _resume_hint(args, board, run_id))
+    with listening(display) if display else _nothing(), ticking(display) if display else _nothing():
         try:
             result = storyboard_flow(
                 storyboard=args.file,
@@ -256,19 +283,96 @@ def cmd_run(args) -> int:
     reused = " (reused stored tuning)" if result["tuning_reused"] else ""
     if args.resume:
         print(
-            f"resumed {args.resume}: {result['kept']} keyframes verified and kept, "
+            f"resumed {args.resume}: {_count(result['kept'], 'keyframe')} verified and kept, "
             f"{result['keyframes'] - result['kept']} rendered"
         )
-    _say(f"{result['keyframes']} keyframes for '{board.name}' in {result['run_uri']}{reused}")
+    _say(f"{_count(result['keyframes'], 'keyframe')} for '{board.name}' in {result['run_uri']}{reused}")
     print(f"manifest: {result['manifest']}")
-    print(f"browse:   {result['index_url']}")
-    if result["index_url"].startswith("http") and not args.quiet:
-        print("          (presigned, expires in 24 h; for a private bucket, `fastimagic open "
-              f"{result['run_uri']}` makes a page whose images are presigned too)")
+    if result["run_uri"].startswith("s3://"):  # a page whose images load from a private bucket too
+        from tasks.storage import output_store
+
+        print(f"browse:   {_shared_page(output_store(result['run_uri']), LINK_EXPIRES_SECONDS)}")
+        if not args.quiet:
+            print(f"          (presigned page and images, valid 24 h; `fastimagic open {result['run_uri']}` makes"
+                  " a fresh link)")
+    else:
+        print(f"browse:   {result['index_url']}")
     return EXIT_OK
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _start_early(args) -> None:
+    """Take Prefect's start-up off the critical path of a local run: once another thread has imported the pipeline
+    and checked the storyboard as the run will (:func:`flows.run.preflight`: bad input still ends before anything
+    starts), the embedded server (a process of its own, seconds to boot) starts in this thread while that one loads
+    the base model into the process's cache, where the fine-tune task finds it. Nothing here decides anything: the
+    run checks again and says what is wrong. With ``--workers``, an ``s3://`` storyboard, a Prefect server of your
+    own (``PREFECT_API_URL``) or ``FASTIMAGIC_SERIAL_START=1``, it does nothing. The server starts from this (the
+    main) thread, so it gets the process group and the death signal :func:`_supervise` gives every child."""
+    if args.workers or args.file.startswith("s3://") or os.environ.get("FASTIMAGIC_SERIAL_START"):
+        return
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    checked, passed = threading.Event(), []
+
+    def warm() -> None:
+        try:
+            from flows.run import preflight, read_storyboard
+            from tasks.pipeline import preload_model
+
+            board = read_storyboard(args.file, output=_absolute_output(args.output), model=_absolute_model(args.model),
+                                    policy=_policy(args))
+            if not board.local_problems():
+                preflight(board)
+                passed.append(True)
+        except Exception:  # noqa: BLE001 - the run checks everything again, in order, and says what is wrong
+            return
+        finally:
+            checked.set()
+        if not passed:
+            return
+        try:
+            preload_model(board)
+        except Exception:  # noqa: BLE001 - the fine-tune task loads it again and reports what fails
+            return
+
+    warming = threading.Thread(target=warm, daemon=True, name="fastimagic-warm")
+    warming.start()
+    checked.wait()
+    if passed:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().start()  # the instance the flow's client uses (Prefect keeps one per process)
+    warming.join()
+
+# What a stopped command says next (``run``: the command that resumes the run), set once it is known.
+_STOPPED_HINT: list = []
+
+
+def _resume_hint(args, board, run_id: str) -> str:
+    """The command that continues this run, to paste as it is (the same file, output, model, policy and workers),
+    or, when the run folder has no plan yet (stopped before it started), that there is nothing to resume."""
+    import shlex
+
+    from fastimagic.runs import PLAN
+    from tasks.storage import output_store
+
+    try:
+        started = output_store(board.output.resolved).exists(f"{board.slug}/{run_id}/{PLAN}")
+    except Exception:  # storage down: say what would resume it anyway
+        started = True
+    if not started:
+        return "; the run had not started: run the same command again"
+    words = ["fastimagic", "run", args.file, "--resume", run_id]
+    for flag, value in (("--output", _absolute_output(args.output)), ("--model", _absolute_model(args.model)),
+                        ("--policy", args.policy)):
+        words += [flag, value] if value else []
+    words += ["--workers"] if args.workers else []
+    return "; continue it with: " + shlex.join(words)
 
 
 class _NoTraceback(logging.Filter):
@@ -282,12 +386,43 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def _one_line_logs() -> None:
+class _ClearsProgress(logging.Filter):
+    """Takes the progress line off the terminal before a log line is written, so the two never share a line (the
+    display draws itself again on its next tick)."""
+
+    def __init__(self, display):
+        super().__init__()
+        self.display = display
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.display.clear()
+        return True
+
+
+class _NamedRuns(logging.Formatter):
+    """``LEVEL WHO: message``, where WHO is the Prefect task run (``render walking seed 0``) or flow run a line is
+    about, else the logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        task, flow = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.who = task or (f"flow {flow}" if flow else record.name)
+        return super().format(record)
+
+
+def _console_logs(display, *, one_line: bool) -> None:
+    """Shape what reaches the console: warnings through logging, every line naming its task or flow run, the
+    progress line cleared before any of them, and (``one_line``) no tracebacks."""
+    logging.captureWarnings(True)  # a warnings.warn from a library is a log line too, so it cannot glue on
     names = [n for n in logging.root.manager.loggerDict if n == "prefect" or n.startswith("prefect.")]
     for logger in [logging.getLogger(n) for n in names] + [logging.getLogger()]:
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.addFilter(_NoTraceback())
+                if one_line:
+                    handler.addFilter(_NoTraceback())
+                if display is not None:
+                    handler.addFilter(_ClearsProgress(display))
+                if logger is logging.root:
+                    handler.setFormatter(_NamedRuns("%(levelname)s %(who)s: %(message)s"))
 
 
 def _nothing():
@@ -322,13 +457,39 @@ def cmd_caption(args) -> int:
     return EXIT_OK
 
 
-def cmd_strategies(args) -> int:
-    from fastimagic.forgetting import ALIASES, STRATEGIES, describe
-    from fastimagic.models import UNET_ARCHS, unet_shapes
+def _unet_shapes(which: str) -> dict[str, tuple[int, ...]]:
+    """:func:`fastimagic.models.unet_shapes` as plain tuples, kept in the per-user cache folder
+    (``$XDG_CACHE_HOME/fastimagic``, default ``~/.cache/fastimagic``) per diffusers version: building the UNet, even
+    on the meta device, means importing torch and diffusers (seconds); reading the JSON does not."""
+    import json
+    from importlib.metadata import version
 
-    family = UNET_ARCHS[args.model]
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastimagic"
+    path = folder / f"unet-shapes-{which}-diffusers-{version('diffusers')}.json"
+    try:
+        return {name: tuple(shape) for name, shape in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    from fastimagic.models import unet_shapes
+
+    shapes = {name: tuple(shape) for name, shape in unet_shapes(which).items()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(shapes))
+        temporary.replace(path)  # whole or not at all, whoever else writes it at the same time
+    except OSError:
+        pass  # a read-only home: computed every time, as before
+    return shapes
+
+
+def cmd_strategies(args) -> int:
+    from fastimagic.families import FAMILIES, SD1, TINY_FAMILIES
+    from fastimagic.forgetting import ALIASES, STRATEGIES, describe
+
+    family = {"sd15": SD1, "sd2": FAMILIES["sd2"], "sdxl": FAMILIES["sdxl"], **TINY_FAMILIES}[args.model]
     blocks = family.presets[args.blocks]
-    trained = {n: s for n, s in unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
+    trained = {n: s for n, s in _unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
     total = sum(math.prod(s) for s in trained.values())
     print(
         f"{args.model} UNet ({family.label}), trained blocks '{args.blocks}' ({', '.join(blocks)}): {len(trained)}"
@@ -347,12 +508,14 @@ def cmd_open(args) -> int:
     too (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
-    from fastimagic.sequence import index_page
-    from flows.run import LINK_EXPIRES_SECONDS, read_storyboard
     from tasks.storage import output_store
 
     target = args.run
     if target.endswith((".yaml", ".yml")):
+        if target.startswith("s3://"):
+            from flows.run import read_storyboard  # Prefect's import (seconds) only where S3 costs more anyway
+        else:
+            from fastimagic.storyboard_yaml import load_storyboard as read_storyboard
         board = read_storyboard(target)
         base = output_store(board.output.resolved).child(board.slug)
         runs = sorted({k.split("/", 1)[0] for k in base.list() if k.endswith("/" + kf.MANIFEST) and k.count("/") == 1})
@@ -373,16 +536,29 @@ def cmd_open(args) -> int:
     if not store.uri.startswith("s3://"):
         print(f"{store.uri}/{kf.INDEX}")
         return EXIT_OK
-    import json
-
-    run = json.loads(store.get_bytes(kf.MANIFEST))
     expires = args.expires or LINK_EXPIRES_SECONDS
-    page = index_page(run, link=lambda key: store.url(key, expires=expires))
-    name = f"shared/index-{kf.new_run_id()}.html"
-    store.put_bytes(name, page, "text/html; charset=utf-8")
-    print(store.url(name, expires=expires))
+    print(_shared_page(store, expires))
     print(f"(presigned page and images, valid {expires // 3600} h {expires % 3600 // 60} min)", file=sys.stderr)
     return EXIT_OK
+
+
+LINK_EXPIRES_SECONDS = 24 * 3600  # as flows.run's, without importing Prefect for `open`
+SHARED_PAGE = "shared/index.html"
+
+
+def _shared_page(store, expires: int) -> str:
+    """A presigned link to the run's page for a private bucket: the page (the run's index.html, every image link
+    presigned too, as a plain presigned index.html cannot load its relative images) is written to one key of the
+    run folder, ``shared/index.html``, replaced each time rather than adding an object per call."""
+    import json
+
+    from fastimagic import keyframes as kf
+    from fastimagic.sequence import index_page
+
+    run = json.loads(store.get_bytes(kf.MANIFEST))
+    store.put_bytes(SHARED_PAGE, index_page(run, link=lambda key: store.url(key, expires=expires)),
+                    "text/html; charset=utf-8")
+    return store.url(SHARED_PAGE, expires=expires)
 
 
 def cmd_submit(args) -> int:
@@ -439,7 +615,10 @@ def cmd_worker(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastimagic import __version__
+
     p = argparse.ArgumentParser(prog="fastimagic", description="One reference image in, story keyframes out.")
+    p.add_argument("--version", action="version", version=f"fastimagic {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("validate", help="check a storyboard file")
     s.add_argument("file")
@@ -506,10 +685,10 @@ def main(argv: list[str] | None = None) -> int:
             import signal
 
             name = signal.Signals(signum).name
-            return _fail(
-                f"stopped by {name}; nothing more is written (resume an interrupted run with --resume RUN_ID)",
-                128 + signum,
-            )
+            hint = ""
+            for said in _STOPPED_HINT:
+                hint = said()
+            return _fail(f"stopped by {name}; nothing more is written{hint}", 128 + signum)
         if isinstance(e, (InputError, NotFound)):  # storyboard problems, missing or bad images, bad models
             return _fail(e, EXIT_INVALID)
         if isinstance(e, FastImagicError):

@@ -92,6 +92,12 @@ def _model(board: Storyboard):
     )
 
 
+def preload_model(board: Storyboard) -> None:
+    """Load the storyboard's base model into this process's cache ahead of the fine-tune (`fastimagic run` does
+    it while Prefect's server starts); the task then finds it loaded."""
+    _model(board)
+
+
 def identity(board: Storyboard) -> str:
     """The identity of the storyboard's weights (model and VAE override), as content keys and manifests name it."""
     vae = board.vae.resolved if board.vae else None

@@ -144,6 +144,10 @@ def test_fastimagic_open_on_s3_gives_a_presigned_page_whose_images_load(s3_serve
     assert "X-Amz-Expires=600" in url and s3_server.secret_key not in url
     html = urllib.request.urlopen(url, timeout=10).read().decode()
     assert "X-Amz-Expires=600" in html  # image links are presigned too
+    again = fastimagic("open", f"s3://{s3_env}/runs/r1", env=s3_server.env())
+    assert again.returncode == 0 and again.stdout.strip() != url, again.stderr
+    shared = client.list_objects_v2(Bucket=s3_env, Prefix="runs/r1/shared/").get("Contents", [])
+    assert [o["Key"] for o in shared] == ["runs/r1/shared/index.html"]  # replaced, not one more object per call
     if Path("/usr/bin/chromium").exists():
         local = tmp_path / "shared.html"
         local.write_text(html)

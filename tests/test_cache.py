@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from fastimagic.cache import LruCache
 
@@ -34,24 +33,26 @@ def test_a_count_bound_keeps_that_many():
 
 def test_two_threads_asking_for_the_same_key_load_it_once_and_other_keys_do_not_wait():
     cache = LruCache(100)
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow():
         started.set()
-        time.sleep(0.3)
+        release.wait(60)  # k's load lasts until the other key has been loaded (proved without a clock)
         return "tuning"
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(cache.get("k", slow))) for _ in range(4)]
     for t in threads:
         t.start()
-    started.wait(5)
-    t0 = time.perf_counter()
-    assert cache.get("other", lambda: "fast") == "fast"  # not stuck behind k's load
-    assert time.perf_counter() - t0 < 0.25
+    assert started.wait(30)
+    other = threading.Thread(target=lambda: results.append(cache.get("other", lambda: "fast")))
+    other.start()
+    other.join(30)  # not stuck behind k's load, which cannot end before this
+    assert not other.is_alive() and results == ["fast"]
+    release.set()
     for t in threads:
         t.join()
-    assert results == ["tuning"] * 4 and cache.loads["k"] == 1
+    assert results == ["fast"] + ["tuning"] * 4 and cache.loads["k"] == 1
 
 
 def test_a_failed_load_is_not_cached_and_the_next_ask_loads_again():

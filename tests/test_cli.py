@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def as_typed_in_a_terminal() -> None:
+    """``preexec_fn`` for a command a test starts: the signal dispositions a command typed in a terminal starts
+    with. A suite launched as a background job (``pytest &``) or under ``nohup`` has SIGINT or SIGHUP ignored, every
+    child inherits that, and the CLI rightly keeps an inherited SIG_IGN (the Unix convention): a test of what
+    Ctrl-C or a closed terminal does sets up the disposition it tests, so the suite passes however it is launched.
+    (Only SIG_IGN survives exec; handlers the test process installed reset to the default anyway.)"""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def fastimagic(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run the CLI as a person would from a terminal (default signals, nothing on stdin); the test's own stdin,
+    which a background job or CI may have closed, is never inherited."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         env=full_env,
         cwd=cwd or ROOT,
         timeout=timeout,
+        preexec_fn=as_typed_in_a_terminal,
     )
 
 
@@ -48,7 +63,7 @@ def _board(tmp_path: Path, photo_bytes: bytes, **fields) -> Path:
 def test_validate_ok(tmp_path, photo_bytes):
     r = fastimagic("validate", str(_board(tmp_path, photo_bytes)))
     assert r.returncode == 0, r.stderr
-    assert "ok: 1 scenes, 2 keyframes, 64 (shorter side, the reference's aspect)" in r.stdout
+    assert "ok: 1 scene, 2 keyframes, 64 (shorter side, the reference's aspect)" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -105,7 +120,45 @@ def test_bad_reference_exits_2_naming_the_file_and_writes_nothing(tmp_path, phot
 def test_missing_model_path_exits_2(tmp_path, photo_bytes):
     r = fastimagic("run", str(_board(tmp_path, photo_bytes, model="./models/nope.safetensors")))
     assert r.returncode == 2
-    assert "nope.safetensors: model path does not exist" in r.stderr
+    expected = f"story.yaml:3 model: ./models/nope.safetensors: no such file ({tmp_path}/models/nope.safetensors)"
+    assert expected in r.stderr
+
+
+def test_validate_names_every_missing_or_wrong_kind_local_file_with_its_line(tmp_path, photo_bytes):
+    """What can be known without loading weights is known at validate time, all at once, as run says it."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-model").mkdir()
+    path = _board(tmp_path, photo_bytes, model="./ckpt.safetensors", model_config="./sd15-config", vae="./a-file",
+                  reference="missing.png")
+    for command in ("validate", "run"):
+        r = fastimagic(command, str(path))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.splitlines() == [
+            f"fastimagic: {path}:3 model: ./ckpt.safetensors: no such file ({tmp_path}/ckpt.safetensors); expected a"
+            " .safetensors checkpoint file",
+            f"{path}:8 model_config: ./sd15-config: no such folder ({tmp_path}/sd15-config); expected a local"
+            " diffusers folder or a hub repo id",
+            f"{path}:9 vae: ./a-file: is a file, expected a folder: a local diffusers folder or a hub repo id",
+            f"{path}:2 reference: missing.png: no such file ({tmp_path}/missing.png); expected the reference image"
+            " (relative paths start at the storyboard's folder)",
+        ], r.stderr
+    r = fastimagic("validate", str(_board(tmp_path, photo_bytes, model="./not-a-model")))
+    assert r.returncode == 2 and "model: ./not-a-model: not a diffusers model folder (no model_index.json" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["demo", "story-beach", "tedbench"])
+def test_every_shipped_storyboard_validates_or_says_what_to_bring(name):
+    """The examples that need files fastimagic cannot ship (a community checkpoint, TEdBench's images) say which,
+    with the line, and their comments say where to get them."""
+    path = ROOT / "storyboards" / f"{name}.yaml"
+    r = fastimagic("validate", str(path))
+    missing = {"story-beach": ROOT / "storyboards" / "models" / "realisticVisionV60B1_v51HyperVAE.safetensors",
+               "tedbench": ROOT / "storyboards" / "tedbench" / "bird.jpeg"}.get(name)
+    if missing is None or missing.exists():
+        assert r.returncode == 0 and ": ok: " in r.stdout, r.stderr
+    else:
+        assert r.returncode == 2 and f"no such file ({missing})" in r.stderr, r.stderr
+        assert str(missing.relative_to(ROOT)) in path.read_text()  # the comment says where it goes
 
 
 def test_s3_output_problems_are_one_line_naming_the_uri_without_secrets(tmp_path, photo_bytes, s3_server, s3_env):
@@ -168,6 +221,27 @@ def test_caption_with_the_tiny_blip(tmp_path, photo_bytes):
     assert r.stdout.strip()
 
 
+def test_caption_without_network_fails_at_once_with_what_to_do(tmp_path, photo_bytes):
+    """BLIP not in the cache and the hub unreachable (a closed port on loopback): one line saying how to get it,
+    not minutes of retries; with HF_HUB_OFFLINE=1, one line too."""
+    import socket
+
+    (tmp_path / "p.jpg").write_bytes(photo_bytes)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "flows.cli", "caption", str(tmp_path / "p.jpg")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    assert f"Salesforce/blip-image-captioning-base: not in the Hugging Face cache, and {endpoint} cannot be reached" \
+        in r.stderr and "huggingface-cli download Salesforce/blip-image-captioning-base" in r.stderr
+    r = fastimagic("caption", str(tmp_path / "p.jpg"), env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    assert "cannot load the BLIP captioner" in r.stderr
+
+
 def test_caption_of_a_missing_image_is_one_line(tmp_path):
     r = fastimagic("caption", str(tmp_path / "missing.jpg"), "--model", "tiny")
     assert r.returncode == 2
@@ -221,10 +295,10 @@ def test_a_vae_override_is_loaded_and_named_in_the_identity(tmp_path, photo_byte
     assert r.returncode == 0, r.stderr[-2000:]
     (manifest,) = (tmp_path / "out").rglob("cli-test/*/manifest.json")
     assert "+vae:folder:vae:" in json.loads(manifest.read_text())["model"]["identity"]
-    missing = fastimagic("validate", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
-    assert missing.returncode == 0  # a folder is checked when the run starts, like the model
-    r = fastimagic("run", str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
-    assert r.returncode == 2 and "nowhere/vae" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for command in ("validate", "run"):  # a missing folder is known before any weights load: validate says so
+        r = fastimagic(command, str(_board(tmp_path, photo_bytes, vae="./nowhere/vae")))
+        assert r.returncode == 2 and "story.yaml:8 vae: ./nowhere/vae: no such folder" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_a_scorer_that_cannot_load_is_refused_before_the_run(tmp_path, photo_bytes):
@@ -233,3 +307,34 @@ def test_a_scorer_that_cannot_load_is_refused_before_the_run(tmp_path, photo_byt
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "scorer: someone/not-a-cached-clip is not in the local Hugging Face cache" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_version_and_counts_that_read_as_english(tmp_path, photo_bytes):
+    from fastimagic import __version__
+
+    r = fastimagic("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"fastimagic {__version__}"
+    path = _board(tmp_path, photo_bytes)
+    path.write_text(path.read_text().replace("forget: [none, encoderattn]", "forget: auto"))
+    r = fastimagic("validate", str(path))  # forget: auto renders its second pass only if the first overfits
+    assert r.returncode == 0 and "ok: 1 scene, up to 3 keyframes, " in r.stdout, r.stderr
+
+
+def test_strategies_and_open_print_without_loading_torch_or_prefect(tmp_path, photo_bytes):
+    """What makes `strategies` (once its shapes are cached) and `open` of a local run print at once: they import
+    neither torch nor Prefect."""
+    run_dir = tmp_path / "out" / "story" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text("{}")
+    code = (
+        "import sys\nfrom flows import cli\n"
+        f"assert cli.main(['strategies', '--model', 'sdxl']) == 0\nassert cli.main(['open', {str(run_dir)!r}]) == 0\n"
+        "print('loaded:', sorted(m for m in ('torch', 'prefect', 'diffusers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                           stdin=subprocess.DEVNULL, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert runs[0].stdout == runs[1].stdout.replace("loaded: []", "loaded: ['diffusers', 'torch']")
+    assert runs[1].stdout.rstrip().endswith(f"{run_dir}/index.html\nloaded: []")
+    assert list((tmp_path / "cache" / "fastimagic").glob("unet-shapes-sdxl-diffusers-*.json"))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import ROOT, fastimagic
+from test_cli import ROOT, as_typed_in_a_terminal, fastimagic
 
 from fastimagic import keyframes as kf
 
@@ -63,9 +63,11 @@ def _spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
         [sys.executable, "-m", "flows.cli", *args],
         cwd=ROOT,
         env=full_env,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=as_typed_in_a_terminal,
         # its own process group; the embedded Prefect server (a group of its own) dies with it (PR_SET_PDEATHSIG)
         start_new_session=True,
     )

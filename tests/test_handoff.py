@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -107,6 +109,15 @@ def test_a_run_on_s3_writes_its_sequence_there(tmp_path, photo_bytes, s3_server,
     jsonschema.validate(sequence, SCHEMA)
     assert sequence["frames"][0]["uri"].startswith(f"s3://{bucket}/out/cli-test/")
     assert any(k.endswith("/sequence/000-one.png") for k in keys)
+    # the browse: link opens on a private bucket with its images: the page's image links are presigned too
+    import html
+    import urllib.request
+
+    browse = r.stdout.split("browse:")[1].split()[0]
+    page = urllib.request.urlopen(browse, timeout=30).read().decode()
+    images = [html.unescape(src) for src in re.findall(r'<img[^>]* src="([^"]+)"', page)]
+    assert images and all("X-Amz-Signature=" in src for src in images)
+    assert urllib.request.urlopen(images[0], timeout=30).read().startswith(b"\x89PNG")
 
 
 # --- fastimagic runs -------------------------------------------------------------------------------------------
@@ -129,6 +140,14 @@ def test_runs_lists_complete_and_incomplete_runs_newest_first(tmp_path, photo_by
         ("20260102T000000Z-bbbbbb", "incomplete"),
         ("20260101T000000Z-aaaaaa", "complete"),
     ]
+    # the hint is a command that works as pasted, from any folder
+    (hint,) = [line for line in r.stdout.splitlines() if line.startswith("continue ")]
+    command = shlex.split(hint.split(" with: ")[1])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = fastimagic(*command[1:], cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed 20260102T000000Z-bbbbbb: 2 keyframes verified and kept, 2 rendered" in resumed.stdout
 
 
 def test_runs_on_a_missing_folder_is_exit_2_and_on_an_empty_one_says_so(tmp_path):
@@ -162,12 +181,72 @@ def test_progress_display_redraws_one_line_in_a_terminal_with_an_estimate():
     display.keyframes(4)
     now[0] = 4.0
     display.keyframes(4)
-    display.close()
     frames = out.text.split("\r")[1:]
     assert frames[0].startswith("fine-tune 1/2  loss 0.5000")
     assert frames[1].startswith("keyframes 4/10") and frames[2].startswith("keyframes 8/10")
     assert frames[2].rstrip().endswith("00:04 elapsed, ~00:00 left")  # 8 in 2 s: 2 more take 0.5 s
-    assert out.text.endswith("\n") and out.text.count("\n") == 1
+    display.close()  # the bar does not stay on screen: the summary prints on a clean line
+    assert "\n" not in out.text and _screen(out.text) == [""]
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows after ``text``: carriage returns go back to column 0 and overwrite."""
+    lines, col = [""], 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append("")
+            col = 0
+        else:
+            line = lines[-1].ljust(col)
+            lines[-1] = line[:col] + ch + line[col + 1 :]
+            col += 1
+    return [line.rstrip() for line in lines]
+
+
+def test_progress_owns_its_line_log_lines_never_glue_onto_it_and_the_clock_ticks():
+    import logging
+
+    from flows.cli import _ClearsProgress
+
+    now = [0.0]
+    out = _Stream()
+    display = ProgressDisplay(10, out, tty=True, clock=lambda: now[0], at_most=True)
+    display.tick()
+    now[0] = 3.0
+    display.tick()  # no report for 3 s: the clock moves anyway, and the start is not silent
+    assert _screen(out.text) == ["starting  00:03"]
+    display.keyframes(2)
+    assert _screen(out.text) == ["keyframes 2/up to 10 [####--------------------] 00:03 elapsed"]
+    handler = logging.StreamHandler(out)
+    handler.addFilter(_ClearsProgress(display))
+    logger = logging.getLogger("fastimagic.test-progress")
+    logger.addHandler(handler)
+    try:
+        logger.warning("a log line")
+    finally:
+        logger.removeHandler(handler)
+    now[0] = 4.0
+    display.tick()
+    assert _screen(out.text) == [
+        "a log line", "keyframes 2/up to 10 [####--------------------] 00:04 elapsed, ~00:04 left"
+    ]
+    display.close()
+    display.tick()  # a tick after the end draws nothing
+    assert _screen(out.text) == ["a log line", ""]
+
+
+def test_progress_in_a_narrow_terminal_stays_on_one_line():
+    now = [0.0]
+    out = _Stream()
+    display = ProgressDisplay(80, out, tty=True, clock=lambda: now[0], columns=lambda: 30)
+    for i in range(1, 81):
+        now[0] = i / 10
+        display.keyframes(1)
+    frames = out.text.split("\r")[1:]
+    assert "\n" not in out.text and all(len(frame) <= 29 for frame in frames)
+    assert frames[40].startswith("keyframes 41/80 00:04 elapsed")  # the bar goes first, the numbers stay
 
 
 def test_progress_display_without_a_terminal_writes_a_line_every_few_seconds():
@@ -187,12 +266,21 @@ def test_progress_display_without_a_terminal_writes_a_line_every_few_seconds():
 PREFECT_LINE = "Finished in state"
 
 
-def _pty_run(args: list[str], timeout: float = 300) -> tuple[int, str]:
-    """Run fastimagic with stdin/stdout/stderr on a pseudo-terminal; return (exit code, everything it wrote)."""
+def _pty_run(args: list[str], timeout: float = 300, columns: int = 120, env: dict | None = None) -> tuple[int, str]:
+    """Run fastimagic with stdin/stdout/stderr on a pseudo-terminal ``columns`` wide, as typed in it (default
+    signals); return (exit code, everything it wrote)."""
+    import fcntl
+    import struct
+    import termios
+
+    from test_cli import as_typed_in_a_terminal
+
     parent, child = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env.pop("COLUMNS", None)  # the terminal's own size, as in a real one
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdin=child, stdout=child, stderr=child,
-                            cwd=ROOT, env=env, close_fds=True)
+                            cwd=ROOT, env=env, close_fds=True, preexec_fn=as_typed_in_a_terminal)
     os.close(child)
     chunks, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -226,12 +314,25 @@ def test_run_in_a_terminal_shows_one_moving_display_and_no_prefect_lines(story):
     assert PREFECT_LINE not in text and "8 keyframes for 'faults'" in text
 
 
-def test_run_in_a_pipe_logs_progress_lines_and_verbose_adds_prefect_lines(story):
+def test_run_in_a_pipe_logs_progress_lines(story):
     quiet_default = fastimagic("run", str(story))
     assert quiet_default.returncode == 0, quiet_default.stderr[-2000:]
     assert "progress: keyframes 8/8" in quiet_default.stderr and PREFECT_LINE not in quiet_default.stderr
-    verbose = fastimagic("run", str(story), "-v")
-    assert verbose.returncode == 0 and PREFECT_LINE in verbose.stderr
+
+
+def test_verbose_in_a_narrow_terminal_prints_named_lines_that_never_share_the_progress_line(story, tmp_path):
+    """-v in a 50-column terminal, on a first run (a fresh Prefect home): every log line starts its own line and
+    names its task (the scene, for renders), the progress line never wraps and is gone at the end, and Prefect's
+    first-run telemetry notice does not appear."""
+    code, text = _pty_run(["run", str(story), "-v"], columns=50, env={"PREFECT_HOME": str(tmp_path / "ph")})
+    assert code == 0, text[-2000:]
+    screen = _screen(text.replace("\r\n", "\n"))
+    assert "Prefect collects anonymous usage data" not in text
+    assert not any(line.startswith(("starting", "fine-tune", "keyframes")) for line in screen), screen
+    assert all(line.startswith("INFO ") for line in screen if "INFO " in line), screen  # nothing glued before
+    assert "INFO render scene-1 seed 0: Finished in state Completed()" in screen
+    frames = [f for f in re.split("[\r\n]", text) if f.startswith(("starting", "fine-tune", "keyframes"))]
+    assert frames[0].startswith("starting") and all(len(f) <= 49 for f in frames), frames
 
 
 def test_quiet_run_prints_only_the_summary(story):

@@ -302,13 +302,14 @@ def _running_cli(tmp_path: Path, photo_bytes: bytes):
     import sys
     import time
 
-    from test_cli import ROOT
+    from test_cli import ROOT, as_typed_in_a_terminal
 
     path = _resume_story(tmp_path, photo_bytes, RESUME_STORY.replace("steps: 2, edit", "steps: 400, edit"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", str(path), "--run-id", "sig"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=as_typed_in_a_terminal,  # SIGINT at its default, as from a terminal, however the suite started
     )
     plan = tmp_path / "out" / "resume" / "sig" / "run.json"
     deadline = time.monotonic() + 240
@@ -347,8 +348,16 @@ def test_a_signal_mid_run_stops_the_server_and_exits_128_plus_it_with_a_line(tmp
         proc.send_signal(signum)
     output = _read_all(proc, 90)  # EOF: nothing the CLI started outlives it
     assert proc.wait(30) == 128 + signum, output[-3000:]
-    assert output.rstrip().splitlines()[-1].startswith(f"fastimagic: stopped by {name}")
+    last = output.rstrip().splitlines()[-1]
+    assert last.startswith(f"fastimagic: stopped by {name}; nothing more is written; continue it with: "), last
     assert "Traceback" not in output
+    if name == "SIGINT":  # the hint is a command that works as pasted
+        import shlex
+
+        command = shlex.split(last.split("continue it with: ")[1])
+        assert command[:2] == ["fastimagic", "run"] and "--resume" in command and "sig" in command
+        r = fastimagic(*command[1:])
+        assert r.returncode == 0 and "resumed sig: " in r.stdout, r.stderr[-3000:]
 
 
 def test_a_signal_that_surfaces_as_another_error_still_ends_as_stopped():
@@ -405,6 +414,35 @@ except KeyboardInterrupt as e:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "Exception ignored" in r.stderr  # the first one was dropped
     assert r.stdout.strip() == f"delivered again: {int(signal.SIGHUP)} wait ended early: True", r.stdout + r.stderr
+
+
+def test_a_signal_ignored_by_the_launcher_stays_ignored_and_a_default_one_is_handled():
+    """``nohup fastimagic run`` (SIGHUP ignored) and a background job (SIGINT ignored) keep what they inherited, the
+    Unix convention; from a terminal (defaults), the CLI handles each to end the run cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    code = (
+        "import signal\nfrom flows import cli\ncli._supervise()\n"
+        "print(*(signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)))"
+    )
+
+    def ignored(*inherited: signal.Signals) -> str:
+        def launcher() -> None:
+            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN if sig in inherited else signal.SIG_DFL)
+
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL, preexec_fn=launcher)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert ignored() == "False False False"  # a terminal: every stop signal ends the run cleanly
+    assert ignored(signal.SIGHUP) == "False True False"  # nohup
+    assert ignored(signal.SIGINT) == "True False False"  # `fastimagic run ... &` from a script
 
 
 def test_sigkill_mid_run_leaves_no_server_behind(tmp_path, photo_bytes):
@@ -475,7 +513,7 @@ def test_validate_reads_an_s3_storyboard_as_strictly_as_a_local_file(s3_server, 
     client.put_object(Bucket=bucket, Key="latin1.yaml", Body=good.encode("latin-1"))
     env = s3_server.env()
     r = fastimagic("validate", f"s3://{bucket}/good.yaml", env=env)
-    assert r.returncode == 0 and f"s3://{bucket}/good.yaml: ok: 1 scenes" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"s3://{bucket}/good.yaml: ok: 1 scene, 16 keyframes" in r.stdout, r.stderr
     r = fastimagic("validate", f"s3://{bucket}/latin1.yaml", env=env)
     assert r.returncode == 2 and f"s3://{bucket}/latin1.yaml: not UTF-8 text" in r.stderr
 
@@ -497,6 +535,7 @@ def test_submit_without_a_server_or_with_an_unreachable_one(tmp_path, photo_byte
     from test_cli import ROOT
 
     r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                       stdin=subprocess.DEVNULL,
                        env={**env, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "ph")}, timeout=300)
     assert r.returncode == 2 and "none is set: set PREFECT_API_URL" in r.stderr, r.stderr
     r = fastimagic(*args, env={"PREFECT_API_URL": "http://user:pw-secret@127.0.0.1:9/api"}, timeout=300)

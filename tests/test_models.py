@@ -143,3 +143,18 @@ def test_device_and_dtype_choice_and_override():
     assert pick_device("cpu", precision="bf16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(InputError, match="fp16 is not offered on CPU"):
         pick_device("cpu", "float16")
+
+
+def test_the_tiny_models_leave_nothing_in_the_temporary_folder(tmp_path):
+    """Every process that loads the tiny model (and the tiny BLIP) used to leave a tokenizer folder in /tmp."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from fastimagic.models import load_base_model\nfrom fastimagic.caption import load_captioner\n"
+        "for name in ('tiny', 'tiny-sdxl'): load_base_model(name, device='cpu')\nload_captioner('tiny')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, stdin=subprocess.DEVNULL,
+                   env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("fastimagic")]

@@ -134,7 +134,21 @@ def test_table_is_aligned_and_says_how_to_resume(output: Store):
     assert "0123456789ab (reused)" in table[3] and "aaaabbbbcccc (new)" in table[5]
     assert table[1].split()[:3] == ["cat-walk", "20261130T000000Z-dddddd", "damaged"]
     assert any(line.startswith("20261130T000000Z-dddddd: damaged: manifest.json is not valid JSON") for line in lines)
-    assert lines[-1] == "continue an incomplete run with: fastimagic run <storyboard.yaml> --resume <RUN>"
+    # a plan that names no storyboard (written before plans recorded it): the placeholder, the output in full
+    assert lines[-2:] == [
+        f"continue 20261129T080000Z-bbbbbb with: fastimagic run '<storyboard.yaml>' --resume 20261129T080000Z-bbbbbb"
+        f" --output {output.uri}",
+        f"continue 20261127T100000Z-cccccc with: fastimagic run '<storyboard.yaml>' --resume 20261127T100000Z-cccccc"
+        f" --output {output.uri}",
+    ]
+
+
+def test_a_storyboards_folder_lists_its_own_runs(output: Store):
+    """``fastimagic runs keyframes/demo`` (the folder a run prints) lists the runs there, as the output would."""
+    build_output(output)
+    whole = [r for r in list_runs(output) if r.slug == "cat-walk"]
+    assert whole and list_runs(output.child("cat-walk")) == whole
+    assert f"--output {output.uri}" in format_runs(list_runs(output.child("cat-walk")))
 
 
 def test_json_form_for_scripts(output: Store):
@@ -146,6 +160,7 @@ def test_json_form_for_scripts(output: Store):
         "storyboard": "Bird Day", "slug": "bird-day", "run_id": "20261129T080000Z-bbbbbb", "status": "incomplete",
         "keyframes": 4, "expected": 12, "expected_at_most": True, "created": "2026-11-29T08:00:05+00:00",
         "tuning_key": "fedcba9876543210fedcba9876543210", "tuning_reused": False, "uri": None, "problem": None,
+        "storyboard_uri": None,
     }
     assert runs_json([]) == "[]"
 
@@ -271,7 +286,8 @@ def test_plan_record_counts_what_the_storyboard_renders(tmp_path: Path):
     plan = plan_record(board, "20261129T080000Z-bbbbbb", created="2026-11-29T08:00:05+00:00")
     assert plan == {
         "format": "fastimagic.run-plan", "version": 1, "run_id": "20261129T080000Z-bbbbbb",
-        "created": "2026-11-29T08:00:05+00:00", "storyboard": {"name": "Bird Day", "slug": "bird-day"},
+        "created": "2026-11-29T08:00:05+00:00",
+        "storyboard": {"name": "Bird Day", "slug": "bird-day", "uri": str(path)},  # absolute: for the resume hint
         "keyframes": 4 + 3, "keyframes_at_most": True,
         "scenes": [{"id": "sunrise", "keyframes": 4, "auto": False}, {"id": "rain", "keyframes": 3, "auto": True}],
         "tuning": None,

@@ -255,6 +255,18 @@ def test_render_scene_auto_rerenders_an_overfitted_scene_and_keeps_the_best_stra
     assert render.calls == [("none",), ("encoderattn",)]
     assert decision["overfitted"] and decision["chosen"] == "encoderattn"
     assert [r["forget"] for r in records] == ["none", "none", "encoderattn", "encoderattn"]
+    assert decision["reason"].endswith(
+        "re-render with encoderattn for a structure edit (jumping); chose encoderattn: encoderattn scored best (best"
+        " CLIP score 29.00 against none 22.00)")
+
+
+def test_auto_says_why_it_keeps_the_first_pass_when_the_re_render_scores_worse():
+    """The log line and the manifest's reason agree with ``chosen``: the re-render was tried and lost."""
+    render = Renders({"none": (22.0, 0.96), "encoderattn": (21.0, 0.8)})
+    _, decision = render_scene(("auto",), "a photo of a dog jumping", Thresholds(), render)
+    assert decision["chosen"] == "none"
+    assert decision["reason"].endswith("; chose none: the re-render did not beat the first pass (best CLIP score"
+                                       " 22.00 against encoderattn 21.00)")
 
 
 def test_render_scene_auto_keeps_a_scene_that_does_not_overfit():

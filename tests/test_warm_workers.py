@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from s3server import free_ports
+from test_cli import as_typed_in_a_terminal
 
 from fastimagic import keyframes as kf
 
@@ -38,8 +39,8 @@ class Processes:
 
     def start(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=as_typed_in_a_terminal)
         self.procs[name] = proc
         return proc
 
