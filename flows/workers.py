@@ -15,8 +15,9 @@ in-process backend calls them directly: one code path) and waits for them with a
   measured so far) belongs to a worker presumed dead (a killed task worker leaves its run Running for ever), and so
   does one still Scheduled a lease floor after a run submitted later has started (a worker took it and died before
   starting it; the queue is first in, first out): it is marked Crashed and submitted again, after checking whether
-  its keyframes were written and verify intact (:func:`tasks.pipeline.verify_written`); a render rewrites its
-  (scene, seed) unit under the same names, so a retry never leaves a gap or a duplicate;
+  its keyframes were written and verify intact (:func:`tasks.pipeline.stored_intact`, every (scene, seed) of the
+  unit); a render rewrites its unit (a scene's seeds) under the same names, so a retry never leaves a gap or a
+  duplicate;
 * a task that fails (a model no worker can load, say) fails the run with the worker's reason;
 * a task waiting while no worker serving it is connected to the server at all (none started, or all gone) is
   cancelled after ``$FASTIMAGIC_WORKER_WAIT_SECONDS`` (default 300: time for an autoscaler to start one) and the
@@ -49,8 +50,8 @@ from fastimagic.errors import FastImagicError, InputError
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
 from fastimagic.store import StoreError
 from fastimagic.storyboard import Scene, Storyboard
-from flows.run import render_scene
-from tasks.pipeline import caption_reference, finetune_once, render_keyframes, verify_written
+from flows.run import render_scenes
+from tasks.pipeline import caption_reference, finetune_once, render_keyframes, stored_intact
 
 GPU_TASKS = (caption_reference, finetune_once, render_keyframes)
 STORAGE_SETTING = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"
@@ -282,6 +283,19 @@ class _Runs:
             return self.seen.get(task_run_id)
 
 
+def _all_written(
+    scene: Scene, seeds: list[int], output: str, run_prefix: str, strategies: tuple[str, ...]
+) -> list[KeyframeRecord] | None:
+    """The records of every (scene, seed) of a unit when all are stored intact, else None."""
+    records = []
+    for seed in seeds:
+        done = stored_intact(scene, seed, output, run_prefix, strategies)
+        if done is None:
+            return None
+        records += done
+    return records
+
+
 class Warm:
     """Tune and render on warm GPU workers (background tasks; see the module docstring)."""
 
@@ -384,33 +398,33 @@ class Warm:
         return prompts, self.run(finetune_once, (board, reference, prompts, board.output.resolved), steps)
 
     def render(
-        self, board: Storyboard, scene: Scene, seed: int, key: str, output: str, run_prefix: str,
+        self, board: Storyboard, scene: Scene, seeds: list[int], key: str, output: str, run_prefix: str,
         strategies: tuple[str, ...],
     ) -> list[KeyframeRecord]:
-        """One (scene, seed) unit on a worker: :func:`tasks.pipeline.render_keyframes`, leased."""
-        steps = len(strategies) * len(scene.edit.combos()) * scene.steps
+        """One unit (a scene's ``seeds``) on a worker: :func:`tasks.pipeline.render_keyframes`, leased by its size.
+        A lost unit whose every (scene, seed) was written and verifies intact is kept, not rendered again."""
+        steps = len(strategies) * len(seeds) * len(scene.edit.combos()) * scene.steps
         records = self.run(
             render_keyframes,
-            (board, scene, seed, key, output, run_prefix, strategies),
+            (board, scene, list(seeds), key, output, run_prefix, strategies),
             steps,
-            done=lambda: verify_written(scene, seed, output, run_prefix, strategies),
+            done=lambda: _all_written(scene, seeds, output, run_prefix, strategies),
         )
         progress.keyframes_written(len(records))
         return records
 
+    def warm_up(self, board: Storyboard) -> None:
+        pass  # the workers keep their models warm
+
     def scenes(
         self, board: Storyboard, tuning_key: str, run_prefix: str, resume: bool
     ) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
-        def one(scene: Scene):
-            return render_scene(board, scene, tuning_key, run_prefix, resume, submit=self.submit_render)
-
         try:
-            with ThreadPoolExecutor(max_workers=max(1, min(len(board.scenes), SCENE_THREADS))) as pool:
-                futures = [pool.submit(contextvars.copy_context().run, one, scene) for scene in board.scenes]
-                done = [f.result() for f in futures]
+            return render_scenes(
+                board, tuning_key, run_prefix, resume, threads=SCENE_THREADS, submit=self.submit_render
+            )
         finally:
             self.waiting.shutdown(wait=False, cancel_futures=True)
-        return [d[0] for d in done], [r for d in done for r in d[1]], sum(d[2] for d in done)
 
     def submit_render(self, *args) -> Future:
         """Like ``render_keyframes.submit``: start the unit now, return a future of its records."""

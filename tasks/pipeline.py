@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import threading
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -28,7 +29,7 @@ from fastimagic import progress
 from fastimagic.cache import LruCache
 from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.config import PRECISIONS, slugify
-from fastimagic.editor import Editor
+from fastimagic.editor import applied, release
 from fastimagic.errors import InputError
 from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.images import fit, load_reference
@@ -90,6 +91,20 @@ def _model(board: Storyboard):
     return cached_base_model(
         board.model.resolved, config=config, precision=board.precision, allow_pickle=board.allow_pickle, vae=vae
     )
+
+
+def warm_up(board: Storyboard) -> None:
+    """Start loading the storyboard's base model in the background (once per process, see
+    :func:`fastimagic.models.cached_base_model`), so that the load overlaps fetching and captioning the reference.
+    A load that fails here fails again, and is reported, when the fine-tune or a render asks for the model."""
+
+    def load() -> None:
+        try:
+            _model(board)
+        except Exception as e:  # reported by the task that needs the model
+            _log.debug("warm-up load failed: %s", e)
+
+    threading.Thread(target=load, name="fastimagic-warm-up", daemon=True).start()
 
 
 def identity(board: Storyboard) -> str:
@@ -218,6 +233,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
     callback = _finetune_progress()
     image = load_reference(reference.data, reference.uri)
     with model.lock:
+        release(model)  # a tuning kept applied from earlier renders: the fine-tune starts from the base weights
         tuning = finetune(
             model,
             image,
@@ -334,56 +350,73 @@ _REFERENCES: dict = {}
 
 
 @task(
-    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}", **STORAGE_RETRIES
+    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seeds {seeds}",
+    **STORAGE_RETRIES,
 )
 def render_keyframes(
     board: Storyboard,
     scene: Scene,
-    seed: int,
+    seeds: list[int],
     key: str,
     output: str,
     run_prefix: str,
     strategies: tuple[str, ...] | None = None,
 ) -> list[KeyframeRecord]:
-    """Render one (scene, seed): every edit setting under each forgetting strategy, score them, write them.
+    """Render a scene's ``seeds`` (one unit of GPU work): every edit setting under each forgetting strategy, score
+    them, write them.
 
-    ``strategies`` defaults to the scene's. Each PNG is written atomically (a failed write retries the task),
-    then a progress record listing them with their SHA-256. With a scorer, each record carries ``scores`` (CLIP
-    text alignment and fidelity to the reference), computed here in one batch with the scorer loaded once per
-    process. Returns the manifest records (keys relative to the run folder).
+    One sampling call per strategy covers every seed and edit (the sampler chunks it at its batch size), on the
+    tuning this process keeps applied (:func:`fastimagic.editor.applied`: applied once per process and tuning).
+    ``strategies`` defaults to the scene's. The model is held only for the GPU work: the writes that follow overlap
+    the next unit's sampling. Each PNG is written atomically (a failed write retries the task); after each seed's
+    PNGs, a progress record of that (scene, seed) lists them with their SHA-256 (what ``--resume`` verifies), so a
+    unit that fails part way keeps the seeds it finished. With a scorer, each record carries ``scores`` (CLIP text
+    alignment and fidelity to the reference), computed in one batch with the scorer loaded once per process.
+    Returns the manifest records (keys relative to the run folder), seed by seed, each seed's in render order
+    (:func:`expected_names`).
     """
     strategies = tuple(strategies or scene.forget)
+    seeds = [int(s) for s in seeds]
     model = _model(board)
     tuning = load_tuning(output, key)
-    frames = []
-    with model.lock, Editor(model, tuning) as editor:
+    per_strategy = []
+    with model.lock:
+        editor = applied(model, tuning)
         for strategy in strategies:
-            frames += editor.render(
+            per_strategy.append(editor.render(
                 scene.prompt,
-                seeds=[seed],
+                seeds=seeds,
                 edits=scene.edit.combos(),
                 forget=strategy,
                 sigma=scene.sigma,
                 guidance=scene.guidance,
                 steps=scene.steps,
                 negative_prompt=scene.negative_prompt,
-            )  # at the tuning's size
+            ))  # at the tuning's size; seed-major
+        edits = len(scene.edit.combos())
+        frames = [f for i in range(len(seeds)) for made in per_strategy for f in made[i * edits : (i + 1) * edits]]
         scores = None
         if board.scorer_name:
             scorer = load_scorer(board.scorer_name, device=model.device)
             reference = _reference_image(board, tuning.width, tuning.height)
             scores = scorer.score([f.image for f in frames], scene.prompt, reference)
     store = output_store(output).child(run_prefix)
+    settings_record = kf.dumps(render_settings(board, scene, key))
     records = []
-    for i, f in enumerate(frames):
-        data = kf.png_bytes(f.image)
-        rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
-        store.put_bytes(rel, data, "image/png")
-        settings = f.settings() | {"precision": model.precision.name}
-        records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
-    store.put_bytes(_settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
-    store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
-    progress.keyframes_written(len(records))
+    per_seed = len(strategies) * edits
+    for start, seed in zip(range(0, len(frames), per_seed), seeds):
+        written = []
+        for i in range(start, start + per_seed):
+            f = frames[i]
+            data = kf.png_bytes(f.image)
+            rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
+            store.put_bytes(rel, data, "image/png")
+            settings = f.settings() | {"precision": model.precision.name}
+            written.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
+        store.put_bytes(_settings_key(scene.id, seed, strategies), settings_record)
+        store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(written), "application/json")
+        progress.keyframes_written(len(written))
+        records += written
     return records
 
 
@@ -396,6 +429,16 @@ def verify_written(
     Intact means: the progress record exists, names exactly the keyframes this scene asks for, and every PNG's
     SHA-256 matches it.
     """
+    records = stored_intact(scene, seed, output, run_prefix, strategies)
+    if records is not None:
+        progress.keyframes_written(len(records))
+    return records
+
+
+def stored_intact(
+    scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...] | None = None
+) -> list[KeyframeRecord] | None:
+    """:func:`verify_written`'s check, outside a task and reporting no progress."""
     strategies = tuple(strategies or scene.forget)
     store = output_store(output).child(run_prefix)
     try:
@@ -411,7 +454,6 @@ def verify_written(
                 return None
         except NotFound:
             return None
-    progress.keyframes_written(len(records))
     return records
 
 
