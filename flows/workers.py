@@ -143,7 +143,8 @@ def _idle_task_worker():
 
 
 def serve(limit: int = 1) -> None:
-    """Serve :data:`GPU_TASKS` here until stopped, ``limit`` at a time (1: one worker per GPU).
+    """Serve :data:`GPU_TASKS` here until stopped, ``limit`` at a time (1: one worker per GPU), after paying the
+    cold start (:func:`tasks.pipeline.warm_worker`; ``$FASTIMAGIC_WORKER_MODEL`` names the model to keep warm).
 
     Refuses to start without the shared storage (:func:`check_shared_storage`) or a Prefect server
     (``PREFECT_API_URL``: background tasks do not work with Prefect's throw-away local server)."""
@@ -153,6 +154,11 @@ def serve(limit: int = 1) -> None:
     if not PREFECT_API_URL.value():
         raise InputError("PREFECT_API_URL is not set: a worker takes its work from a Prefect server")
     check_shared_storage()
+    from tasks.pipeline import WORKER_MODEL_SETTING, warm_worker
+
+    started = time.perf_counter()
+    warm_worker(os.environ.get(WORKER_MODEL_SETTING) or None)  # the cold start, before any work is taken
+    logging.getLogger("fastimagic.worker").info("warmed up in %.1f s", time.perf_counter() - started)
     import asyncio
     import faulthandler
     import signal
