@@ -105,16 +105,19 @@ def _model(board: Storyboard):
 def prime(model: Components, side: int) -> None:
     """On a GPU, one fine-tune step and one sampling step at ``side`` x ``side`` pixels, thrown away: the device
     context, library handles and kernels a first fine-tune otherwise loads on the critical path (16.6 s on SD 1.5,
-    measured). Nothing on CPU, where there is no such start to pay."""
-    if model.device.type != "cuda":
+    measured). Nothing on CPU, where there is no such start to pay, nor when the model is already at work (that
+    work pays it)."""
+    if model.device.type != "cuda" or not model.lock.acquire(blocking=False):
         return
-    image = Image.new("RGB", (side, side), (127, 127, 127))
-    started = time.perf_counter()
-    with model.lock:
+    try:
+        image = Image.new("RGB", (side, side), (127, 127, 127))
+        started = time.perf_counter()
         release(model)
         finetune(model, image, "a photo", FinetuneConfig(steps=1, min_steps=1), width=side, height=side)
         sample(model, model.encode_prompts(["a photo"]), [0], width=side, height=side, steps=1)
-    _log.info("primed %s on %s in %.1f s", model.identity, model.device, time.perf_counter() - started)
+        _log.info("primed %s on %s in %.1f s", model.identity, model.device, time.perf_counter() - started)
+    finally:
+        model.lock.release()
 
 
 def warm_up(board: Storyboard) -> None:
