@@ -23,9 +23,9 @@ in-process backend calls them directly: one code path) and waits for them with a
   cancelled after ``$FASTIMAGIC_WORKER_WAIT_SECONDS`` (default 300: time for an autoscaler to start one) and the
   run fails with one line saying so; a warning says it at once. Busy workers are waited for as long as it takes.
 
-The passed-over rule has a cost: the server hands each connected worker the next run even while it is busy, so a
-run waiting behind a task that takes longer than the lease floor is also presumed lost and submitted again; the
-worker then renders that unit a second time (same names, same bytes). A floor above the slowest unit avoids it.
+A worker acknowledges a task run only when it is free for the next (:class:`IdleTaskWorker`), so the server never
+hands a busy worker the next run: it stays queued for whichever worker is free, and a worker that dies holding a run
+has it put back in the queue by the server (another worker renders that unit again: same names, same bytes).
 
 No ``gpu`` tag limit is needed on this path: each worker takes one task at a time (:class:`IdleTaskWorker`), and
 there is one worker per GPU, so a GPU never runs two tasks. The tag limit made every GPU task ask the server for a
@@ -107,28 +107,64 @@ def _idle_task_worker():
     from prefect.settings import get_current_settings
     from prefect.task_worker import TaskWorker
 
+    class HeldSubscription(Subscription):
+        """Receives a task run without acknowledging it; :meth:`acknowledge` does, when the worker is free for the
+        next. The server sends a subscriber its next run only after the previous one is acknowledged, and puts an
+        unacknowledged run back in its queue when the subscriber disconnects."""
+
+        async def receive(self):
+            import anyio
+            import websockets.exceptions
+
+            while True:
+                try:
+                    await self._ensure_connected()
+                    websocket = self.websocket
+                    return self.model.model_validate_json(await websocket.recv()), websocket
+                except (ConnectionRefusedError, websockets.exceptions.ConnectionClosedError):
+                    self._websocket = None
+                    if hasattr(self._connect, "protocol"):
+                        await self._connect.__aexit__(None, None, None)
+                    await anyio.sleep(0.5)
+
+        async def acknowledge(self, websocket) -> None:
+            import websockets.exceptions
+
+            if websocket is not self._websocket:
+                return  # reconnected since: the server has put that run back in its queue
+            try:
+                await websocket.send('{"type": "ack"}')
+            except websockets.exceptions.ConnectionClosed:
+                pass  # the next receive reconnects
+
     class IdleTaskWorker(TaskWorker):
         """A task worker that takes the next task run only when it has a free slot.
 
-        Prefect's own worker acknowledges the next task run as soon as it arrives and then waits for a slot, so a
-        busy worker holds work an idle one could run, and loses it if it dies (the server re-queues only runs not
-        yet acknowledged). Waiting for a slot *before* reading from the subscription fixes both.
+        Prefect's own worker acknowledges each task run as soon as it arrives, and the server then sends it the next
+        one at once, even while it is busy: a busy worker holds work an idle one could run (with a few large units,
+        one worker may hold them all while the other idles), and loses it if it dies (the server re-queues only runs
+        not yet acknowledged). This worker acknowledges a run only when it has a free slot for the next: until then
+        the server keeps the next run in its queue for whichever worker is free, and if this worker dies first, the
+        server puts the run back (another worker then runs it; a render rewrites its unit under the same names).
         """
 
         async def _subscribe_to_task_scheduling(self):
             import anyio
 
-            subscription = Subscription(
+            subscription = HeldSubscription(
                 model=self._task_run_model(),
                 path="/task_runs/subscriptions/scheduled",
                 keys=self.task_keys,
                 client_id=self.client_id,
                 base_url=get_current_settings().api.url,
             )
+            held = None  # the connection the last run came on, until that run is acknowledged
             while True:
                 while self._limiter is not None and self._limiter.available_tokens < 1:
                     await anyio.sleep(0.02)
-                task_run = await subscription.__anext__()
+                if held is not None:
+                    await subscription.acknowledge(held)
+                task_run, held = await subscription.receive()
                 logging.getLogger("fastimagic.worker").info("took task run %s", task_run.name)
                 if await self._acquire_token(task_run.id):
                     self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
