@@ -143,8 +143,11 @@ def warm_worker(spec: str | None) -> None:
     on a GPU :func:`prime`. ``spec``: the model to keep warm (``$FASTIMAGIC_WORKER_MODEL``, loaded with a
     storyboard's default options, so that its first fine-tune or render finds it loaded); without one, the tiny
     model, thrown away afterwards."""
-    model = cached_base_model(spec) if spec else load_base_model("tiny")
-    prime(model, TINY_RESOLUTION if (spec or "tiny") in TINY_FAMILIES else model.family.resolution)
+    model = cached_base_model(spec) if spec else load_base_model("tiny")  # a model that does not load: refused
+    try:
+        prime(model, TINY_RESOLUTION if (spec or "tiny") in TINY_FAMILIES else model.family.resolution)
+    except Exception as e:  # the first task pays the start instead: no reason to refuse work
+        _log.warning("warm-up on %s failed (%s: %s); serving all the same", model.identity, type(e).__name__, e)
 
 
 def identity(board: Storyboard) -> str:
