@@ -28,7 +28,11 @@ Prints one JSON line per figure (stdout; progress goes to stderr):
     forget_switch   Editor.forget("encoderattn") then Editor.forget("decoderattn"): median seconds of one switch
     storyboard      the real Prefect flow (flows.storyboard.storyboard_flow) on a 5-scene x 4-seed x 8-gamma
                     storyboard (160 keyframes, 50 steps, 512 px) whose model is a diffusers folder saved from the
-                    random components, written to a local folder; seconds = model load + flow
+                    random components, written to a local folder; seconds = model load + flow.
+                    render_images_per_second: keyframes / the flow's render time; flow_efficiency: that / the
+                    sampler's best images/s in this process (the sample figure's, or one render at the flow's batch
+                    size on the flow's warm model when the sample figure did not run); gpu_busy_fraction: the time
+                    inside the sampler (CUDA events on a GPU, the wall clock on CPU) / the flow's render time
 
 Each figure carries ``target`` and ``meets_target`` (true/false on a CUDA run, null with --tiny or on CPU).
 
@@ -78,7 +82,7 @@ TARGETS_BY_ARCH = {
         "sample": {"images_per_second_min": 5.0},
         "batch1": {"seconds_per_image_max": 1.0},
         "forget_switch": {"seconds_max": 0.1},
-        "storyboard": {"seconds_max": 60.0},
+        "storyboard": {"seconds_max": 60.0, "flow_efficiency_min": 0.9, "gpu_busy_fraction_min": 0.9},
     },
     "sdxl": {
         "finetune": {"seconds_max": 30.0, "peak_gib_max": 60.0},
@@ -785,8 +789,75 @@ def figure_forget_switch(model, tuning, plan: Plan) -> dict:
     }
 
 
-def figure_storyboard(plan: Plan, device, switches: list[str], compile_mode: str, work: Path) -> dict:
-    """The real flow from a storyboard file whose model is a diffusers folder of the random components."""
+class SamplerClock:
+    """Time spent inside :func:`fastimagic.sampler.sample` during the flow's renders: CUDA events around each call
+    on a GPU (read after the flow, so nothing waits for the GPU meanwhile), the wall clock on CPU. Installed where
+    the editor calls the sampler; the model lock keeps the calls from overlapping."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self.calls = 0
+
+    def __enter__(self) -> SamplerClock:
+        import fastimagic.editor as editor_module
+
+        self._module, self._sample = editor_module, editor_module.sample
+
+        def timed_sample(*args, **kwargs):
+            import torch
+
+            self.calls += 1
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                try:
+                    return self._sample(*args, **kwargs)
+                finally:
+                    end.record()
+                    self.spans.append((start, end))
+            t = time.perf_counter()
+            try:
+                return self._sample(*args, **kwargs)
+            finally:
+                self.spans.append(time.perf_counter() - t)
+
+        editor_module.sample = timed_sample
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._module.sample = self._sample
+
+    def seconds(self) -> float:
+        if self.cuda:
+            sync(self.device)
+            return sum(start.elapsed_time(end) for start, end in self.spans) / 1000.0
+        return float(sum(self.spans))
+
+
+def sampler_images_per_second(model, tuning, plan: Plan, batch: int) -> float:
+    """The sampler alone at ``batch`` images per call (one prompt, ``batch`` seeds), after a 2-step warm-up: the
+    reference for ``flow_efficiency`` when the sample figure did not run in this process."""
+    from fastimagic.editor import Editor
+
+    device = model.device
+
+    def render(steps: int):
+        return editor.render(PROMPT, seeds=list(range(batch)), edits=[{"mode": "subtract", "gamma": 1.0}],
+                             steps=steps, guidance=7.5, max_batch=batch)
+
+    with model.lock, Editor(model, tuning) as editor:
+        render(2)
+        _, seconds = timed(device, lambda: render(plan.sample_steps))
+    return batch / seconds
+
+
+def figure_storyboard(
+    plan: Plan, device, switches: list[str], compile_mode: str, work: Path, sample_ips: float | None = None
+) -> dict:
+    """The real flow from a storyboard file whose model is a diffusers folder of the random components.
+    ``sample_ips``: the sample figure's best images/s, when it ran in this process."""
     sys.path.insert(0, str(ROOT / "tests"))
     from ldm_export import save_diffusers_folder  # the tests' recipe for a diffusers folder from components
 
@@ -829,14 +900,33 @@ def figure_storyboard(plan: Plan, device, switches: list[str], compile_mode: str
     # switches can be applied to it; its load time is part of the figure.
     warm, load = timed(device, lambda: models.cached_base_model(str(folder.resolve())))
     apply_switches(warm, switches, compile_mode)
-    result, flow_seconds = timed(device, lambda: storyboard_flow(storyboard=str(story)))
+    with SamplerClock(device) as clock:
+        result, flow_seconds = timed(device, lambda: storyboard_flow(storyboard=str(story)))
+    busy_seconds = clock.seconds()
     prewarmed = any(m is warm for m in models._WARM.values())
     manifest = json.loads(Path(result["manifest"]).read_text())
     written = [Path(result["manifest"]).parent / k["key"] for k in manifest["keyframes"]]
     if result["keyframes"] != expected or not all(p.is_file() for p in written):
         raise RuntimeError(f"storyboard wrote {result['keyframes']} keyframes, expected {expected}")
     seconds = load + flow_seconds
+    render_seconds = (manifest.get("timings") or {}).get("render_seconds") or flow_seconds
+    render_ips = result["keyframes"] / render_seconds
+    from fastimagic.sampler import auto_batch_size
+    from fastimagic.tuning import Tuning
+
+    flow_batch = min(auto_batch_size(warm, plan.resolution, plan.resolution), result["keyframes"])
+    if sample_ips is None:
+        stored = work / "keyframes" / "tunings" / result["tuning_key"]
+        tuning = Tuning.read(lambda name: (stored / name).read_bytes(), where=str(stored))
+        note(f"storyboard: the sampler alone at batch {flow_batch}, for flow_efficiency")
+        sample_ips, sample_from = sampler_images_per_second(warm, tuning, plan, flow_batch), f"batch {flow_batch}"
+    else:
+        sample_from = "the sample figure's best"
+    efficiency = render_ips / sample_ips
+    busy = busy_seconds / render_seconds
     target = targets(plan)["storyboard"]
+    checks = [target["seconds_max"] is None or seconds <= target["seconds_max"]]
+    checks += [efficiency >= target.get("flow_efficiency_min", 0), busy >= target.get("gpu_busy_fraction_min", 0)]
     models._WARM.clear()
     return {
         "figure": "storyboard",
@@ -854,8 +944,16 @@ def figure_storyboard(plan: Plan, device, switches: list[str], compile_mode: str
         "model_prewarmed": prewarmed,
         "flow_timings": manifest.get("timings"),
         "keyframes_per_second": round(result["keyframes"] / seconds, 3),
+        "render_images_per_second": round(render_ips, 3),
+        "sample_images_per_second": round(sample_ips, 3),
+        "sample_reference": sample_from,
+        "flow_efficiency": round(efficiency, 3),
+        "gpu_busy_fraction": round(busy, 3),
+        "gpu_busy_clock": "cuda events" if clock.cuda else "wall clock (no GPU: the sampler's share of render time)",
+        "sampling_calls": clock.calls,
+        "flow_batch": flow_batch,
         "target": target,
-        "meets_target": verdict(plan, device, [target["seconds_max"] is None or seconds <= target["seconds_max"]]),
+        "meets_target": verdict(plan, device, checks),
     }
 
 
@@ -932,6 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     emit(figure_device(plan, device, args.switches, args.precision))
     image = load_reference(reference_png(plan.resolution), "reference.png")
+    sample_ips = None  # the sample figure's best images/s, the storyboard's flow_efficiency reference
     try:
         if "equivalence" in args.figures:
             note("equivalence (tiny model)")
@@ -963,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
                     note(name)
                     records[name] = run()
                     emit(records[name])
+            if "sample" in records:
+                sample_ips = records["sample"]["images_per_second"]
             if "forget_switch" in args.figures:
                 note("forget_switch")
                 emit(figure_forget_switch(model, tuning, plan))
@@ -970,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
             free(device)
         if "storyboard" in args.figures:
             note("storyboard")
-            emit(figure_storyboard(plan, device, args.switches, args.compile_mode, work))
+            emit(figure_storyboard(plan, device, args.switches, args.compile_mode, work, sample_ips))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

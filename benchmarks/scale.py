@@ -8,8 +8,11 @@ S3 server, so the difference is who does the GPU work. Prints ``name=value`` lin
 
 * ``scaleout_vs_inprocess``: wall time of both storyboards with ``--workers`` over without (each a fresh
   ``fastimagic run`` process, so both pay its start and imports; the warm side does not pay the model load);
-* ``model_loads_per_worker``: the most base-model loads any worker did over both storyboards (from its log);
+* ``model_loads_per_worker``: the most base-model loads any worker did, its warm-up at start included (from its
+  log; the workers run with ``FASTIMAGIC_WORKER_MODEL=tiny``, so they load it before serving);
 * ``tuning_fetches_per_worker_per_key``: the most fetches of one tuning by one worker;
+* ``renders_per_worker`` and ``device_busy_fraction_per_worker``: render units each worker ran, and the share of the
+  ``--workers`` storyboards' wall time each spent rendering on its device (from its ``rendered ...`` log lines);
 * ``scene_start_seconds``: from submitting a scene's first render to its start on a warm worker (Prefect's task
   run ``created`` to ``start_time``), median over the first render wave of the second storyboard (workers warm
   and idle); later waves also wait for a free worker, which is queueing, not start cost.
@@ -104,8 +107,10 @@ def main() -> None:
         env["PREFECT_API_URL"] = api
         subprocess.run(["bash", "deploy/setup.sh"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
         env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = BLOCK
+        # the operator names the model its workers keep warm: they load (and on a GPU prime) it before serving
+        worker_env = env | {"FASTIMAGIC_WORKER_MODEL": "tiny"}
         for name in WORKERS:
-            procs.start(name, [sys.executable, "-m", "flows.cli", "worker"], env)
+            procs.start(name, [sys.executable, "-m", "flows.cli", "worker"], worker_env)
         for name in WORKERS:
             while "serving caption" not in procs.tail(name, 1_000_000):
                 time.sleep(0.3)
@@ -144,6 +149,13 @@ def main() -> None:
         worst = max((n for c in fetches.values() for n in c.values()), default=0)
         detail = "; ".join(f"{w}: {dict(c)}" for w, c in fetches.items())
         print(f"tuning_fetches_per_worker_per_key={worst} ({detail})")
+        # each worker's share of the --workers storyboards' wall time spent rendering on its device
+        warm_seconds = seconds["warm", "first"] + seconds["warm", "second"]
+        device = r"rendered .*?, ([\d.]+) s on the device"
+        busy = {w: sum(map(float, re.findall(device, log))) for w, log in logs.items()}
+        renders = {w: len(re.findall(r"rendered ", log)) for w, log in logs.items()}
+        print("renders_per_worker=" + ", ".join(f"{w}: {n}" for w, n in renders.items()))
+        print("device_busy_fraction_per_worker=" + ", ".join(f"{w}: {b / warm_seconds:.2f}" for w, b in busy.items()))
         print(f"scene_start_seconds={statistics.median(starts['second']):.2f}"
               f" (first storyboard: {statistics.median(starts['first']):.2f}; workers idle, first render wave)")
     finally:

@@ -2,7 +2,8 @@
 
 :class:`Editor` puts the learned tensors into the base model's UNet (in place), switches forgetting strategies in
 place, merges embeddings and samples. Closing it puts the base weights back, so one warm base model serves any
-number of tunings in turn.
+number of tunings in turn. :func:`applied` keeps one open between renders, so a worker that renders a whole run
+(or many) with one tuning applies it once; :func:`release` puts the base weights back.
 
 >>> from fastimagic.merge import Subtract
 >>> with Editor(model, tuning) as editor:
@@ -16,6 +17,8 @@ number of tunings in turn.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -81,6 +84,8 @@ class Editor:
             raise InputError(
                 f"tuning {tuning.key} was fine-tuned on '{tuning.model_identity}', not on '{model.identity}'"
             )
+        if model.applied is not None:  # a model carries one tuning at a time: the kept one goes first
+            release(model)
         params = dict(model.unet.named_parameters())
         missing = [n for n in tuning.deltas if n not in params or params[n].shape != tuning.deltas[n].shape]
         if missing:
@@ -111,6 +116,8 @@ class Editor:
         self.forgetting.restore()
         put_back(dict(self.model.unet.named_parameters()), self._originals)
         self._closed = True
+        if self.model.applied is self:
+            self.model.applied = None
 
     def forget(self, strategy: str, sigma: float = 0.0) -> StrategyReport:
         """Switch the forgetting strategy in place (see :mod:`fastimagic.forgetting`)."""
@@ -187,3 +194,37 @@ class Editor:
             )
             for (s, i), img in zip(combos, images.to_pil(pixels))
         ]
+
+
+# Models with an editor kept open on them (weakly: a base model the LRU drops goes, with its editor).
+_KEPT: weakref.WeakValueDictionary[int, Components] = weakref.WeakValueDictionary()
+_KEPT_LOCK = threading.Lock()
+
+
+def applied(model: Components, tuning: Tuning) -> Editor:
+    """An :class:`Editor` with ``tuning`` applied to ``model``, kept open afterwards: the next call for the same
+    tuning (by content key) on this model applies nothing, and forgetting switches in place as usual. Another tuning
+    closes the kept editor first. Hold ``model.lock`` from this call until done with the editor, and leave closing it
+    to :func:`release` (or to the next :class:`Editor` opened on the model)."""
+    editor = model.applied
+    if isinstance(editor, Editor) and not editor._closed and editor.tuning.key == tuning.key:
+        return editor
+    editor = Editor(model, tuning)  # closes any other kept editor first
+    model.applied = editor
+    with _KEPT_LOCK:
+        _KEPT[id(model)] = model
+    return editor
+
+
+def release(model: Components | None = None) -> None:
+    """Close the editor :func:`applied` kept open on ``model`` (on every model when None): the base weights back,
+    bit for bit. Call before anything that needs the base weights (a fine-tune) and when a run ends."""
+    with _KEPT_LOCK:
+        models = [model] if model is not None else list(_KEPT.values())
+    for m in models:
+        with m.lock:
+            editor, m.applied = m.applied, None
+            if editor is not None:
+                editor.close()
+        with _KEPT_LOCK:
+            _KEPT.pop(id(m), None)

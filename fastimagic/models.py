@@ -125,6 +125,8 @@ class Components:
     precision: Precision = field(default_factory=lambda: resolve_precision("fp32", "cpu"))
     # Applying a tuning or a forgetting strategy edits the UNet in place: one user at a time.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # The Editor kept open on this model between renders (fastimagic.editor.applied), or None: base weights.
+    applied: object | None = field(default=None, repr=False, compare=False)
     family: Family = SD1
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None

@@ -10,7 +10,9 @@ workers is only *who* tunes and renders: a :class:`Backend` (``flows.storyboard.
 
 from __future__ import annotations
 
+import contextvars
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -105,6 +107,9 @@ def preflight(board: Storyboard) -> None:
 class Backend(Protocol):
     """Who does the GPU work of a run."""
 
+    def warm_up(self, board: Storyboard) -> None:
+        """Start what the GPU work needs (a model load) while the reference is fetched and captioned."""
+
     def tune(self, board: Storyboard, reference: Reference, run_prefix: str) -> tuple[SourcePrompt, TuningRef]:
         """Caption (unless the storyboard gives the source prompt) and fine-tune once, or reuse the stored tuning."""
 
@@ -117,10 +122,12 @@ class Backend(Protocol):
 def render_scene(
     board: Storyboard, scene: Scene, tuning_key: str, run_prefix: str, resume: bool, submit=None
 ) -> tuple[SceneSummary, list[KeyframeRecord], int]:
-    """Render one scene (every seed at once, bounded by the ``gpu`` tag), run its ``forget: auto`` workflow, and
-    write its picks, contact sheet and manifest. With ``resume``, a (scene, seed) whose keyframes are stored intact
-    is kept, not rendered. ``submit``: how a (scene, seed) unit starts, with ``render_keyframes``' arguments,
-    returning a future (default ``render_keyframes.submit``, in this process; warm workers pass their own).
+    """Render one scene, run its ``forget: auto`` workflow, and write its picks, contact sheet and manifest.
+
+    Each pass renders every seed the scene still needs as one unit of GPU work (``render_keyframes``: one sampling
+    call per strategy). With ``resume``, a (scene, seed) whose keyframes are stored intact is kept, and only the
+    other seeds are rendered. ``submit``: how a unit starts, with ``render_keyframes``' arguments, returning a
+    future (default ``render_keyframes.submit``, in this process; warm workers pass their own).
     Returns ``(summary, records, kept)``."""
     output = board.output.resolved
     submit = submit or render_keyframes.submit
@@ -128,22 +135,49 @@ def render_scene(
 
     def render(strategies: tuple[str, ...]) -> list[KeyframeRecord]:
         nonlocal kept
-        launched = []
         settings = render_settings(board, scene, tuning_key)
+        stored = {}
         for seed in scene.seeds:
             proven = resume and kept_settings_match(scene, seed, output, run_prefix, strategies, settings)
             done = verify_written(scene, seed, output, run_prefix, strategies) if proven else None
             if done is not None:
                 kept += len(done)
-                launched.append(done)
-            else:
-                launched.append(submit(board, scene, seed, tuning_key, output, run_prefix, strategies))
-        return [r for item in launched for r in (item if isinstance(item, list) else item.result())]
+                stored[seed] = done
+        missing = [seed for seed in scene.seeds if seed not in stored]
+        rendered = submit(board, scene, missing, tuning_key, output, run_prefix, strategies).result() if missing else []
+        per_seed = len(rendered) // max(1, len(missing))
+        for i, seed in enumerate(missing):
+            stored[seed] = rendered[i * per_seed : (i + 1) * per_seed]
+        return [r for seed in scene.seeds for r in stored[seed]]
 
     records, auto = autoforget.render_scene(scene.forget, scene.prompt, scene.auto, render)
     if auto is not None:
         get_run_logger().info("scene %s: %s", scene.id, auto["reason"])
     return write_scene_outputs(scene, records, output, run_prefix, auto), records, kept
+
+
+def render_scenes(
+    board: Storyboard, tuning_key: str, run_prefix: str, resume: bool, *, threads: int, submit=None
+) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
+    """:func:`render_scene` for every scene, up to ``threads`` scenes at once, so that one scene's CPU work (writes,
+    contact sheet, manifest) overlaps the next scene's GPU work. The first scene (in storyboard order) that fails
+    fails the run, once the scenes already started have ended; scenes not started yet are not started.
+    Returns ``(summaries, records, kept)`` in storyboard order."""
+
+    def one(scene: Scene):
+        return render_scene(board, scene, tuning_key, run_prefix, resume, submit)
+
+    pool = ThreadPoolExecutor(max(1, min(len(board.scenes), threads)), thread_name_prefix="fastimagic-scene")
+    try:
+        futures = [pool.submit(contextvars.copy_context().run, one, scene) for scene in board.scenes]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    failed = [f for f in futures if not f.cancelled() and f.exception() is not None]
+    if failed:
+        failed[0].result()  # raises it
+    done = [f.result() for f in futures]
+    return [d[0] for d in done], [r for d in done for r in d[1]], sum(d[2] for d in done)
 
 
 def start_run(
@@ -213,6 +247,7 @@ def run_storyboard(
     )
     write_plan(board, run_id, board.output.resolved, run_prefix)
     t = time.perf_counter()
+    backend.warm_up(board)
     reference = fetch_reference(board)
     prompts, tuning = backend.tune(board, reference, run_prefix)
     timings["finetune_seconds"] = time.perf_counter() - t

@@ -15,16 +15,17 @@ in-process backend calls them directly: one code path) and waits for them with a
   measured so far) belongs to a worker presumed dead (a killed task worker leaves its run Running for ever), and so
   does one still Scheduled a lease floor after a run submitted later has started (a worker took it and died before
   starting it; the queue is first in, first out): it is marked Crashed and submitted again, after checking whether
-  its keyframes were written and verify intact (:func:`tasks.pipeline.verify_written`); a render rewrites its
-  (scene, seed) unit under the same names, so a retry never leaves a gap or a duplicate;
+  its keyframes were written and verify intact (:func:`tasks.pipeline.stored_intact`, every (scene, seed) of the
+  unit); a render rewrites its unit (a scene's seeds) under the same names, so a retry never leaves a gap or a
+  duplicate;
 * a task that fails (a model no worker can load, say) fails the run with the worker's reason;
 * a task waiting while no worker serving it is connected to the server at all (none started, or all gone) is
   cancelled after ``$FASTIMAGIC_WORKER_WAIT_SECONDS`` (default 300: time for an autoscaler to start one) and the
   run fails with one line saying so; a warning says it at once. Busy workers are waited for as long as it takes.
 
-The passed-over rule has a cost: the server hands each connected worker the next run even while it is busy, so a
-run waiting behind a task that takes longer than the lease floor is also presumed lost and submitted again; the
-worker then renders that unit a second time (same names, same bytes). A floor above the slowest unit avoids it.
+A worker acknowledges a task run only when it is free for the next (:class:`IdleTaskWorker`), so the server never
+hands a busy worker the next run: it stays queued for whichever worker is free, and a worker that dies holding a run
+has it put back in the queue by the server (another worker renders that unit again: same names, same bytes).
 
 No ``gpu`` tag limit is needed on this path: each worker takes one task at a time (:class:`IdleTaskWorker`), and
 there is one worker per GPU, so a GPU never runs two tasks. The tag limit made every GPU task ask the server for a
@@ -49,8 +50,8 @@ from fastimagic.errors import FastImagicError, InputError
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
 from fastimagic.store import StoreError
 from fastimagic.storyboard import Scene, Storyboard
-from flows.run import render_scene
-from tasks.pipeline import caption_reference, finetune_once, render_keyframes, verify_written
+from flows.run import render_scenes
+from tasks.pipeline import caption_reference, finetune_once, render_keyframes, stored_intact
 
 GPU_TASKS = (caption_reference, finetune_once, render_keyframes)
 STORAGE_SETTING = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"
@@ -106,28 +107,64 @@ def _idle_task_worker():
     from prefect.settings import get_current_settings
     from prefect.task_worker import TaskWorker
 
+    class HeldSubscription(Subscription):
+        """Receives a task run without acknowledging it; :meth:`acknowledge` does, when the worker is free for the
+        next. The server sends a subscriber its next run only after the previous one is acknowledged, and puts an
+        unacknowledged run back in its queue when the subscriber disconnects."""
+
+        async def receive(self):
+            import anyio
+            import websockets.exceptions
+
+            while True:
+                try:
+                    await self._ensure_connected()
+                    websocket = self.websocket
+                    return self.model.model_validate_json(await websocket.recv()), websocket
+                except (ConnectionRefusedError, websockets.exceptions.ConnectionClosedError):
+                    self._websocket = None
+                    if hasattr(self._connect, "protocol"):
+                        await self._connect.__aexit__(None, None, None)
+                    await anyio.sleep(0.5)
+
+        async def acknowledge(self, websocket) -> None:
+            import websockets.exceptions
+
+            if websocket is not self._websocket:
+                return  # reconnected since: the server has put that run back in its queue
+            try:
+                await websocket.send('{"type": "ack"}')
+            except websockets.exceptions.ConnectionClosed:
+                pass  # the next receive reconnects
+
     class IdleTaskWorker(TaskWorker):
         """A task worker that takes the next task run only when it has a free slot.
 
-        Prefect's own worker acknowledges the next task run as soon as it arrives and then waits for a slot, so a
-        busy worker holds work an idle one could run, and loses it if it dies (the server re-queues only runs not
-        yet acknowledged). Waiting for a slot *before* reading from the subscription fixes both.
+        Prefect's own worker acknowledges each task run as soon as it arrives, and the server then sends it the next
+        one at once, even while it is busy: a busy worker holds work an idle one could run (with a few large units,
+        one worker may hold them all while the other idles), and loses it if it dies (the server re-queues only runs
+        not yet acknowledged). This worker acknowledges a run only when it has a free slot for the next: until then
+        the server keeps the next run in its queue for whichever worker is free, and if this worker dies first, the
+        server puts the run back (another worker then runs it; a render rewrites its unit under the same names).
         """
 
         async def _subscribe_to_task_scheduling(self):
             import anyio
 
-            subscription = Subscription(
+            subscription = HeldSubscription(
                 model=self._task_run_model(),
                 path="/task_runs/subscriptions/scheduled",
                 keys=self.task_keys,
                 client_id=self.client_id,
                 base_url=get_current_settings().api.url,
             )
+            held = None  # the connection the last run came on, until that run is acknowledged
             while True:
                 while self._limiter is not None and self._limiter.available_tokens < 1:
                     await anyio.sleep(0.02)
-                task_run = await subscription.__anext__()
+                if held is not None:
+                    await subscription.acknowledge(held)
+                task_run, held = await subscription.receive()
                 logging.getLogger("fastimagic.worker").info("took task run %s", task_run.name)
                 if await self._acquire_token(task_run.id):
                     self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
@@ -142,7 +179,8 @@ def _idle_task_worker():
 
 
 def serve(limit: int = 1) -> None:
-    """Serve :data:`GPU_TASKS` here until stopped, ``limit`` at a time (1: one worker per GPU).
+    """Serve :data:`GPU_TASKS` here until stopped, ``limit`` at a time (1: one worker per GPU), after paying the
+    cold start (:func:`tasks.pipeline.warm_worker`; ``$FASTIMAGIC_WORKER_MODEL`` names the model to keep warm).
 
     Refuses to start without the shared storage (:func:`check_shared_storage`) or a Prefect server
     (``PREFECT_API_URL``: background tasks do not work with Prefect's throw-away local server)."""
@@ -152,6 +190,11 @@ def serve(limit: int = 1) -> None:
     if not PREFECT_API_URL.value():
         raise InputError("PREFECT_API_URL is not set: a worker takes its work from a Prefect server")
     check_shared_storage()
+    from tasks.pipeline import WORKER_MODEL_SETTING, warm_worker
+
+    started = time.perf_counter()
+    warm_worker(os.environ.get(WORKER_MODEL_SETTING) or None)  # the cold start, before any work is taken
+    logging.getLogger("fastimagic.worker").info("warmed up in %.1f s", time.perf_counter() - started)
     import asyncio
     import faulthandler
     import signal
@@ -282,6 +325,19 @@ class _Runs:
             return self.seen.get(task_run_id)
 
 
+def _all_written(
+    scene: Scene, seeds: list[int], output: str, run_prefix: str, strategies: tuple[str, ...]
+) -> list[KeyframeRecord] | None:
+    """The records of every (scene, seed) of a unit when all are stored intact, else None."""
+    records = []
+    for seed in seeds:
+        done = stored_intact(scene, seed, output, run_prefix, strategies)
+        if done is None:
+            return None
+        records += done
+    return records
+
+
 class Warm:
     """Tune and render on warm GPU workers (background tasks; see the module docstring)."""
 
@@ -384,33 +440,33 @@ class Warm:
         return prompts, self.run(finetune_once, (board, reference, prompts, board.output.resolved), steps)
 
     def render(
-        self, board: Storyboard, scene: Scene, seed: int, key: str, output: str, run_prefix: str,
+        self, board: Storyboard, scene: Scene, seeds: list[int], key: str, output: str, run_prefix: str,
         strategies: tuple[str, ...],
     ) -> list[KeyframeRecord]:
-        """One (scene, seed) unit on a worker: :func:`tasks.pipeline.render_keyframes`, leased."""
-        steps = len(strategies) * len(scene.edit.combos()) * scene.steps
+        """One unit (a scene's ``seeds``) on a worker: :func:`tasks.pipeline.render_keyframes`, leased by its size.
+        A lost unit whose every (scene, seed) was written and verifies intact is kept, not rendered again."""
+        steps = len(strategies) * len(seeds) * len(scene.edit.combos()) * scene.steps
         records = self.run(
             render_keyframes,
-            (board, scene, seed, key, output, run_prefix, strategies),
+            (board, scene, list(seeds), key, output, run_prefix, strategies),
             steps,
-            done=lambda: verify_written(scene, seed, output, run_prefix, strategies),
+            done=lambda: _all_written(scene, seeds, output, run_prefix, strategies),
         )
         progress.keyframes_written(len(records))
         return records
 
+    def warm_up(self, board: Storyboard) -> None:
+        pass  # the workers keep their models warm
+
     def scenes(
         self, board: Storyboard, tuning_key: str, run_prefix: str, resume: bool
     ) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
-        def one(scene: Scene):
-            return render_scene(board, scene, tuning_key, run_prefix, resume, submit=self.submit_render)
-
         try:
-            with ThreadPoolExecutor(max_workers=max(1, min(len(board.scenes), SCENE_THREADS))) as pool:
-                futures = [pool.submit(contextvars.copy_context().run, one, scene) for scene in board.scenes]
-                done = [f.result() for f in futures]
+            return render_scenes(
+                board, tuning_key, run_prefix, resume, threads=SCENE_THREADS, submit=self.submit_render
+            )
         finally:
             self.waiting.shutdown(wait=False, cancel_futures=True)
-        return [d[0] for d in done], [r for d in done for r in d[1]], sum(d[2] for d in done)
 
     def submit_render(self, *args) -> Future:
         """Like ``render_keyframes.submit``: start the unit now, return a future of its records."""

@@ -17,6 +17,8 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -28,7 +30,7 @@ from fastimagic import progress
 from fastimagic.cache import LruCache
 from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.config import PRECISIONS, slugify
-from fastimagic.editor import Editor
+from fastimagic.editor import applied, release
 from fastimagic.errors import InputError
 from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.images import fit, load_reference
@@ -41,9 +43,17 @@ from fastimagic.manifests import (
     keyframe_record,
     scene_manifest,
 )
-from fastimagic.models import cached_base_model, model_family, model_identity
+from fastimagic.models import (
+    TINY_FAMILIES,
+    Components,
+    cached_base_model,
+    load_base_model,
+    model_family,
+    model_identity,
+)
 from fastimagic.picking import scene_picks
 from fastimagic.runs import PLAN, plan_record
+from fastimagic.sampler import sample
 from fastimagic.scoring import load_scorer
 from fastimagic.sequence import SEQUENCE, index_page, write_sequence
 from fastimagic.store import NotFound, StoreError
@@ -96,6 +106,54 @@ def preload_model(board: Storyboard) -> None:
     """Load the storyboard's base model into this process's cache ahead of the fine-tune (`fastimagic run` does
     it while Prefect's server starts); the task then finds it loaded."""
     _model(board)
+
+
+def prime(model: Components, side: int) -> None:
+    """On a GPU, one fine-tune step and one sampling step at ``side`` x ``side`` pixels, thrown away: the device
+    context, library handles and kernels a first fine-tune otherwise loads on the critical path (16.6 s on SD 1.5,
+    measured). Nothing on CPU, where there is no such start to pay, nor when the model is already at work (that
+    work pays it)."""
+    if model.device.type != "cuda" or not model.lock.acquire(blocking=False):
+        return
+    try:
+        image = Image.new("RGB", (side, side), (127, 127, 127))
+        started = time.perf_counter()
+        release(model)
+        finetune(model, image, "a photo", FinetuneConfig(steps=1, min_steps=1), width=side, height=side)
+        sample(model, model.encode_prompts(["a photo"]), [0], width=side, height=side, steps=1)
+        _log.info("primed %s on %s in %.1f s", model.identity, model.device, time.perf_counter() - started)
+    finally:
+        model.lock.release()
+
+
+def warm_up(board: Storyboard) -> None:
+    """Start loading (and on a GPU :func:`prime`) the storyboard's base model in the background, once per process
+    (:func:`fastimagic.models.cached_base_model`), so that the cold start overlaps fetching and captioning the
+    reference. A load that fails here fails again, and is reported, when the fine-tune or a render needs the model."""
+
+    def load() -> None:
+        try:
+            model = _model(board)
+            prime(model, TINY_RESOLUTION if board.model.kind == "tiny" else model.family.resolution)
+        except Exception as e:  # reported by the task that needs the model
+            _log.debug("warm-up failed: %s", e)
+
+    threading.Thread(target=load, name="fastimagic-warm-up", daemon=True).start()
+
+
+WORKER_MODEL_SETTING = "FASTIMAGIC_WORKER_MODEL"
+
+
+def warm_worker(spec: str | None) -> None:
+    """A worker's cold start, paid before it takes any work: the model libraries' imports and the model's load, and
+    on a GPU :func:`prime`. ``spec``: the model to keep warm (``$FASTIMAGIC_WORKER_MODEL``, loaded with a
+    storyboard's default options, so that its first fine-tune or render finds it loaded); without one, the tiny
+    model, thrown away afterwards."""
+    model = cached_base_model(spec) if spec else load_base_model("tiny")  # a model that does not load: refused
+    try:
+        prime(model, TINY_RESOLUTION if (spec or "tiny") in TINY_FAMILIES else model.family.resolution)
+    except Exception as e:  # the first task pays the start instead: no reason to refuse work
+        _log.warning("warm-up on %s failed (%s: %s); serving all the same", model.identity, type(e).__name__, e)
 
 
 def identity(board: Storyboard) -> str:
@@ -224,6 +282,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
     callback = _finetune_progress()
     image = load_reference(reference.data, reference.uri)
     with model.lock:
+        release(model)  # a tuning kept applied from earlier renders: the fine-tune starts from the base weights
         tuning = finetune(
             model,
             image,
@@ -340,56 +399,80 @@ _REFERENCES: dict = {}
 
 
 @task(
-    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}", **STORAGE_RETRIES
+    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seeds {seeds}",
+    **STORAGE_RETRIES,
 )
 def render_keyframes(
     board: Storyboard,
     scene: Scene,
-    seed: int,
+    seeds: list[int],
     key: str,
     output: str,
     run_prefix: str,
     strategies: tuple[str, ...] | None = None,
 ) -> list[KeyframeRecord]:
-    """Render one (scene, seed): every edit setting under each forgetting strategy, score them, write them.
+    """Render a scene's ``seeds`` (one unit of GPU work): every edit setting under each forgetting strategy, score
+    them, write them.
 
-    ``strategies`` defaults to the scene's. Each PNG is written atomically (a failed write retries the task),
-    then a progress record listing them with their SHA-256. With a scorer, each record carries ``scores`` (CLIP
-    text alignment and fidelity to the reference), computed here in one batch with the scorer loaded once per
-    process. Returns the manifest records (keys relative to the run folder).
+    One sampling call per strategy covers every seed and edit (the sampler chunks it at its batch size), on the
+    tuning this process keeps applied (:func:`fastimagic.editor.applied`: applied once per process and tuning).
+    ``strategies`` defaults to the scene's. The model is held only for the GPU work: the writes that follow overlap
+    the next unit's sampling. Each PNG is written atomically (a failed write retries the task); after each seed's
+    PNGs, a progress record of that (scene, seed) lists them with their SHA-256 (what ``--resume`` verifies), so a
+    unit that fails part way keeps the seeds it finished. With a scorer, each record carries ``scores`` (CLIP text
+    alignment and fidelity to the reference), computed in one batch with the scorer loaded once per process.
+    Returns the manifest records (keys relative to the run folder), seed by seed, each seed's in render order
+    (:func:`expected_names`).
     """
     strategies = tuple(strategies or scene.forget)
+    seeds = [int(s) for s in seeds]
     model = _model(board)
     tuning = load_tuning(output, key)
-    frames = []
-    with model.lock, Editor(model, tuning) as editor:
+    per_strategy = []
+    with model.lock:
+        started = time.perf_counter()
+        editor = applied(model, tuning)
         for strategy in strategies:
-            frames += editor.render(
+            per_strategy.append(editor.render(
                 scene.prompt,
-                seeds=[seed],
+                seeds=seeds,
                 edits=scene.edit.combos(),
                 forget=strategy,
                 sigma=scene.sigma,
                 guidance=scene.guidance,
                 steps=scene.steps,
                 negative_prompt=scene.negative_prompt,
-            )  # at the tuning's size
+            ))  # at the tuning's size; seed-major
+        edits = len(scene.edit.combos())
+        frames = [f for i in range(len(seeds)) for made in per_strategy for f in made[i * edits : (i + 1) * edits]]
         scores = None
         if board.scorer_name:
             scorer = load_scorer(board.scorer_name, device=model.device)
             reference = _reference_image(board, tuning.width, tuning.height)
             scores = scorer.score([f.image for f in frames], scene.prompt, reference)
+        device_seconds = time.perf_counter() - started  # the images are on the CPU: the device's work is done
+    written_at = time.perf_counter()
     store = output_store(output).child(run_prefix)
+    settings_record = kf.dumps(render_settings(board, scene, key))
     records = []
-    for i, f in enumerate(frames):
-        data = kf.png_bytes(f.image)
-        rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
-        store.put_bytes(rel, data, "image/png")
-        settings = f.settings() | {"precision": model.precision.name}
-        records.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
-    store.put_bytes(_settings_key(scene.id, seed, strategies), kf.dumps(render_settings(board, scene, key)))
-    store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(records), "application/json")
-    progress.keyframes_written(len(records))
+    per_seed = len(strategies) * edits
+    for start, seed in zip(range(0, len(frames), per_seed), seeds):
+        written = []
+        for i in range(start, start + per_seed):
+            f = frames[i]
+            data = kf.png_bytes(f.image)
+            rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
+            store.put_bytes(rel, data, "image/png")
+            settings = f.settings() | {"precision": model.precision.name}
+            written.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
+        store.put_bytes(_settings_key(scene.id, seed, strategies), settings_record)
+        store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(written), "application/json")
+        progress.keyframes_written(len(written))
+        records += written
+    _log.info(
+        "rendered %s seeds %s: %d keyframes, %.2f s on the device, %.2f s writing",
+        scene.id, seeds, len(records), device_seconds, time.perf_counter() - written_at,
+    )
     return records
 
 
@@ -402,6 +485,16 @@ def verify_written(
     Intact means: the progress record exists, names exactly the keyframes this scene asks for, and every PNG's
     SHA-256 matches it.
     """
+    records = stored_intact(scene, seed, output, run_prefix, strategies)
+    if records is not None:
+        progress.keyframes_written(len(records))
+    return records
+
+
+def stored_intact(
+    scene: Scene, seed: int, output: str, run_prefix: str, strategies: tuple[str, ...] | None = None
+) -> list[KeyframeRecord] | None:
+    """:func:`verify_written`'s check, outside a task and reporting no progress."""
     strategies = tuple(strategies or scene.forget)
     store = output_store(output).child(run_prefix)
     try:
@@ -417,7 +510,6 @@ def verify_written(
                 return None
         except NotFound:
             return None
-    progress.keyframes_written(len(records))
     return records
 
 

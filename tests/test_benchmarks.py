@@ -69,6 +69,9 @@ def test_gpu_benchmark_tiny_prints_every_figure_as_one_json_line(outputs):
     assert figures["forget_switch"]["seconds"] > 0
     assert figures["storyboard"]["keyframes"] == 2 * 2 * 2
     assert figures["storyboard"]["model_prewarmed"] is True  # the flow used the model the figure loaded
+    assert figures["storyboard"]["sampling_calls"] == 2  # one per scene: all its seeds and edits in one call
+    assert figures["storyboard"]["sample_reference"] == "the sample figure's best"
+    assert figures["storyboard"]["flow_efficiency"] > 0 and 0 < figures["storyboard"]["gpu_busy_fraction"] <= 1
     for name in ("finetune", "sample", "batch1", "forget_switch", "storyboard"):
         assert figures[name]["meets_target"] is None  # targets are for a GPU, not the tiny model
         assert figures[name]["target"]

@@ -6,8 +6,12 @@ import hashlib
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from fastimagic import keyframes as kf
+from fastimagic.merge import Subtract
 
 STORY = """\
 name: Beach Day
@@ -117,7 +121,7 @@ def _check_prefect_records(state):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         renders = [r for r in runs if r.name.startswith("render ")]
-        assert len(renders) == 6
+        assert len(renders) == 3  # one unit of GPU work per scene: all its seeds and strategies
         assert all("gpu" in r.tags for r in renders)
         assert all(r.state.is_completed() for r in runs)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
@@ -154,3 +158,98 @@ def test_an_explicit_source_prompt_never_loads_blip(tmp_path, monkeypatch):
     board = load_storyboard(tmp_path / "s.yaml")
     reference = Reference(data=b"", sha256="", uri="r.jpg", size=(64, 64))
     assert pipeline.caption_reference.fn(board, reference) == SourcePrompt("a bird", caption=None)
+
+
+UNITS = """\
+name: units
+reference: ref.jpg
+model: tiny
+resolution: 64
+source_prompt: a photo of a bird
+finetune: {steps: 2, min_steps: 2}
+scorer: none
+defaults: {seeds: [5, 1, 3], steps: 3, edit: {subtract: {gamma: [0.8, 0.9, 1.0, 1.1]}}}
+scenes:
+  - {id: flying, prompt: a photo of a bird flying}
+  - {id: singing, prompt: a photo of a bird singing, forget: encoderattn}
+  - {id: sleeping, prompt: a photo of a bird sleeping, negative_prompt: blurry}
+output: out
+"""
+
+
+def _units_board(tmp_path, photo_bytes):
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    (tmp_path / "story.yaml").write_text(UNITS)
+    return str(tmp_path / "story.yaml")
+
+
+def test_a_scene_is_one_sampling_call_on_a_tuning_applied_once_and_matches_keyframes_rendered_alone(
+    tmp_path, photo_bytes, tiny_model, monkeypatch
+):
+    """3 scenes x 3 seeds x 4 gammas: the tuning is applied once for the run (not per (scene, seed)), each scene
+    is one sampling call of 12 rows (the sampler chunks it), and every keyframe is the one rendered on its own."""
+    import fastimagic.editor as editor_module
+    from fastimagic.editor import Editor
+    from fastimagic.tuning import Tuning
+    from flows.storyboard import storyboard_flow
+
+    applied, rows = [], []
+    apply, sample = Editor.__init__, editor_module.sample
+
+    def counting_apply(self, model, tuning):
+        applied.append(tuning.key)
+        apply(self, model, tuning)
+
+    def counting_sample(model, embeddings, seeds, **kw):
+        rows.append(len(seeds))
+        return sample(model, embeddings, seeds, **kw)
+
+    monkeypatch.setattr(Editor, "__init__", counting_apply)
+    monkeypatch.setattr(editor_module, "sample", counting_sample)
+    result = storyboard_flow(storyboard=_units_board(tmp_path, photo_bytes))
+    monkeypatch.undo()
+    assert applied == [result["tuning_key"]]
+    assert rows == [12, 12, 12]
+
+    manifest = json.loads(open(result["manifest"]).read())
+    run_dir = tmp_path / "out" / "units" / result["run_id"]
+    stored = tmp_path / "out" / "tunings" / result["tuning_key"]
+    tuning = Tuning.read(lambda name: (stored / name).read_bytes(), where=str(stored))
+    records = manifest["keyframes"]
+    assert [(r["scene"], r["seed"]) for r in records][::4] == [(s, seed) for s in ("flying", "singing", "sleeping")
+                                                                for seed in (5, 1, 3)]
+    with tiny_model.lock, Editor(tiny_model, tuning) as editor:
+        for r in records:
+            alone = editor.render(r["prompt"], seeds=[r["seed"]], edits=[r["edit"]], forget=r["forget"],
+                                  sigma=r["sigma"], steps=r["steps"], guidance=r["guidance"],
+                                  negative_prompt=r["negative_prompt"], max_batch=1)[0]
+            data = (run_dir / r["key"]).read_bytes()
+            assert kf.sha256(data) == r["sha256"]
+            # seeds decide the noise; batched float arithmetic may round one 8-bit level differently
+            diff = np.abs(np.asarray(alone.image, dtype=int) - np.asarray(Image.open(io.BytesIO(data)), dtype=int))
+            assert diff.max() <= 1, r["key"]
+
+
+def test_a_failed_write_mid_scene_fails_the_run_and_a_resume_completes_it(tmp_path, photo_bytes):
+    """A keyframe of the middle seed of a scene cannot be written (a folder sits at its path): the run fails without
+    a manifest; once the path is free, ``--resume`` keeps what was written intact and renders the rest."""
+    from fastimagic.store import StoreError
+    from flows.storyboard import storyboard_flow
+
+    story = _units_board(tmp_path, photo_bytes)
+    run_dir = tmp_path / "out" / "units" / "r1"
+    blocker = run_dir / "scenes" / "singing" / kf.keyframe_name(1, Subtract(1.0), "encoderattn", 0.0)
+    blocker.mkdir(parents=True)
+    with pytest.raises(StoreError, match="cannot write"):
+        storyboard_flow(storyboard=story, run_id="r1")
+    assert not (run_dir / "manifest.json").exists()
+    progress = sorted(p.name for p in (run_dir / kf.PROGRESS / "singing").iterdir())
+    assert progress == ["5-encoderattn.json"]  # the seed before the failed write is recorded, nothing after it
+
+    blocker.rmdir()
+    result = storyboard_flow(storyboard=story, run_id="r1", resume=True)
+    assert result["keyframes"] == 36 and result["kept"] >= 4
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    for r in manifest["keyframes"]:
+        assert kf.sha256((run_dir / r["key"]).read_bytes()) == r["sha256"]

@@ -118,3 +118,26 @@ def test_long_prompts_warn_and_show_the_part_that_was_cut(tiny_model, tuning, ca
     with Editor(tiny_model, tuning) as ed, caplog.at_level("WARNING", logger="fastimagic"):
         ed.render(prompt, seeds=[0], edits=GAMMAS[:1], steps=1)
     assert "77 tokens" in caplog.text and "zq59" in caplog.text
+
+
+def test_a_kept_tuning_is_applied_once_and_released_bit_for_bit(tiny_model, tuning):
+    """A worker keeps the tuning applied between renders (fastimagic.editor.applied); release puts the base weights
+    back exactly, and so does opening another Editor on the model (one tuning at a time)."""
+    from fastimagic.editor import applied, release
+
+    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    with tiny_model.lock:
+        kept = applied(tiny_model, tuning)
+        a = kept.render("a bird", seeds=[0], edits=GAMMAS[:1], steps=3, forget="encoderattn")
+        assert applied(tiny_model, tuning) is kept and tiny_model.applied is kept
+        b = applied(tiny_model, tuning).render("a bird", seeds=[0], edits=GAMMAS[:1], steps=3, forget="encoderattn")
+        assert a[0].image.tobytes() == b[0].image.tobytes()
+        release(tiny_model)
+        assert tiny_model.applied is None
+        assert all(torch.equal(p, before[n]) for n, p in tiny_model.unet.named_parameters())
+        kept = applied(tiny_model, tuning)
+        with Editor(tiny_model, tuning) as fresh:  # closes the kept one first: the tuning is not added twice
+            assert kept._closed and tiny_model.applied is None
+            c = fresh.render("a bird", seeds=[0], edits=GAMMAS[:1], steps=3, forget="encoderattn")
+        assert c[0].image.tobytes() == a[0].image.tobytes()
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.unet.named_parameters())
