@@ -8,7 +8,8 @@
     fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
     fastimagic strategies [--model sd15|sd2|sdxl|tiny...]  each forgetting strategy and what it touches
-    fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
+    fastimagic open RUN|FILE [RUN_ID]             where to look at a run: its index.html, or for S3 a local page
+                                                  whose images are presigned links
     fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
 
 Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure, 128 + the signal when
@@ -504,8 +505,8 @@ def cmd_strategies(args) -> int:
 
 
 def cmd_open(args) -> int:
-    """Print where to look at a run: the local index.html, or for S3 a presigned page whose images are presigned
-    too (a plain presigned index.html could not load its relative images from a private bucket)."""
+    """Print where to look at a run: the local index.html, or for S3 a page on this machine whose images are
+    presigned links (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
     from tasks.storage import output_store
