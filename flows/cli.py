@@ -8,7 +8,8 @@
     fastimagic runs OUTPUT [--json]               list the runs under a folder or s3://bucket/prefix
     fastimagic caption IMAGE                      BLIP caption of an image (the default source prompt)
     fastimagic strategies [--model sd15|sd2|sdxl|tiny...]  each forgetting strategy and what it touches
-    fastimagic open RUN|FILE [RUN_ID]             where to look at a run: a local index.html or a presigned link
+    fastimagic open RUN|FILE [RUN_ID]             where to look at a run: its index.html, or for S3 a local page
+                                                  whose images are presigned links
     fastimagic submit FILE --deployment NAME      create a flow run of a deployment on a Prefect server
 
 Exit codes: 0 success, 2 invalid input (nothing is loaded or written), 1 any other failure, 128 + the signal when
@@ -178,9 +179,9 @@ def cmd_validate(args) -> int:
 
         text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
     board = load_storyboard(args.file, text=text)
-    _check_local_files(board)
-    if policy is not None:
+    if policy is not None:  # first, as the run does: someone else's storyboard learns nothing of these files
         enforce(board, policy)
+    _check_local_files(board)
     bound = "up to " if any(scene.auto_forget for scene in board.scenes) else ""  # the second pass, if it overfits
     _say(
         f"{args.file}: ok: {_count(len(board.scenes), 'scene')}, {bound}{_count(board.keyframe_count(), 'keyframe')}, "
@@ -291,10 +292,10 @@ def cmd_run(args) -> int:
     if result["run_uri"].startswith("s3://"):  # a page whose images load from a private bucket too
         from tasks.storage import output_store
 
-        print(f"browse:   {_shared_page(output_store(result['run_uri']), LINK_EXPIRES_SECONDS)}")
+        print(f"browse:   {_local_page(output_store(result['run_uri']), LINK_EXPIRES_SECONDS)}")
         if not args.quiet:
-            print(f"          (presigned page and images, valid 24 h; `fastimagic open {result['run_uri']}` makes"
-                  " a fresh link)")
+            print(f"          (its images are presigned links, valid 24 h; `fastimagic open {result['run_uri']}`"
+                  " renews them, on any machine with the credentials)")
     else:
         print(f"browse:   {result['index_url']}")
     return EXIT_OK
@@ -464,7 +465,7 @@ def _unet_shapes(which: str) -> dict[str, tuple[int, ...]]:
     import json
     from importlib.metadata import version
 
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastimagic"
+    folder = _cache_folder()
     path = folder / f"unet-shapes-{which}-diffusers-{version('diffusers')}.json"
     try:
         return {name: tuple(shape) for name, shape in json.loads(path.read_text()).items()}
@@ -504,8 +505,8 @@ def cmd_strategies(args) -> int:
 
 
 def cmd_open(args) -> int:
-    """Print where to look at a run: the local index.html, or for S3 a presigned page whose images are presigned
-    too (a plain presigned index.html could not load its relative images from a private bucket)."""
+    """Print where to look at a run: the local index.html, or for S3 a page on this machine whose images are
+    presigned links (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
     from tasks.storage import output_store
@@ -537,28 +538,39 @@ def cmd_open(args) -> int:
         print(f"{store.uri}/{kf.INDEX}")
         return EXIT_OK
     expires = args.expires or LINK_EXPIRES_SECONDS
-    print(_shared_page(store, expires))
-    print(f"(presigned page and images, valid {expires // 3600} h {expires % 3600 // 60} min)", file=sys.stderr)
+    print(_local_page(store, expires))
+    print(f"(a page on this machine; its images are presigned links, valid {expires // 3600} h"
+          f" {expires % 3600 // 60} min)", file=sys.stderr)
     return EXIT_OK
 
 
 LINK_EXPIRES_SECONDS = 24 * 3600  # as flows.run's, without importing Prefect for `open`
-SHARED_PAGE = "shared/index.html"
 
 
-def _shared_page(store, expires: int) -> str:
-    """A presigned link to the run's page for a private bucket: the page (the run's index.html, every image link
-    presigned too, as a plain presigned index.html cannot load its relative images) is written to one key of the
-    run folder, ``shared/index.html``, replaced each time rather than adding an object per call."""
+def _cache_folder() -> Path:
+    """This user's cache folder for fastimagic: ``$XDG_CACHE_HOME/fastimagic``, default ``~/.cache/fastimagic``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastimagic"
+
+
+def _local_page(store, expires: int) -> str:
+    """A page for an S3 run that opens with its images on a private bucket: the run's index.html with every image
+    link presigned (a presigned index.html alone cannot load its relative images), written on this machine, not
+    into the bucket (presigned links carry the access key id, which nothing stored may hold), at one path per run
+    under the cache folder (``pages/<bucket>/<prefix>/index.html``), replaced each time. Returns its ``file://``
+    URL."""
     import json
+    from urllib.parse import quote
 
     from fastimagic import keyframes as kf
     from fastimagic.sequence import index_page
 
     run = json.loads(store.get_bytes(kf.MANIFEST))
-    store.put_bytes(SHARED_PAGE, index_page(run, link=lambda key: store.url(key, expires=expires)),
-                    "text/html; charset=utf-8")
-    return store.url(SHARED_PAGE, expires=expires)
+    path = _cache_folder() / "pages" / store.uri.removeprefix("s3://").strip("/") / kf.INDEX
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{kf.INDEX}.{os.getpid()}.tmp")
+    temporary.write_bytes(index_page(run, link=lambda key: store.url(key, expires=expires)))
+    temporary.replace(path)
+    return "file://" + quote(str(path))
 
 
 def cmd_submit(args) -> int:

@@ -130,7 +130,9 @@ def test_fastimagic_open_prints_the_local_index(run):
     assert r.stdout.strip() == f"{run_dir}/index.html"
 
 
-def test_fastimagic_open_on_s3_gives_a_presigned_page_whose_images_load(s3_server, s3_env, run, tmp_path):
+def test_fastimagic_open_on_s3_gives_a_page_whose_presigned_images_load(s3_server, s3_env, run, tmp_path):
+    """On a private bucket: a page on this machine (one per run, replaced each time) whose image links are
+    presigned; nothing is written into the bucket (a presigned link carries the access key id)."""
     import urllib.request
 
     _, run_dir, _, _ = run
@@ -138,18 +140,17 @@ def test_fastimagic_open_on_s3_gives_a_presigned_page_whose_images_load(s3_serve
     for p in run_dir.rglob("*"):
         if p.is_file():
             client.put_object(Bucket=s3_env, Key=f"runs/r1/{p.relative_to(run_dir)}", Body=p.read_bytes())
-    r = fastimagic("open", f"s3://{s3_env}/runs/r1", "--expires", "600", env=s3_server.env())
+    before = [o["Key"] for o in client.list_objects_v2(Bucket=s3_env)["Contents"]]
+    env = {**s3_server.env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = fastimagic("open", f"s3://{s3_env}/runs/r1", "--expires", "600", env=env)
     assert r.returncode == 0, r.stderr
     url = r.stdout.strip()
-    assert "X-Amz-Expires=600" in url and s3_server.secret_key not in url
+    assert url == f"file://{tmp_path}/cache/fastimagic/pages/{s3_env}/runs/r1/index.html"
     html = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert "X-Amz-Expires=600" in html  # image links are presigned too
-    again = fastimagic("open", f"s3://{s3_env}/runs/r1", env=s3_server.env())
-    assert again.returncode == 0 and again.stdout.strip() != url, again.stderr
-    shared = client.list_objects_v2(Bucket=s3_env, Prefix="runs/r1/shared/").get("Contents", [])
-    assert [o["Key"] for o in shared] == ["runs/r1/shared/index.html"]  # replaced, not one more object per call
+    assert "X-Amz-Expires=600" in html and s3_server.secret_key not in html  # image links are presigned
+    again = fastimagic("open", f"s3://{s3_env}/runs/r1", env=env)
+    assert again.returncode == 0 and again.stdout.strip() == url, again.stderr  # the same page, renewed
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_env)["Contents"]] == before
     if Path("/usr/bin/chromium").exists():
-        local = tmp_path / "shared.html"
-        local.write_text(html)
-        page = check_page(local)
+        page = check_page(Path(url.removeprefix("file://")))
         assert page["images"] and all(img["naturalWidth"] > 0 for img in page["images"])
