@@ -27,6 +27,9 @@ about what exists on the worker.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -318,18 +321,31 @@ def enforce(board: Any, policy: Policy, home: str | None = None) -> None:
     board.limit(side=policy.caps.side, reference_bytes=policy.caps.reference_bytes)
 
 
-def guard(board: Any, policy: Policy | dict | str | None = None) -> None:
-    """The check every storyboard flow run makes: against ``policy`` (a :class:`Policy`, its data as a flow
-    parameter carries it, or a file), else against ``$FASTIMAGIC_POLICY`` when the worker sets it; nothing when
-    neither is given (a person running their own storyboard)."""
-    if isinstance(policy, dict):
-        policy = Policy.model_validate(policy)
-    elif isinstance(policy, str):
-        policy = load_policy(policy)
-    elif policy is None and os.environ.get(POLICY_ENV):
-        policy = load_policy(os.environ[POLICY_ENV])
-    if policy is not None:
-        enforce(board, policy)
+_HANDED: ContextVar[Policy | None] = ContextVar("fastimagic_policy", default=None)
+
+
+@contextmanager
+def handed(policy: Policy | None) -> Iterator[None]:
+    """Within this block, in this process only, runs obey ``policy`` (the CLI's ``--policy``, the inbox's own rules
+    for a storyboard it runs as a subflow). A policy is never taken from a flow or task *parameter*: whoever can
+    create a run on the Prefect server writes those (see docs/reliability.md, "Who is trusted with what")."""
+    token = _HANDED.set(policy)
+    try:
+        yield
+    finally:
+        _HANDED.reset(token)
+
+
+def operator_policy(*, for_others: bool) -> Policy | None:
+    """The policy a run obeys, from this process only: one :func:`handed` over here, else ``$FASTIMAGIC_POLICY``,
+    else, when the work is for someone else (a deployment's flow run, a warm worker's task), :func:`default_policy`;
+    None for a person's own run with neither."""
+    handed_over = _HANDED.get()
+    if handed_over is not None:
+        return handed_over
+    if os.environ.get(POLICY_ENV):
+        return load_policy(os.environ[POLICY_ENV])
+    return default_policy() if for_others else None
 
 
 class PolicyRefused(InputError):

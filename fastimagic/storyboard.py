@@ -353,6 +353,7 @@ class Storyboard(_Frozen):
     _source: str = PrivateAttr("")
     _source_text: str = PrivateAttr("")
     _lines: dict = PrivateAttr(default_factory=dict)  # field path -> line in the file, for later checks' messages
+    _overrides: dict = PrivateAttr(default_factory=dict)  # top-level fields given besides the file (a CLI's --output)
     _max_reference_bytes: int = PrivateAttr(config.DEFAULT_MAX_REFERENCE_BYTES)
     _side_cap: int | None = PrivateAttr(None)  # an operator's policy may lower max_side (see fastimagic.policy)
 
@@ -541,6 +542,11 @@ class Storyboard(_Frozen):
     def source_text(self) -> str:
         """The YAML exactly as written, for the manifest."""
         return self._source_text
+
+    @property
+    def overrides(self) -> dict:
+        """The top-level fields given to :func:`load_storyboard` besides the file's (``output``, ``model``)."""
+        return dict(self._overrides)
 
     def keyframe_count(self) -> int:
         """Keyframes the whole storyboard renders."""

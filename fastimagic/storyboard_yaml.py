@@ -365,4 +365,5 @@ def load_storyboard(
     board._source = source
     board._source_text = text
     board._lines = dict(tree.lines) if tree is not None else {}
+    board._overrides = dict(overrides or {})
     return board

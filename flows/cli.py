@@ -224,9 +224,10 @@ def cmd_run(args) -> int:
         raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
                          " storyboard's output")
     output, model = _absolute_output(args.output), _absolute_model(args.model)
+    from fastimagic.policy import handed
+
     policy = _policy(args)  # --policy, else $FASTIMAGIC_POLICY: someone else's storyboard, the operator's rules
-    rules = policy.model_dump(mode="json") if policy is not None else None
-    board = read_storyboard(args.file, output=output, model=model, policy=rules)  # exit 2 here, before any model
+    board = read_storyboard(args.file, output=output, model=model, policy=policy)  # exit 2 here, before any model
     preflight(board)
     if args.workers:
         from flows.workers import check_shared_storage
@@ -237,7 +238,7 @@ def cmd_run(args) -> int:
 
     run_id = args.resume or args.run_id
     display = None if args.quiet else ProgressDisplay(board.keyframe_count(), sys.stderr, tty=sys.stderr.isatty())
-    with listening(display) if display else _nothing():
+    with listening(display) if display else _nothing(), handed(policy):
         try:
             result = storyboard_flow(
                 storyboard=args.file,
@@ -246,7 +247,6 @@ def cmd_run(args) -> int:
                 run_id=run_id,
                 resume=bool(args.resume),
                 scale_out=args.workers,
-                policy=rules,
             )
         except NotFound as e:  # the inputs were checked above: something vanished from storage mid-run (exit 1)
             raise StoreError(str(e)) from None
@@ -386,8 +386,9 @@ def cmd_open(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    """Check the storyboard as the worker will (schema and the operator's policy, the safe default without one),
-    then create the flow run with the policy as a parameter, so the worker checks the same rules again."""
+    """Check the storyboard here first (schema and ``--policy`` / ``$FASTIMAGIC_POLICY``, the safe default without
+    one: a pre-check that saves a round trip), then create the flow run with the storyboard's URI only. The worker
+    obeys its own operator's policy, whatever this side checked: no policy travels with the run."""
     from fastimagic.policy import default_policy, enforce, for_home, home_of
     from flows.run import read_storyboard
 
@@ -409,7 +410,7 @@ def cmd_submit(args) -> int:
             " http://prefect:4200/api); to run the storyboard here, use `fastimagic run FILE`"
         )
     try:
-        run = run_deployment(args.deployment, parameters={"storyboard": uri, "policy": policy.model_dump()}, timeout=0)
+        run = run_deployment(args.deployment, parameters={"storyboard": uri}, timeout=0)
     except ObjectNotFound:
         raise InputError(f"no deployment {args.deployment!r} on {shown_endpoint(url)}; `prefect deployment ls`"
                          " lists them (names are FLOW/DEPLOYMENT)") from None
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="create a flow run of a deployment on a Prefect server")
     s.add_argument("file", help="storyboard path (must be readable by the worker) or s3:// URI")
     s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")
-    s.add_argument("--policy", metavar="FILE", help="the operator policy it must keep (default: $FASTIMAGIC_POLICY)")
+    s.add_argument("--policy", metavar="FILE", help="pre-check here against this policy (default:"
+                   " $FASTIMAGIC_POLICY); the worker obeys its own operator's policy whatever this says")
     s.set_defaults(func=cmd_submit)
     s = sub.add_parser("worker", help="serve fine-tunes and renders as a warm GPU worker (one per GPU)")
     s.add_argument("--limit", type=int, default=1, help="tasks at once (default 1: one worker per GPU)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import flow
 
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
+from fastimagic.policy import operator_policy
 from fastimagic.storyboard import Storyboard
 from flows.run import RENDER_THREADS, render_scene, run_storyboard
 from tasks.pipeline import caption_reference, finetune_once
@@ -35,6 +36,14 @@ class InProcess:
         return summaries, records, kept
 
 
+def _for_someone_else() -> bool:
+    """True when this flow run was created from a deployment: anyone with the Prefect API may have asked for it."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.deployment_id)
+
+
 @flow(name="storyboard", log_prints=True, task_runner=RENDER_THREADS)
 def storyboard_flow(
     storyboard: str,
@@ -43,7 +52,6 @@ def storyboard_flow(
     run_id: str | None = None,
     resume: bool = False,
     scale_out: bool = False,
-    policy: dict | None = None,
 ) -> dict:
     """Render a storyboard's keyframes.
 
@@ -52,10 +60,12 @@ def storyboard_flow(
     already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
     written complete. scale_out: run the fine-tune and every render on warm GPU workers (``fastimagic worker``)
     instead of in this process; see :mod:`flows.workers`.
-    policy: the operator's rules (:class:`fastimagic.policy.Policy` as data) the storyboard must keep; the inbox
-    passes them. Without it, ``$FASTIMAGIC_POLICY`` applies where the worker sets it.
-    Returns a summary with the manifest URI.
+    The storyboard must keep the operator's policy, taken from this process only, never from a parameter
+    (:func:`fastimagic.policy.operator_policy`): one handed over in this process (the CLI's ``--policy``, the
+    inbox's rules), else ``$FASTIMAGIC_POLICY``, else for a deployment's run (someone else's storyboard) the safe
+    default. Returns a summary with the manifest URI.
     """
+    policy = operator_policy(for_others=_for_someone_else())
     if scale_out:
         from flows.workers import Warm
 

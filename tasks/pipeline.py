@@ -27,7 +27,7 @@ from fastimagic import keyframes as kf
 from fastimagic import progress
 from fastimagic.cache import LruCache
 from fastimagic.caption import load_captioner, source_prompt_from_caption
-from fastimagic.config import PRECISIONS, slugify
+from fastimagic.config import PRECISIONS, printable, slugify
 from fastimagic.editor import Editor
 from fastimagic.errors import InputError
 from fastimagic.finetuning import FinetuneConfig, finetune
@@ -50,6 +50,7 @@ from fastimagic.store import NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tiny import TINY_RESOLUTION
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
+from tasks.params import caption_args, finetune_args, render_args
 from tasks.storage import output_store, read
 
 GPU = "gpu"
@@ -126,6 +127,7 @@ def fetch_reference(board: Storyboard) -> Reference:
 @task(name="caption", cache_policy=NO_CACHE, tags=[GPU])
 def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
     """The storyboard's source prompt, or a BLIP caption of the reference (BLIP is loaded only then)."""
+    board, reference = caption_args(board, reference)  # plain data from a submitter: validated, the policy kept
     if board.source_prompt:
         return SourcePrompt(board.source_prompt)
     captioner = load_captioner(
@@ -195,6 +197,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
 
     A stored tuning that fails its checksum is reported and replaced.
     """
+    board, reference, prompts, output = finetune_args(board, reference, prompts, output)  # see tasks.params
     logger = get_run_logger()
     key = tuning_key(board, reference, prompts.source_prompt)
     store = output_store(output).child(f"tunings/{key}")
@@ -333,9 +336,15 @@ def _reference_image(board: Storyboard, width: int, height: int):
 _REFERENCES: dict = {}
 
 
-@task(
-    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seed {seed}", **STORAGE_RETRIES
-)
+def _render_run_name() -> str:
+    # the scene is an object in this process and its id in a warm worker's plain parameters
+    from prefect.runtime import task_run
+
+    scene = task_run.parameters.get("scene")
+    return f"render {printable(str(getattr(scene, 'id', scene)))[:100]} seed {task_run.parameters.get('seed')}"
+
+
+@task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name=_render_run_name, **STORAGE_RETRIES)
 def render_keyframes(
     board: Storyboard,
     scene: Scene,
@@ -352,6 +361,9 @@ def render_keyframes(
     text alignment and fidelity to the reference), computed here in one batch with the scorer loaded once per
     process. Returns the manifest records (keys relative to the run folder).
     """
+    board, scene, seed, key, output, run_prefix, strategies = render_args(  # see tasks.params
+        board, scene, seed, key, output, run_prefix, strategies
+    )
     strategies = tuple(strategies or scene.forget)
     model = _model(board)
     tuning = load_tuning(output, key)

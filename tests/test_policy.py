@@ -218,7 +218,7 @@ def test_inbox_refuses_what_the_policy_forbids_and_says_only_that(inbox, tmp_pat
     assert _keys(client, bucket, "out/") == [] and _keys(client, other, "out/") == []
 
 
-def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path, s3_server):
+def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path, s3_server, monkeypatch):
     from flows.inbox import inbox_flow
 
     client, bucket, uri = inbox
@@ -228,7 +228,8 @@ def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path,
     _upload(client, bucket, "a.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{out_bucket}/o"))
     _upload(client, bucket, "b.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{bucket}/o"))
 
-    results = {r["name"]: r for r in inbox_flow(inbox=uri, policy=str(policy))}
+    monkeypatch.setenv("FASTIMAGIC_POLICY", str(policy))  # the inbox's own environment: never a parameter
+    results = {r["name"]: r for r in inbox_flow(inbox=uri)}
 
     assert results["a.yaml"]["status"] == "done", results
     assert results["b.yaml"]["status"] == "failed"
