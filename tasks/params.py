@@ -88,8 +88,27 @@ def worker_board(value: Any) -> Storyboard:
     _require(isinstance(overrides, Mapping) and set(overrides) <= set(_OVERRIDES)
              and all(isinstance(v, str) for v in overrides.values()), "overrides may set output and model only")
     board = load_storyboard(source, text=text, overrides=dict(overrides) or None)
-    enforce(board, operator_policy(for_others=True))
+    policy = operator_policy(for_others=True)
+    if source.startswith("s3://") and (policy.references is None or policy.outputs is None):
+        _same_as_stored(source, text, policy.caps.storyboard_bytes)  # its bucket is its home: prove it is there
+    enforce(board, policy)
     return board
+
+
+def _same_as_stored(uri: str, text: str, max_bytes: int) -> None:
+    """Refuse a storyboard said to be at ``uri`` unless that object holds this text: where the policy leaves the
+    allowed prefixes to the storyboard's home (its bucket), a task may not name a bucket it was never in."""
+    from fastimagic.store import NotFound
+    from fastimagic.storyboard_yaml import decode_storyboard
+    from tasks.storage import read
+
+    try:
+        same = decode_storyboard(read(uri, max_bytes=max_bytes), uri) == text
+    except (NotFound, InputError):
+        same = False
+    if not same:
+        raise BadParameters(f"task parameters refused: {uri} does not hold the storyboard this task was sent (changed"
+                            " since it was submitted?); submit it again")
 
 
 def _output(board: Storyboard, output: Any) -> str:

@@ -327,3 +327,79 @@ def test_a_vae_override_is_a_model_to_the_policy_and_every_tiny_model_can_be_lis
     no_models = STUDIO_POLICY.replace("models: [stable-diffusion-v1-5/stable-diffusion-v1-5, tiny]\n", "")
     [problem] = check(local_vae, load_policy(_write(tmp_path, "no-models.yaml", no_models)))
     assert problem.startswith(f"{tmp_path}/l.yaml:4 vae: refused by the policy") and "local models are not" in problem
+
+
+# --- a worker obeys its operator; what a submitter sends is plain data (issue 21) ---------------------------------
+
+
+def _record(serializer: dict, result: str) -> bytes:
+    return json.dumps({"metadata": {"storage_key": "k", "serializer": serializer}, "result": result}).encode()
+
+
+def test_task_records_are_read_as_plain_json_whatever_serializer_they_name(tmp_path):
+    import base64
+    import os
+    import pickle
+
+    from flows.workers import NotPlain, plain_record
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    pickled = base64.b64encode(pickle.dumps({"parameters": {"board": Evil()}})).decode()
+    with pytest.raises(NotPlain, match="refused unread: serialized as 'pickle'"):
+        plain_record(_record({"type": "pickle", "picklelib": "cloudpickle"}, pickled), "parameters/x")
+    # JSON naming its own decoder (any importable callable, called on every object): parsed as data, nothing called
+    evil_json = {"type": "json", "jsonlib": "os", "object_decoder": "os.system"}
+    assert plain_record(_record(evil_json, json.dumps({"parameters": {"a": {"b": 1}}})), "p") == {
+        "parameters": {"a": {"b": 1}}}
+    for raw in (b"\x80\x04not json", b"[]", _record({"type": "json"}, "{not json"), b"x" * (65 * 2**20)):
+        with pytest.raises(NotPlain):
+            plain_record(raw, "p")
+    assert not marker.exists()
+
+
+def test_warm_task_parameters_are_checked_against_the_storyboard_and_the_workers_policy(tmp_path, monkeypatch):
+    from fastimagic.policy import PolicyRefused
+    from tasks.params import BadParameters, render_args, render_params, worker_board
+
+    text = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
+    board = load_storyboard("s3://studio/storyboards/a.yaml", text=text)
+    params = render_params(board, board.scenes[0], 0, "0" * 32, "s3://studio/out", f"{board.slug}/run-1", ("none",))
+    assert json.loads(json.dumps(params)) == list(params)  # plain data, nothing else
+    policy = _write(tmp_path, "policy.yaml", "references: [s3://studio/refs/]\noutputs: [s3://studio/]\n")
+    monkeypatch.setenv("FASTIMAGIC_POLICY", str(policy))  # the worker's own: no storyboard fetch needed
+    got_board, scene, seed, key, output, run_prefix, strategies = render_args(*params)
+    assert (scene.id, seed, output, strategies) == (board.scenes[0].id, 0, "s3://studio/out", ("none",))
+    bad = [  # the parameter replaced, its value, what the worker says
+        (4, "/tmp/planted", "the output is not the storyboard's"),
+        (1, "nope", "no such scene"),
+        (2, 999, "the seed is not one of the scene's"),
+        (3, "../../etc", "the tuning key is not a content key"),
+        (5, "elsewhere/run-1", "the run folder is not the storyboard's"),
+        (6, ["rm -rf"], "unknown forgetting strategies"),
+    ]
+    for i, value, said in bad:
+        with pytest.raises(BadParameters, match=said):
+            render_args(*params[:i], value, *params[i + 1:])
+    for data in ({"storyboard": "s3://x/a.yaml"}, {**params[0], "overrides": {"reference": "/etc/passwd"}}):
+        with pytest.raises(BadParameters):
+            worker_board(data)
+    # the worker's policy applies to the plain data, whatever the submitter's allowed
+    strict = _write(tmp_path, "strict.yaml", "references: [s3://studio/refs/]\noutputs: [s3://elsewhere/]\n")
+    monkeypatch.setenv("FASTIMAGIC_POLICY", str(strict))
+    with pytest.raises(PolicyRefused, match="output: refused by the policy"):
+        render_args(*params)
+
+
+def test_the_storyboard_flow_and_the_inbox_take_no_policy_parameter():
+    import inspect
+
+    from flows.inbox import inbox_flow
+    from flows.storyboard import storyboard_flow
+
+    assert "policy" not in inspect.signature(storyboard_flow.fn).parameters
+    assert "policy" not in inspect.signature(inbox_flow.fn).parameters
