@@ -403,3 +403,29 @@ def test_the_storyboard_flow_and_the_inbox_take_no_policy_parameter():
 
     assert "policy" not in inspect.signature(storyboard_flow.fn).parameters
     assert "policy" not in inspect.signature(inbox_flow.fn).parameters
+
+
+def test_the_policy_bounds_compute_with_defaults_a_real_storyboard_fits_in(tmp_path):
+    story = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
+    paper = story.replace("{steps: 2, min_steps: 2}", "{steps: 40, batch_size: 10}").replace(
+        "steps: 2\n", "steps: 50\n")
+    assert check(load_storyboard("s3://studio/a.yaml", text=paper), default_policy()) == []
+    heavy = (story.replace("{steps: 2, min_steps: 2}", "{steps: 1000, batch_size: 64, min_steps: 2}")
+             .replace("resolution: 64", "resolution: 2048x2048").replace("steps: 2\n", "steps: 1000\n"))
+    path = _write(tmp_path, "heavy.yaml", heavy)
+    r = fastimagic("validate", "--policy", str(_write(tmp_path, "p.yaml", "{}\n")), str(path))
+    assert r.returncode == 2
+    said = {line.split(": refused by the policy")[0].removeprefix("fastimagic: "): line.split("): ", 1)[1]
+            for line in r.stderr.strip().splitlines()}
+    assert said[f"{path}:4 resolution"] == "4194304 pixels a keyframe is more than the cap of 2097152" \
+                                           " (caps.keyframe_pixels)"
+    assert said[f"{path}:6 finetune.steps"] == "1000 is more than the cap of 200 (caps.finetune_steps)"
+    assert said[f"{path}:6 finetune.batch_size"] == "64 is more than the cap of 16 (caps.finetune_batch)"
+    assert said[f"{path}:9 defaults.steps"] == "1000 sampling steps is more than the cap of 200 (caps.sampling_steps)"
+    # many cheap keyframes still add up: the budget (megapixel-steps) is the run's, not one keyframe's
+    many = story.replace("resolution: 64", "resolution: 1024").replace("steps: 2\n", "steps: 200\n").replace(
+        "seeds: 1", "seeds: 64").replace("gamma: [1.0]", "gamma: {from: 0.5, to: 2.0, step: 0.1}")
+    [line] = check(load_storyboard("s3://studio/a.yaml", text=many), default_policy())
+    assert "megapixel-steps" in line and "more than the budget of 200000 (caps.budget)" in line
+    raised = default_policy().model_copy(update={"caps": default_policy().caps.model_copy(update={"budget": 10**7})})
+    assert check(load_storyboard("s3://studio/a.yaml", text=many), raised) == []
