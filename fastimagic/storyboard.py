@@ -46,7 +46,9 @@ from fastimagic.config import (
     DEFAULT_MAX_SEEDS,
     DEFAULT_MAX_SIDE,
     FIT_MODES,
+    MAX_KEYFRAMES_CEILING,
     MAX_SEED,
+    MAX_SEEDS_CEILING,
     MIN_SIDE,
     PRECISIONS,
     SIDE_MULTIPLE,
@@ -196,8 +198,8 @@ class ProjectSweep(_Frozen):
         pairs = len(self.alpha) * len(self.beta)
         if pairs > cap:
             raise values.problem(
-                f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than max_keyframes"
-                f" ({cap}); use fewer values"
+                f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than"
+                f" {values.limit(info.context, 'max_keyframes', cap)}; use fewer values"
             )
         return self
 
@@ -306,7 +308,7 @@ class Scene(_Frozen):
     @field_validator("seeds", mode="before")
     @classmethod
     def _seeds(cls, value: Any, info: ValidationInfo) -> tuple[int, ...]:
-        return values.seeds(value, values.context(info, "max_seeds", DEFAULT_MAX_SEEDS))
+        return values.seeds(value, values.context(info, "max_seeds", DEFAULT_MAX_SEEDS), info.context)
 
     @field_validator("forget", mode="before")
     @classmethod
@@ -334,8 +336,8 @@ class Storyboard(_Frozen):
     name: _Str
     allow_pickle: _Bool = False
     max_side: Annotated[_Int, Field(ge=MIN_SIDE)] = DEFAULT_MAX_SIDE
-    max_seeds: Annotated[_Int, Field(ge=1)] = DEFAULT_MAX_SEEDS
-    max_keyframes: Annotated[_Int, Field(ge=1)] = DEFAULT_MAX_KEYFRAMES
+    max_seeds: Annotated[_Int, Field(ge=1, le=MAX_SEEDS_CEILING)] = DEFAULT_MAX_SEEDS
+    max_keyframes: Annotated[_Int, Field(ge=1, le=MAX_KEYFRAMES_CEILING)] = DEFAULT_MAX_KEYFRAMES
     reference: Location
     model: ModelSource = TINY
     model_config_source: ModelSource | None = Field(None, alias="model_config")
@@ -459,7 +461,12 @@ class Storyboard(_Frozen):
             name: getattr(board, name) if board else _raw_limit(data, name, default)
             for name, default in (("max_seeds", DEFAULT_MAX_SEEDS), ("max_keyframes", DEFAULT_MAX_KEYFRAMES))
         }
-        scenes = _scenes(data, {**(info.context or {}), **limits}, found)
+        # An operator's caps (load_storyboard(caps=...)) apply here, before any seed or range is expanded.
+        caps, by_policy = (info.context or {}).get("caps") or {}, {}
+        for name, key in (("max_seeds", "seeds"), ("max_keyframes", "keyframes")):
+            if key in caps and caps[key] < limits[name]:
+                limits[name], by_policy[name] = caps[key], key
+        scenes = _scenes(data, {**(info.context or {}), **limits, "policy_limits": by_policy}, found)
         needs_scores = [s.id for s in scenes if s.auto_forget or s.select is not None]
         if board is not None and board.scorer == "none" and needs_scores:
             found.append(
@@ -584,8 +591,11 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
     if not raw:
         found.append((("scenes",), "list at least one scene"))
         return ()
-    scenes, first_index = [], {}
+    scenes, first_index, total, stopped = [], {}, 0, False
     for i, item in enumerate(raw):
+        if total > context["max_keyframes"]:  # counted as they come: no further scene is expanded
+            stopped = True
+            break
         if isinstance(item, Scene):
             scenes.append(item)
         elif not isinstance(item, dict):
@@ -594,6 +604,7 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
         else:
             try:
                 scenes.append(Scene.model_validate({**inherited, **item}, context=context))
+                total += scenes[-1].keyframe_count()
             except ValidationError as e:
                 # A problem in an inherited value is reported once, under defaults.
                 own = [
@@ -615,9 +626,11 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
         found.append(
             (
                 ("scenes",),
-                f"the storyboard makes {total} keyframes, more than max_keyframes ({cap}); the largest scene,"
+                f"the storyboard makes {total}{' or more' if stopped else ''} keyframes, more than"
+                f" {values.limit(context, 'max_keyframes', cap)}; the largest scene,"
                 f" '{big.id}', makes {big.keyframe_count()} ({len(big.seeds)} seeds x {big.edit.count()} edits"
-                f" x {len(big.forget)} forget strategies). Render fewer, or raise max_keyframes",
+                f" x {len(big.forget)} forget strategies). Render fewer"
+                + ("" if "policy" in values.limit(context, "max_keyframes", cap) else ", or raise max_keyframes"),
             )
         )
     return tuple(scenes)

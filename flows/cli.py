@@ -169,7 +169,7 @@ def cmd_validate(args) -> int:
         from tasks.storage import read
 
         text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
-    board = load_storyboard(args.file, text=text)
+    board = load_storyboard(args.file, text=text, caps=policy.caps if policy is not None else None)
     if policy is not None:
         enforce(board, policy)
     _say(
@@ -389,12 +389,12 @@ def cmd_submit(args) -> int:
     """Check the storyboard here first (schema and ``--policy`` / ``$FASTIMAGIC_POLICY``, the safe default without
     one: a pre-check that saves a round trip), then create the flow run with the storyboard's URI only. The worker
     obeys its own operator's policy, whatever this side checked: no policy travels with the run."""
-    from fastimagic.policy import default_policy, enforce, for_home, home_of
+    from fastimagic.policy import default_policy, for_home, home_of
     from flows.run import read_storyboard
 
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
     policy = for_home(_policy(args) or default_policy(), home_of(uri))
-    enforce(read_storyboard(uri), policy)
+    read_storyboard(uri, policy=policy)  # the policy's caps count seeds and keyframes before any is made
     import httpx
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound

@@ -186,7 +186,7 @@ def _handle(root: Store, uri: str, name: str, rules: Policy, run: str, deploymen
                        old.get("attempt"), state.name)
         record.update(attempt=old.get("attempt", 0) + 1, run_id=old["run_id"], resume=True)
     try:  # the schema and the policy, before anything the storyboard names is opened
-        board = load_storyboard(uri, text=decode_storyboard(data, uri))
+        board = load_storyboard(uri, text=decode_storyboard(data, uri), caps=rules.caps)  # caps before expansion
         enforce(board, rules)
         out = output_store(board.output.resolved)
         folder = f"{board.slug}/{record['run_id']}/"

@@ -68,7 +68,8 @@ def read_storyboard(
     if storyboard.startswith("s3://"):
         text = decode_storyboard(read(storyboard, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), storyboard)
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
-    board = load_storyboard(storyboard, text=text, overrides=overrides or None)
+    caps = policy.caps if policy is not None else None  # counted against the policy before anything is expanded
+    board = load_storyboard(storyboard, text=text, overrides=overrides or None, caps=caps)
     if policy is not None:
         enforce(board, policy)
     return board

@@ -87,8 +87,8 @@ def worker_board(value: Any) -> Storyboard:
     _require(isinstance(source, str) and isinstance(text, str), "storyboard and text must be strings")
     _require(isinstance(overrides, Mapping) and set(overrides) <= set(_OVERRIDES)
              and all(isinstance(v, str) for v in overrides.values()), "overrides may set output and model only")
-    board = load_storyboard(source, text=text, overrides=dict(overrides) or None)
     policy = operator_policy(for_others=True)
+    board = load_storyboard(source, text=text, overrides=dict(overrides) or None, caps=policy.caps)
     if source.startswith("s3://") and (policy.references is None or policy.outputs is None):
         _same_as_stored(source, text, policy.caps.storyboard_bytes)  # its bucket is its home: prove it is there
     enforce(board, policy)

@@ -77,18 +77,23 @@ def test_validate_with_a_policy_reports_each_violation_at_its_line_and_exits_2(t
     policy = _write(tmp_path, "policy.yaml", STUDIO_POLICY)
     r = fastimagic("validate", "--policy", str(policy), str(story))
     assert r.returncode == 2, r.stderr
+    # the storyboard raised max_seeds to 1000: only the operator's cap counts, and it counts first, while the
+    # storyboard is read (nothing over it is ever made)
+    [line] = r.stderr.removeprefix("fastimagic: ").splitlines()
+    assert line == f"{story}:8 defaults.seeds: 100 seeds is more than the cap of 16 (caps.seeds), refused by the policy"
+    story.write_text(HOSTILE.replace("seeds: 100", "seeds: 10"))
+    r = fastimagic("validate", "--policy", str(policy), str(story))
     lines = r.stderr.removeprefix("fastimagic: ").splitlines()
     assert [line.split(": refused by the policy")[0] for line in lines] == [
         f"{story}:2 reference",
         f"{story}:3 model",
         f"{story}:4 allow_pickle",
         f"{story}:5 output",
-        f"{story}:8 defaults.seeds",  # the storyboard raised max_seeds to 1000: only the operator's cap counts
     ]
     assert "/etc/passwd is not under allowed prefixes: s3://studio-inbox/refs/" in lines[0]
     # FASTIMAGIC_POLICY names it too
     r = fastimagic("validate", str(story), env={"FASTIMAGIC_POLICY": str(policy)})
-    assert r.returncode == 2 and r.stderr.count("refused by the policy") == 5
+    assert r.returncode == 2 and r.stderr.count("refused by the policy") == 4
     # a broken policy is exit 2 with its own lines
     r = fastimagic("validate", "--policy", str(_write(tmp_path, "bad.yaml", "caps: 3\n")), str(story))
     assert r.returncode == 2 and "bad.yaml:1 caps: must be a mapping" in r.stderr
@@ -429,3 +434,30 @@ def test_the_policy_bounds_compute_with_defaults_a_real_storyboard_fits_in(tmp_p
     assert "megapixel-steps" in line and "more than the budget of 200000 (caps.budget)" in line
     raised = default_policy().model_copy(update={"caps": default_policy().caps.model_copy(update={"budget": 10**7})})
     assert check(load_storyboard("s3://studio/a.yaml", text=many), raised) == []
+
+
+def test_seed_and_range_bombs_are_counted_against_the_policy_before_anything_is_made(tmp_path):
+    import resource
+
+    story = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
+    raised = story.replace("name: Inbox Story", "name: Inbox Story\nmax_seeds: 100000\nmax_keyframes: 1000000")
+    bombs = {
+        "seeds.yaml": raised.replace("  seeds: 1\n", "  seeds: 100000\n"),
+        "range.yaml": raised.replace("gamma: [1.0]", "gamma: {from: 0, to: 0.09, step: 0.0000001}"),
+        "scenes.yaml": raised.replace("  seeds: 1\n", "  seeds: 64\n").replace(
+            "gamma: [1.0]", "gamma: {from: 0, to: 1.99, step: 0.01}").replace("scenes:\n", "scenes:\n" + "".join(
+                f"  - {{id: s{i}, prompt: p}}\n" for i in range(2000))),
+    }
+    policy = _write(tmp_path, "p.yaml", "{}\n")
+    for name, text in bombs.items():
+        r = fastimagic("validate", "--policy", str(policy), str(_write(tmp_path, name, text)))
+        assert r.returncode == 2, (name, r.stderr[-500:])
+        assert "refused by the policy" in r.stderr and ("caps.seeds" in r.stderr or "caps.keyframes" in r.stderr), (
+            name, r.stderr[-2000:])
+    # counted, never made: the largest of these validations stayed small (a made list of 10^5 x 200 keyframes
+    # or 900,000 coefficients per scene would not)
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000  # KiB
+    # no policy at all: a storyboard cannot raise its own limits past the ceilings
+    [line] = fastimagic("validate", str(_write(tmp_path, "sky.yaml", story.replace(
+        "name: Inbox Story", "name: Inbox Story\nmax_seeds: 400000000")))).stderr.strip().splitlines()
+    assert "max_seeds: must be at most 100000" in line or "less than or equal to 100000" in line, line
