@@ -226,9 +226,11 @@ def _under(value: str, prefix: str) -> bool:
         return value == base or value.startswith(base + "/") or (prefix.endswith("/") and value == prefix)
     if value.startswith("s3://"):
         return False
-    # Symlinks are followed on both sides: a link inside an allowed folder that points out of it is outside.
-    real, root = os.path.realpath(value), os.path.realpath(prefix)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+    from fastimagic.store import inside
+
+    # Symlinks are followed on both sides: a link inside an allowed folder that points out of it is outside. The
+    # file is checked again as it is opened (Storyboard.reference_roots), so a link swapped in later is refused.
+    return inside(value, prefix)
 
 
 def _shown(prefixes: tuple[str, ...]) -> str:
@@ -366,7 +368,10 @@ def enforce(board: Any, policy: Policy, home: str | None = None) -> None:
     problems = check(board, policy, home)
     if problems:
         raise PolicyRefused(problems)
-    board.limit(side=policy.caps.side, reference_bytes=policy.caps.reference_bytes)
+    home = home if home is not None else home_of(board.source)
+    roots = policy.references if policy.references is not None else ((home,) if home else ())
+    board.limit(side=policy.caps.side, reference_bytes=policy.caps.reference_bytes,
+                reference_roots=tuple(r for r in roots if not r.startswith("s3://")))
 
 
 _HANDED: ContextVar[Policy | None] = ContextVar("fastimagic_policy", default=None)

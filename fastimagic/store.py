@@ -667,9 +667,31 @@ def open_store(uri: str | Path, *, session: Any = None) -> Store:
     return LocalStore(_local_path(uri))
 
 
-def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = None) -> bytes:
+def inside(path: str, root: str) -> bool:
+    """Whether local ``path`` is ``root`` or under it, links followed on both sides."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+class OutsideAllowed(InputError):
+    """A local file that, as opened, is not under the folders an operator's policy allows (a link swapped in)."""
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """Where the file open as ``fd`` really is: the kernel's name for it (Linux), else the path resolved now."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def read_local(
+    path: Path, *, max_bytes: int | None = None, shown: str | None = None, within: tuple[str, ...] | None = None
+) -> bytes:
     """The bytes of a regular file, at most ``max_bytes`` of them. A FIFO, device (``/dev/zero``), socket or folder,
-    or a link to one, is refused at once without reading, so nothing blocks or fills memory.
+    or a link to one, is refused at once without reading, so nothing blocks or fills memory. ``within``: local
+    folders the file must be in *as opened* (an operator's policy): checked on the open file itself, so a link
+    swapped in after the policy looked at the path is refused, not followed.
 
     Raises :class:`NotFound` or :class:`StoreError`; messages start with ``shown`` (default: the path).
     """
@@ -685,6 +707,10 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
     except OSError as exc:
         raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
     info = os.fstat(fd)
+    if within is not None and not any(inside(_opened_path(fd, path), root) for root in within):
+        os.close(fd)
+        raise OutsideAllowed(f"{shown}: refused by the policy: as opened, the file is not under an allowed folder"
+                             " (a link that leads elsewhere?)")
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         mode = info.st_mode
@@ -710,11 +736,12 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
 
 
 def read_uri(
-    uri: str | Path, *, base_dir: Path | None = None, session: Any = None, max_bytes: int | None = None
+    uri: str | Path, *, base_dir: Path | None = None, session: Any = None, max_bytes: int | None = None,
+    within: tuple[str, ...] | None = None,
 ) -> bytes:
     """Read one whole object: ``s3://bucket/key``, a ``file://`` URI, or a path (relative paths are resolved
     against ``base_dir``, default the current folder). Local paths must be regular files (see :func:`read_local`).
-    ``max_bytes``: refuse anything larger, before reading it.
+    ``max_bytes``: refuse anything larger, before reading it. ``within``: see :func:`read_local`.
 
     Raises :class:`NotFound` (a :class:`StoreError`) if it does not exist, and :class:`StoreError` if it is a
     folder, too large or cannot be read; every message starts with ``uri``.
@@ -749,4 +776,4 @@ def read_uri(
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
     shown = text if str(path) == text else f"{text} ({path})"
-    return read_local(path, max_bytes=max_bytes, shown=shown)
+    return read_local(path, max_bytes=max_bytes, shown=shown, within=within)

@@ -358,6 +358,7 @@ class Storyboard(_Frozen):
     _overrides: dict = PrivateAttr(default_factory=dict)  # top-level fields given besides the file (a CLI's --output)
     _max_reference_bytes: int = PrivateAttr(config.DEFAULT_MAX_REFERENCE_BYTES)
     _side_cap: int | None = PrivateAttr(None)  # an operator's policy may lower max_side (see fastimagic.policy)
+    _reference_roots: tuple[str, ...] | None = PrivateAttr(None)  # and name where a local reference may be
 
     @field_validator("name")
     @classmethod
@@ -519,13 +520,25 @@ class Storyboard(_Frozen):
         """Where the storyboard was read from (path or URI as given to :func:`load_storyboard`)."""
         return self._source
 
-    def limit(self, *, side: int | None = None, reference_bytes: int | None = None) -> None:
+    def limit(
+        self, *, side: int | None = None, reference_bytes: int | None = None,
+        reference_roots: tuple[str, ...] | None = None,
+    ) -> None:
         """Lower the run-time caps (an operator's policy does): the longest side a one-number resolution may
-        reach, and the reference image's size in bytes. Raising them has no effect."""
+        reach, the reference image's size in bytes, and the local folders a local reference must be in as it is
+        opened (:attr:`reference_roots`). Raising them has no effect."""
+        if reference_roots is not None:
+            self._reference_roots = reference_roots if self._reference_roots is None else tuple(
+                r for r in reference_roots if r in self._reference_roots)
         if side is not None:
             self._side_cap = min(side, self._side_cap or side)
         if reference_bytes is not None:
             self._max_reference_bytes = min(reference_bytes, self._max_reference_bytes)
+
+    @property
+    def reference_roots(self) -> tuple[str, ...] | None:
+        """The local folders a policy allows the reference in, checked on the file as opened; None: no policy."""
+        return self._reference_roots
 
     @property
     def max_reference_bytes(self) -> int:

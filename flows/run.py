@@ -95,7 +95,7 @@ def preflight(board: Storyboard) -> None:
         raise InputError(f"{board.source} scorer: {why}")
     uri = board.reference.resolved
     try:
-        data = read(uri, max_bytes=board.max_reference_bytes)
+        data = read(uri, max_bytes=board.max_reference_bytes, within=board.reference_roots)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
     except TooLarge as e:  # the storyboard's default cap, or the operator's policy (caps.reference_bytes)

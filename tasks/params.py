@@ -124,7 +124,7 @@ def _reference(board: Storyboard, value: Any) -> Reference:
     _require(value["uri"] == uri, "the reference is not the storyboard's")
     from tasks.storage import read
 
-    data = read(uri, max_bytes=board.max_reference_bytes)  # what the policy allowed, read once, size-limited
+    data = read(uri, max_bytes=board.max_reference_bytes, within=board.reference_roots)  # what the policy allows
     reference = Reference.of(data, uri, load_reference(data, uri).size)
     if reference.sha256 != value["sha256"]:
         raise InputError(f"{board.where('reference')}: the reference image changed during the run (its SHA-256"

@@ -119,7 +119,7 @@ def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
 def fetch_reference(board: Storyboard) -> Reference:
     """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
-    data = read(uri, max_bytes=board.max_reference_bytes)
+    data = read(uri, max_bytes=board.max_reference_bytes, within=board.reference_roots)  # as opened: the policy's
     image = load_reference(data, uri)  # refuse a broken image before any model is loaded
     return Reference.of(data, uri, image.size)
 
@@ -328,7 +328,7 @@ def _reference_image(board: Storyboard, width: int, height: int):
     """The reference image fitted as the fine-tune saw it, read once per process (fidelity scores need it)."""
     key = (board.reference.resolved, width, height, board.fit)
     if key not in _REFERENCES:
-        image = load_reference(read(key[0]), key[0])
+        image = load_reference(read(key[0], board.max_reference_bytes, board.reference_roots), key[0])
         _REFERENCES[key] = fit(image, width, height, board.fit)
     return _REFERENCES[key]
 

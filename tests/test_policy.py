@@ -461,3 +461,27 @@ def test_seed_and_range_bombs_are_counted_against_the_policy_before_anything_is_
     [line] = fastimagic("validate", str(_write(tmp_path, "sky.yaml", story.replace(
         "name: Inbox Story", "name: Inbox Story\nmax_seeds: 400000000")))).stderr.strip().splitlines()
     assert "max_seeds: must be at most 100000" in line or "less than or equal to 100000" in line, line
+
+
+def test_a_reference_swapped_for_a_link_after_the_policy_check_is_refused_as_opened(tmp_path, photo_bytes):
+    from fastimagic.policy import enforce
+    from fastimagic.store import OutsideAllowed
+    from tasks.pipeline import fetch_reference
+
+    allowed, private = tmp_path / "refs", tmp_path / "private"
+    allowed.mkdir()
+    private.mkdir()
+    (private / "face.jpg").write_bytes(photo_bytes + b"private")
+    (allowed / "ok.jpg").write_bytes(photo_bytes)
+    policy = load_policy(_write(tmp_path, "p.yaml", f"references: [{allowed}]\noutputs: [{tmp_path / 'out'}]\n"))
+    story = _write(tmp_path, "s.yaml", STORY.format(reference=allowed / "r.jpg", output=tmp_path / "out"))
+    (allowed / "r.jpg").write_bytes(photo_bytes)
+    board = load_storyboard(story)
+    enforce(board, policy)  # the path is fine now
+    (allowed / "r.jpg").unlink()
+    (allowed / "r.jpg").symlink_to(private / "face.jpg")  # and is a link out when it is read
+    with pytest.raises(OutsideAllowed, match="refused by the policy: as opened"):
+        fetch_reference.fn(board)
+    (allowed / "r.jpg").unlink()
+    (allowed / "r.jpg").symlink_to(allowed / "ok.jpg")  # a link that stays inside is read
+    assert fetch_reference.fn(board).data == photo_bytes
