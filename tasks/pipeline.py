@@ -39,6 +39,7 @@ from fastimagic.manifests import (
     SourcePrompt,
     TuningRef,
     keyframe_record,
+    records_are_data,
     scene_manifest,
 )
 from fastimagic.models import cached_base_model, model_family, model_identity
@@ -309,8 +310,10 @@ def kept_settings_match(
     store = output_store(output).child(run_prefix)
     try:
         recorded = json.loads(store.get_bytes(_settings_key(scene.id, seed, tuple(strategies))))
-    except (NotFound, ValueError):
+    except (NotFound, ValueError, RecursionError):
         return False
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("scene"), dict):
+        return False  # damaged: rendered again
     if recorded == settings:
         return True
     changed = []
@@ -412,7 +415,9 @@ def verify_written(
     store = output_store(output).child(run_prefix)
     try:
         records = json.loads(store.get_bytes(_progress_key(scene.id, seed, strategies)))
-    except (NotFound, ValueError):
+    except (NotFound, ValueError, RecursionError):
+        return None
+    if not records_are_data(records, scene.id, (seed,), strategies):  # a record edited by anyone: damaged
         return None
     wanted = [f"{kf.scene_prefix(scene.id)}/{n}" for n in expected_names(scene, seed, strategies)]
     if [r.get("key") for r in records] != wanted:
