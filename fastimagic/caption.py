@@ -58,8 +58,10 @@ def load_captioner(
     *,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
+    allow_pickle: bool = False,
 ) -> Captioner:
     """Load BLIP from a repo id (HF cache honoured, ``HF_HUB_OFFLINE`` respected), a local folder, or ``tiny``.
+    Only safetensors weights unless ``allow_pickle`` (pickle weights can run code when loaded).
 
     ``num_beams`` / ``max_new_tokens``: decoding, see :class:`Captioner` (defaults: the released code's).
     """
@@ -73,9 +75,12 @@ def load_captioner(
     else:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        from fastimagic.models import refuse_pickle_weights
+
+        refuse_pickle_weights(name, allow_pickle)
         try:
             processor = BlipProcessor.from_pretrained(name)
-            model = BlipForConditionalGeneration.from_pretrained(name)
+            model = BlipForConditionalGeneration.from_pretrained(name, use_safetensors=None if allow_pickle else True)
         except OSError as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InputError(

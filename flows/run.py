@@ -91,7 +91,7 @@ def preflight(board: Storyboard) -> None:
         resolve_precision(board.precision, default_device())
     except InputError as e:
         raise InputError(f"{board.source} {e}") from None
-    if board.scorer_name and (why := scorer_problem(board.scorer_name)):
+    if board.scorer_name and (why := scorer_problem(board.scorer_name, allow_pickle=board.allow_pickle)):
         raise InputError(f"{board.source} scorer: {why}")
     uri = board.reference.resolved
     try:

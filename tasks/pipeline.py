@@ -135,6 +135,7 @@ def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
         "tiny" if board.model.kind == "tiny" else "Salesforce/blip-image-captioning-base",
         num_beams=board.caption.num_beams,
         max_new_tokens=board.caption.max_new_tokens,
+        allow_pickle=board.allow_pickle,
     )
     caption = captioner(load_reference(reference.data, reference.uri))
     prompt = source_prompt_from_caption(caption, [s.prompt for s in board.scenes])
@@ -385,7 +386,7 @@ def render_keyframes(
             )  # at the tuning's size
         scores = None
         if board.scorer_name:
-            scorer = load_scorer(board.scorer_name, device=model.device)
+            scorer = load_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
             reference = _reference_image(board, tuning.width, tuning.height)
             scores = scorer.score([f.image for f in frames], scene.prompt, reference)
     store = output_store(output).child(run_prefix)

@@ -459,9 +459,10 @@ def test_pickled_task_parameters_are_refused_unread_on_the_worker(cluster, tmp_p
         "print(delay(finetune_once.with_options(result_serializer='pickle'), Evil(), None, None, 'x'))\n"
     )
     task_run_id = _delay(cluster, code)
-    refused = f"task run parameters parameters/{task_run_id}: refused unread: serialized as 'pickle'"
+    said = (f"Failed to read parameters for task run UUID('{task_run_id}')",
+            "refused unread: serialized as 'pickle', not plain JSON")
     deadline = time.monotonic() + 180
-    while not any(refused in cluster["procs"].tail(w, 1_000_000) for w in WORKERS):
+    while not any(all(line in cluster["procs"].tail(w, 1_000_000) for line in said) for w in WORKERS):
         assert time.monotonic() < deadline, "".join(cluster["procs"].tail(w) for w in WORKERS)
         time.sleep(0.5)
     run = _task_run_end(cluster, task_run_id)  # Prefect deletes a run whose parameters cannot be read
