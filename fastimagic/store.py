@@ -145,8 +145,9 @@ class Store(abc.ABC):
         """Write ``data`` at ``key``, replacing any object there. Atomic: readers see the old or the new bytes."""
 
     @abc.abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Return the bytes at ``key``; raise :class:`NotFound` if there are none."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the bytes at ``key``; raise :class:`NotFound` if there are none. ``max_bytes``: refuse a larger
+        object (:class:`TooLarge`) without reading it, and locally anything but a regular file."""
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:
@@ -263,9 +264,12 @@ class LocalStore(Store):
         except OSError as exc:
             raise self._fail(key, "write", exc) from exc
 
-    def get_bytes(self, key: str) -> bytes:
-        """Return the bytes at ``key``; raise :class:`NotFound` if there is no such file."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the bytes at ``key``; raise :class:`NotFound` if there is no such file. ``max_bytes``: see
+        :meth:`Store.get_bytes` (a FIFO or device is refused, never read)."""
         path = self._path(key)
+        if max_bytes is not None:
+            return read_local(path, max_bytes=max_bytes, shown=f"{self.uri.rstrip('/')}/{key}")
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -456,12 +460,21 @@ class S3Store(Store):
         except Exception as exc:
             raise self._err(exc, f"writing {key!r}") from exc
 
-    def get_bytes(self, key: str) -> bytes:
-        """Download the bytes at ``key``; raise :class:`NotFound` if there is no such object."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Download the bytes at ``key``; raise :class:`NotFound` if there is no such object. ``max_bytes``: see
+        :meth:`Store.get_bytes`."""
         full = self._full(key)
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=full)
-            return response["Body"].read()
+            if max_bytes is None:
+                return response["Body"].read()
+            data = response["Body"].read(max_bytes + 1)
+            if len(data) > max_bytes:
+                response["Body"].close()
+                raise TooLarge(f"{self.uri.rstrip('/')}/{key}: is more than the limit of {max_bytes:,} bytes")
+            return data
+        except StoreError:
+            raise
         except Exception as exc:
             if _client_code(exc) in _NO_KEY_CODES:
                 raise NotFound(f"{self.uri}: no object at key {key!r}") from exc
