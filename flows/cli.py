@@ -342,15 +342,23 @@ def cmd_strategies(args) -> int:
     return EXIT_OK
 
 
+_MAX_EXPIRES = 7 * 24 * 3600
+_MAX_MANIFEST_BYTES = 64 * 2**20
+
+
 def cmd_open(args) -> int:
     """Print where to look at a run: the local index.html, or for S3 a presigned page whose images are presigned
     too (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
     from fastimagic.sequence import index_page
+    from fastimagic.store import StoreError
     from flows.run import LINK_EXPIRES_SECONDS, read_storyboard
     from tasks.storage import output_store
 
+    if args.expires is not None and not 1 <= args.expires <= _MAX_EXPIRES:
+        raise InputError(f"--expires {args.expires}: a link lives 1 to {_MAX_EXPIRES} seconds (7 days, the most a"
+                         " presigned S3 link can); leave it out for 24 h")
     target = args.run
     if target.endswith((".yaml", ".yml")):
         board = read_storyboard(target)
@@ -367,7 +375,10 @@ def cmd_open(args) -> int:
                 f"open {target!r}: give a run folder (a path or s3://bucket/.../<storyboard>/<run-id>) or a"
                 " storyboard file; `fastimagic runs OUTPUT` lists the runs under an output"
             )
-        store = output_store(target.rstrip("/"))
+        try:
+            store = output_store(target.rstrip("/"))
+        except StoreError as e:  # the URI itself (a '..', a bad bucket name): nothing was contacted
+            raise InputError(str(e)) from None
     if not store.exists(kf.MANIFEST):
         raise InputError(f"{store.uri}: no manifest.json: not a finished run folder")
     if not store.uri.startswith("s3://"):
@@ -375,9 +386,13 @@ def cmd_open(args) -> int:
         return EXIT_OK
     import json
 
-    run = json.loads(store.get_bytes(kf.MANIFEST))
     expires = args.expires or LINK_EXPIRES_SECONDS
-    page = index_page(run, link=lambda key: store.url(key, expires=expires))
+    try:  # a manifest is data someone may have edited: one that is not what fastimagic writes is refused
+        run = json.loads(store.get_bytes(kf.MANIFEST, max_bytes=_MAX_MANIFEST_BYTES))
+        page = index_page(run, link=lambda key: store.url(key, expires=expires))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise InputError(f"{store.uri}/{kf.MANIFEST}: damaged, not a fastimagic run manifest"
+                         f" ({type(e).__name__}); `fastimagic runs` lists the runs there") from None
     name = f"shared/index-{kf.new_run_id()}.html"
     store.put_bytes(name, page, "text/html; charset=utf-8")
     print(store.url(name, expires=expires))
@@ -389,9 +404,14 @@ def cmd_submit(args) -> int:
     """Check the storyboard here first (schema and ``--policy`` / ``$FASTIMAGIC_POLICY``, the safe default without
     one: a pre-check that saves a round trip), then create the flow run with the storyboard's URI only. The worker
     obeys its own operator's policy, whatever this side checked: no policy travels with the run."""
+    from fastimagic.config import printable
+    from fastimagic.errors import InputError
     from fastimagic.policy import default_policy, for_home, home_of
     from flows.run import read_storyboard
 
+    if not re.fullmatch(r"[^/\s]+/[^/\s]+", args.deployment):
+        raise InputError(f"--deployment {printable(args.deployment)!r}: a deployment is named FLOW/DEPLOYMENT, e.g."
+                         " storyboard/storyboard (`prefect deployment ls` lists them)")
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
     policy = for_home(_policy(args) or default_policy(), home_of(uri))
     read_storyboard(uri, policy=policy)  # the policy's caps count seeds and keyframes before any is made
@@ -400,7 +420,7 @@ def cmd_submit(args) -> int:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from fastimagic.errors import FastImagicError, InputError
+    from fastimagic.errors import FastImagicError
     from fastimagic.store import shown_endpoint
 
     url = PREFECT_API_URL.value()
@@ -413,7 +433,7 @@ def cmd_submit(args) -> int:
         run = run_deployment(args.deployment, parameters={"storyboard": uri}, timeout=0)
     except ObjectNotFound:
         raise InputError(f"no deployment {args.deployment!r} on {shown_endpoint(url)}; `prefect deployment ls`"
-                         " lists them (names are FLOW/DEPLOYMENT)") from None
+                         " lists them (names are FLOW/DEPLOYMENT, e.g. storyboard/storyboard)") from None
     except (httpx.TransportError, OSError) as e:
         raise FastImagicError(f"cannot reach the Prefect server at {shown_endpoint(url)} ({type(e).__name__}); is"
                               " it running, and is PREFECT_API_URL right?") from None
