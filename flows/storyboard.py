@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from prefect import flow
 
+from fastimagic.config import printable
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
-from fastimagic.policy import operator_policy
+from fastimagic.policy import Policy, PolicyRefused, operator_policy
+from fastimagic.store import inside
 from fastimagic.storyboard import Storyboard
 from flows.run import RENDER_THREADS, render_scene, run_storyboard
 from tasks.pipeline import caption_reference, finetune_once
@@ -34,6 +36,15 @@ class InProcess:
             records += scene_records
             kept += scene_kept
         return summaries, records, kept
+
+
+def storyboard_allowed(storyboard: str, policy: Policy) -> None:
+    """Someone else's storyboard is an ``s3://`` URI (its bucket then is its home) or a file under one of the
+    policy's local ``references``: a run for someone else never opens another file on this worker."""
+    local = [p for p in policy.references or () if not p.startswith("s3://")]
+    if not storyboard.startswith("s3://") and not any(inside(storyboard, root) for root in local):
+        raise PolicyRefused(f"{printable(storyboard)[:200]}: refused by the policy: a storyboard run for someone else"
+                            " is an s3:// URI, or a file under the policy's local references")
 
 
 def _for_someone_else() -> bool:
@@ -63,9 +74,13 @@ def storyboard_flow(
     The storyboard must keep the operator's policy, taken from this process only, never from a parameter
     (:func:`fastimagic.policy.operator_policy`): one handed over in this process (the CLI's ``--policy``, the
     inbox's rules), else ``$FASTIMAGIC_POLICY``, else for a deployment's run (someone else's storyboard) the safe
-    default. Returns a summary with the manifest URI.
+    default; a local storyboard for someone else must be under the policy's local ``references``. Returns a
+    summary with the manifest URI.
     """
-    policy = operator_policy(for_others=_for_someone_else())
+    for_others = _for_someone_else()
+    policy = operator_policy(for_others=for_others)
+    if for_others:
+        storyboard_allowed(storyboard, policy)
     if scale_out:
         from flows.workers import Warm
 

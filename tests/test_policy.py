@@ -410,6 +410,19 @@ def test_the_storyboard_flow_and_the_inbox_take_no_policy_parameter():
     assert "policy" not in inspect.signature(inbox_flow.fn).parameters
 
 
+def test_a_deployments_storyboard_is_an_s3_uri_or_under_the_policys_local_references(tmp_path):
+    from fastimagic.policy import PolicyRefused
+    from flows.storyboard import storyboard_allowed
+
+    storyboard_allowed("s3://studio/storyboards/a.yaml", default_policy())
+    with pytest.raises(PolicyRefused, match="/etc/passwd: refused by the policy"):
+        storyboard_allowed("/etc/passwd", default_policy())  # never opened for someone else
+    policy = load_policy(_write(tmp_path, "p.yaml", f"references: [{tmp_path / 'inbox'}]\n"))
+    storyboard_allowed(str(tmp_path / "inbox" / "a.yaml"), policy)
+    with pytest.raises(PolicyRefused):
+        storyboard_allowed(str(tmp_path / "inbox" / ".." / "p.yaml"), policy)
+
+
 def test_the_policy_bounds_compute_with_defaults_a_real_storyboard_fits_in(tmp_path):
     story = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
     paper = story.replace("{steps: 2, min_steps: 2}", "{steps: 40, batch_size: 10}").replace(
