@@ -540,6 +540,12 @@ class S3Store(Store):
             (self.check_client or self.client).head_bucket(Bucket=self.bucket)
         except Exception as exc:
             if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                headers = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                if not any(h.lower().startswith("x-amz-") for h in headers):  # every S3 server sends a request id
+                    client = self.check_client or self.client
+                    raise StoreError(
+                        f"{self.uri}: the endpoint {shown_endpoint(str(client.meta.endpoint_url))} answered like a"
+                        " plain web server, not S3 (no x-amz- headers); check AWS_ENDPOINT_URL") from exc
                 raise StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist") from exc
             raise self._err(exc, "checking the bucket") from exc
 
