@@ -76,6 +76,7 @@ WORKER_CHECK_SECONDS = 5.0  # how often a waiting unit asks the server whether a
 # The tasks as they travel: parameters and results as JSON, never pickle (the served and the submitted copy agree).
 WIRE = {t.task_key: t.with_options(result_serializer="json") for t in GPU_TASKS}
 PLAIN_MAX_BYTES = 64 * 2**20  # a parameter or result record larger than this is refused unread
+RESULT_WAIT_SECONDS = 30.0  # how long a finished run's result record may lag its state
 
 
 class NotPlain(FastImagicError):
@@ -479,10 +480,22 @@ class Warm:
             from prefect.blocks.core import Block
 
             self.storage = Block.load(self.block)
-        value = plain_record(self.storage.read_path(key), f"{name}: result {key}")
+        value = plain_record(self._read_result(name, key), f"{name}: result {key}")
         if state.is_failed():
             raise _exception(name, value)
         return _typed(value)
+
+    def _read_result(self, name: str, key: str) -> bytes:
+        # A worker sets the run Completed, then commits its result record: the record can lag the state a little.
+        deadline = time.monotonic() + RESULT_WAIT_SECONDS
+        while True:
+            try:
+                return self.storage.read_path(key)
+            except Exception as e:  # noqa: BLE001 - a missing object, said by whichever client the block uses
+                if time.monotonic() > deadline:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise StoreError(f"{name}: its result {key} cannot be read from {self.block}: {first}") from None
+                time.sleep(0.5)
 
     @staticmethod
     def _crash(task_run_id, reason: str) -> None:
