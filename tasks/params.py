@@ -88,6 +88,8 @@ def worker_board(value: Any) -> Storyboard:
     _require(isinstance(overrides, Mapping) and set(overrides) <= set(_OVERRIDES)
              and all(isinstance(v, str) for v in overrides.values()), "overrides may set output and model only")
     policy = operator_policy(for_others=True)
+    _require(len(text) <= policy.caps.storyboard_bytes, f"the storyboard is more than the cap of"
+             f" {policy.caps.storyboard_bytes} bytes (caps.storyboard_bytes)")  # before it is parsed
     board = load_storyboard(source, text=text, overrides=dict(overrides) or None, caps=policy.caps)
     if source.startswith("s3://") and (policy.references is None or policy.outputs is None):
         _same_as_stored(source, text, policy.caps.storyboard_bytes)  # its bucket is its home: prove it is there
