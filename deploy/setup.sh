@@ -6,7 +6,8 @@
 # 1. the process work pool fastimagic-cpu (left as it is if it exists): the storyboard flow and the inbox;
 # 2. the result-storage block s3-bucket/fastimagic-results (created or updated): warm GPU workers and the flows
 #    that submit to them exchange parameters and results through it, in $FASTIMAGIC_RESULTS_BUCKET (default
-#    keyframes) under prefect-results/, with the AWS_* credentials and AWS_ENDPOINT_URL of this environment;
+#    fastimagic-results) under prefect-results/, with the AWS_* credentials and AWS_ENDPOINT_URL of this
+#    environment. Keep that bucket apart from the inbox's: only the operator's workers and flows may write it;
 # 3. no `gpu` tag concurrency limit: each warm worker runs one task at a time on its own GPU, so a limit would only
 #    make every GPU task wait for a slot (an older setup's limit is removed);
 # 4. every deployment in deploy/prefect.yaml (`prefect deploy --all`), skipping, with a warning, any whose
@@ -56,7 +57,7 @@ if missing:
     sys.exit(f"setup.sh: {', '.join(missing)} not set: the result-storage block needs the S3 credentials")
 endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 S3Bucket(
-    bucket_name=os.environ.get("FASTIMAGIC_RESULTS_BUCKET", "keyframes"),
+    bucket_name=os.environ.get("FASTIMAGIC_RESULTS_BUCKET", "fastimagic-results"),
     bucket_folder="prefect-results",
     credentials=MinIOCredentials(
         minio_root_user=os.environ["AWS_ACCESS_KEY_ID"],

@@ -59,8 +59,10 @@ def load_captioner(
     *,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
+    allow_pickle: bool = False,
 ) -> Captioner:
     """Load BLIP from a repo id (HF cache honoured, ``HF_HUB_OFFLINE`` respected), a local folder, or ``tiny``.
+    Only safetensors weights unless ``allow_pickle`` (pickle weights can run code when loaded).
 
     ``num_beams`` / ``max_new_tokens``: decoding, see :class:`Captioner` (defaults: the released code's).
     """
@@ -74,9 +76,13 @@ def load_captioner(
     else:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        from fastimagic.models import refuse_pickle_weights
+
+        refuse_pickle_weights(name, allow_pickle)
+        weights = {"use_safetensors": None if allow_pickle else True}
         try:  # the cache (or a folder) first: no network at all when BLIP is already here
             processor = BlipProcessor.from_pretrained(name, local_files_only=True)
-            model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=True)
+            model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=True, **weights)
         except OSError:
             processor = model = None
         if model is None and not os.path.isdir(name) and (why := hub_unreachable()):
@@ -87,7 +93,7 @@ def load_captioner(
             )
         try:
             processor = processor or BlipProcessor.from_pretrained(name)
-            model = model or BlipForConditionalGeneration.from_pretrained(name)
+            model = model or BlipForConditionalGeneration.from_pretrained(name, **weights)
         except OSError as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InputError(

@@ -39,6 +39,9 @@ MAX_SEED = 2**32 - 1
 FIT_MODES = ("crop", "pad", "resize")
 DEFAULT_MAX_SEEDS = 64
 DEFAULT_MAX_KEYFRAMES = 10_000
+# The most a storyboard may raise max_seeds / max_keyframes to: what a count may make before anything is refused.
+MAX_SEEDS_CEILING = 100_000
+MAX_KEYFRAMES_CEILING = 1_000_000
 DEFAULT_MAX_SIDE = 2048
 # Bounds on what one storyboard may hand the worker, whoever wrote it (an operator policy can lower them).
 DEFAULT_MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; thousands of characters are a mistake or an attack

@@ -112,7 +112,11 @@ def _scores_cell(record: dict) -> str:
     sc = record.get("scores")
     if not sc:
         return ""
-    return f"{sc['clip']:.1f} / {sc['fidelity']:.3f} {html.escape(sc.get('fidelity_metric', ''))}"
+    try:
+        numbers = f"{float(sc['clip']):.1f} / {float(sc['fidelity']):.3f}"
+    except (KeyError, TypeError, ValueError):  # a record that is not what fastimagic writes: shown as text
+        numbers = html.escape(str(sc))
+    return f"{numbers} {html.escape(str(sc.get('fidelity_metric', '')))}"
 
 
 def index_html(run: dict, link=None, *, top: str = "", css: str = "") -> bytes:
@@ -122,7 +126,8 @@ def index_html(run: dict, link=None, *, top: str = "", css: str = "") -> bytes:
     ``top``: HTML put first in the body (the sequence strip, see :func:`fastimagic.sequence.index_page`), styled
     by ``css``.
     """
-    e = html.escape
+    def e(value) -> str:  # every value, whatever its field or type: a manifest may have been edited by anyone
+        return html.escape(str(value))
 
     def quote(key: str) -> str:
         return e(link(key)) if link else _quote(key)
@@ -160,7 +165,7 @@ def index_html(run: dict, link=None, *, top: str = "", css: str = "") -> bytes:
             parts.append('<div class="picks"><h3>Picks</h3>')
             for p in scene["picks"]:
                 parts.append(f'<a href="{quote(p["key"])}"><img src="{quote(p["key"])}" '
-                             f'alt="pick {p["rank"]} of {e(scene["id"])}"></a>')
+                             f'alt="pick {e(p["rank"])} of {e(scene["id"])}"></a>')
             parts.append("</div>")
         parts.append(
             f'<figure><a href="{quote(scene["contact_sheet"])}"><img src="{quote(scene["contact_sheet"])}"'
@@ -171,8 +176,8 @@ def index_html(run: dict, link=None, *, top: str = "", css: str = "") -> bytes:
         for k in (k for k in run["keyframes"] if k["scene"] == scene["id"]):
             parts.append(
                 f'<tr><td><a href="{quote(k["key"])}">{e(k["key"].rsplit("/", 1)[-1])}</a></td>'
-                f"<td>{k['seed']}</td><td>{e(as_edit(k['edit']).label())}</td><td>{e(k['forget'])}</td>"
-                f"<td>{_scores_cell(k)}</td><td>{k.get('pick') or ''}</td></tr>"
+                f"<td>{e(k['seed'])}</td><td>{e(as_edit(k['edit']).label())}</td><td>{e(k['forget'])}</td>"
+                f"<td>{_scores_cell(k)}</td><td>{e(k.get('pick') or '')}</td></tr>"
             )
         parts.append("</table></section>")
     parts.append("</body></html>")

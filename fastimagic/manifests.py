@@ -13,6 +13,7 @@ are written to progress records and manifests as they are, and :mod:`fastimagic.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
@@ -94,6 +95,37 @@ class KeyframeRecord(TypedDict, total=False):
     sha256: str
     scores: dict
     pick: int | None
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RECORD_FIELDS = {"key": str, "scene": str, "prompt": str, "seed": int, "edit": dict, "forget": str,
+                  "sigma": (int, float), "guidance": (int, float), "steps": int, "width": int, "height": int,
+                  "negative_prompt": (str, type(None)), "sha256": str, "scores": dict, "pick": (int, type(None)),
+                  "precision": str}
+
+
+def records_are_data(records: Any, scene_id: str, seeds: Sequence[int], strategies: Sequence[str]) -> bool:
+    """Whether ``records`` (read back from a progress record someone may have edited) are what fastimagic writes
+    for this scene: a list of objects with known fields of the right types, this scene's id, one of ``seeds``,
+    one of ``strategies``, a SHA-256; scores numbers. Anything else is damaged (a resume renders it again)."""
+    if not isinstance(records, list):
+        return False
+    for r in records:
+        if not isinstance(r, dict) or not {"key", "scene", "seed", "forget", "sha256"} <= r.keys():
+            return False
+        for name, value in r.items():
+            kind = _RECORD_FIELDS.get(name)
+            if kind is None or isinstance(value, bool) and name != "pick" or not isinstance(value, kind):
+                return False
+        if r["scene"] != scene_id or r["seed"] not in seeds or r["forget"] not in strategies:
+            return False
+        if not _SHA256.fullmatch(r["sha256"]):
+            return False
+        scores = r.get("scores", {})
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) or k == "fidelity_metric"
+                   and isinstance(v, str) for k, v in scores.items()):
+            return False
+    return True
 
 
 def keyframe_record(key: str, scene_id: str, settings: Mapping, sha256: str, scores: Mapping | None) -> KeyframeRecord:

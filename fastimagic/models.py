@@ -387,6 +387,17 @@ def _refuse_pickle_folder(
         )
 
 
+def refuse_pickle_weights(spec: str, allow_pickle: bool) -> None:
+    """For a transformers model (the CLIP scorer, the BLIP captioner): a local folder, or a cached hub snapshot,
+    whose weights are only pickle files is refused unless ``allow_pickle`` (loading also asks for safetensors)."""
+    if allow_pickle or spec == "tiny":
+        return
+    path = Path(os.path.expanduser(spec))
+    folder = path if path.is_dir() else None if path.is_absolute() else _hub_snapshot(spec)
+    if folder is not None:
+        _refuse_pickle_folder(spec, folder.parent, allow_pickle, parts=(folder.name,))
+
+
 def _hub_snapshot(repo_id: str) -> Path | None:
     """The cached snapshot folder of a hub repo, None when it is not cached (nothing is downloaded)."""
     try:

@@ -10,7 +10,9 @@ file (``FASTIMAGIC_POLICY`` or ``--policy FILE``)::
                                                  # model_config:, vae: and the scorer alike)
     allow_pickle: false                          # pickle checkpoints (.ckpt/.bin...) even if the storyboard asks
     caps: {keyframes: 2000, seeds: 16, side: 1024, prompt_chars: 1000,
-           reference_bytes: 20000000, storyboard_bytes: 1000000}
+           reference_bytes: 20000000, storyboard_bytes: 1000000,
+           finetune_steps: 200, finetune_batch: 16, sampling_steps: 200,   # compute: what one run may cost
+           keyframe_pixels: 2097152, budget: 200000}
 
 Every key is optional. Left out, ``references`` and ``outputs`` allow only the storyboard's *home*: the inbox's own
 bucket (``s3://bucket/``) for an S3 inbox, the inbox folder for a local one, or for ``fastimagic submit`` the
@@ -27,6 +29,9 @@ about what exists on the worker.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,7 +49,14 @@ _Cap = Annotated[int, Strict(), Field(ge=1)]
 class Caps(BaseModel):
     """The most a storyboard may ask for. keyframes: in the whole storyboard. seeds: per scene. side: pixels, each
     side of the keyframes. prompt_chars: characters of any one prompt. reference_bytes: size of the reference
-    image. storyboard_bytes: size of the storyboard file."""
+    image. storyboard_bytes: size of the storyboard file.
+
+    Compute (the paper's fine-tune is 40 steps at batch 10, its sampling 50 steps): finetune_steps and
+    finetune_batch: the fine-tune's steps and batch size; sampling_steps: DDIM steps of any scene;
+    keyframe_pixels: width x height of a keyframe; budget: the whole run in megapixel-steps, every keyframe's
+    sampling steps x its megapixels plus the fine-tune's steps x batch x megapixels x 3 (a training sample costs
+    about a forward and a backward pass). A one-number resolution counts as a square, an unset one as 1024 x 1024
+    (64 x 64 for the tiny models)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,6 +66,11 @@ class Caps(BaseModel):
     prompt_chars: _Cap = config.DEFAULT_MAX_PROMPT_CHARS
     reference_bytes: _Cap = config.DEFAULT_MAX_REFERENCE_BYTES
     storyboard_bytes: _Cap = config.DEFAULT_MAX_STORYBOARD_BYTES
+    finetune_steps: _Cap = 200
+    finetune_batch: _Cap = 16
+    sampling_steps: _Cap = 200
+    keyframe_pixels: _Cap = 2048 * 1024
+    budget: _Cap = 200_000
 
 
 DEFAULT_CAPS = Caps()
@@ -209,9 +226,11 @@ def _under(value: str, prefix: str) -> bool:
         return value == base or value.startswith(base + "/") or (prefix.endswith("/") and value == prefix)
     if value.startswith("s3://"):
         return False
-    # Symlinks are followed on both sides: a link inside an allowed folder that points out of it is outside.
-    real, root = os.path.realpath(value), os.path.realpath(prefix)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+    from fastimagic.store import inside
+
+    # Symlinks are followed on both sides: a link inside an allowed folder that points out of it is outside. The
+    # file is checked again as it is opened (Storyboard.reference_roots), so a link swapped in later is refused.
+    return inside(value, prefix)
 
 
 def _shown(prefixes: tuple[str, ...]) -> str:
@@ -291,10 +310,44 @@ def check(board: Any, policy: Policy, home: str | None = None) -> list[str]:
     sides = board.resolution if isinstance(board.resolution, tuple) else (board.resolution or 0,)
     if max(sides) > caps.side:
         refuse(("resolution",), f"{max(sides)} px is more than the cap of {caps.side} px a side")
+    for field, value, cap in (("steps", board.finetune.steps, caps.finetune_steps),
+                              ("batch_size", board.finetune.batch_size, caps.finetune_batch)):
+        if value > cap:
+            refuse(("finetune", field), f"{value} is more than the cap of {cap} (caps.finetune_{field.split('_')[0]})")
+    for i, scene in enumerate(board.scenes):
+        if scene.steps > caps.sampling_steps:
+            refuse(scene_field(i, "steps"), f"{scene.steps} sampling steps is more than the cap of"
+                   f" {caps.sampling_steps} (caps.sampling_steps)")
+    pixels = keyframe_pixels(board)
+    if pixels > caps.keyframe_pixels:
+        refuse(("resolution",), f"{pixels} pixels a keyframe is more than the cap of {caps.keyframe_pixels}"
+               " (caps.keyframe_pixels)")
+    cost = run_cost(board)
+    if cost > caps.budget:
+        refuse(("scenes",), f"the run would cost about {cost:.0f} megapixel-steps (keyframes x sampling steps x"
+               f" megapixels, plus the fine-tune), more than the budget of {caps.budget} (caps.budget)")
     size = len(board.source_text.encode("utf-8", "replace"))
     if size > caps.storyboard_bytes:
         refuse((), f"the file is {size} bytes, more than the cap of {caps.storyboard_bytes}")
     return [message for _, message in sorted(found, key=lambda item: item[0])]
+
+
+def keyframe_pixels(board: Any) -> int:
+    """Width x height of the storyboard's keyframes as the policy counts them, before the reference is seen: a
+    one-number resolution as a square, an unset one as 1024 x 1024 (the largest model family's own; 64 x 64 for the
+    tiny models)."""
+    if isinstance(board.resolution, tuple):
+        return board.resolution[0] * board.resolution[1]
+    side = board.resolution or (64 if board.model.kind == "tiny" else 1024)
+    return side * side
+
+
+def run_cost(board: Any) -> float:
+    """The run's estimated cost in megapixel-steps: every keyframe's sampling steps x megapixels, plus the
+    fine-tune's steps x batch x megapixels x 3 (forward and backward)."""
+    megapixels = keyframe_pixels(board) / 1e6
+    sampling = sum(scene.keyframe_count() * scene.steps for scene in board.scenes)
+    return megapixels * (sampling + 3 * board.finetune.steps * board.finetune.batch_size)
 
 
 def for_home(policy: Policy, home: str | None) -> Policy:
@@ -315,21 +368,37 @@ def enforce(board: Any, policy: Policy, home: str | None = None) -> None:
     problems = check(board, policy, home)
     if problems:
         raise PolicyRefused(problems)
-    board.limit(side=policy.caps.side, reference_bytes=policy.caps.reference_bytes)
+    home = home if home is not None else home_of(board.source)
+    roots = policy.references if policy.references is not None else ((home,) if home else ())
+    board.limit(side=policy.caps.side, reference_bytes=policy.caps.reference_bytes,
+                reference_roots=tuple(r for r in roots if not r.startswith("s3://")))
 
 
-def guard(board: Any, policy: Policy | dict | str | None = None) -> None:
-    """The check every storyboard flow run makes: against ``policy`` (a :class:`Policy`, its data as a flow
-    parameter carries it, or a file), else against ``$FASTIMAGIC_POLICY`` when the worker sets it; nothing when
-    neither is given (a person running their own storyboard)."""
-    if isinstance(policy, dict):
-        policy = Policy.model_validate(policy)
-    elif isinstance(policy, str):
-        policy = load_policy(policy)
-    elif policy is None and os.environ.get(POLICY_ENV):
-        policy = load_policy(os.environ[POLICY_ENV])
-    if policy is not None:
-        enforce(board, policy)
+_HANDED: ContextVar[Policy | None] = ContextVar("fastimagic_policy", default=None)
+
+
+@contextmanager
+def handed(policy: Policy | None) -> Iterator[None]:
+    """Within this block, in this process only, runs obey ``policy`` (the CLI's ``--policy``, the inbox's own rules
+    for a storyboard it runs as a subflow). A policy is never taken from a flow or task *parameter*: whoever can
+    create a run on the Prefect server writes those (see docs/reliability.md, "Who is trusted with what")."""
+    token = _HANDED.set(policy)
+    try:
+        yield
+    finally:
+        _HANDED.reset(token)
+
+
+def operator_policy(*, for_others: bool) -> Policy | None:
+    """The policy a run obeys, from this process only: one :func:`handed` over here, else ``$FASTIMAGIC_POLICY``,
+    else, when the work is for someone else (a deployment's flow run, a warm worker's task), :func:`default_policy`;
+    None for a person's own run with neither."""
+    handed_over = _HANDED.get()
+    if handed_over is not None:
+        return handed_over
+    if os.environ.get(POLICY_ENV):
+        return load_policy(os.environ[POLICY_ENV])
+    return default_policy() if for_others else None
 
 
 class PolicyRefused(InputError):

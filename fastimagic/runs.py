@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from fastimagic import keyframes as kf
+from fastimagic.config import printable
 from fastimagic.errors import InputError
 from fastimagic.store import LocalStore, Store, StoreError
 
@@ -140,10 +141,14 @@ def _created_from_run_id(run_id: str) -> str | None:
     return when.isoformat(timespec="seconds")
 
 
+_MAX_RECORD_BYTES = 64 * 2**20  # a manifest, plan or progress record larger than this is damaged, not read
+
+
 def _read_json(store: Store, key: str) -> tuple[object, str | None]:
-    """``(value, None)`` or ``(None, problem)`` for an object that cannot be read or is not JSON."""
+    """``(value, None)`` or ``(None, problem)`` for an object that cannot be read (not a regular file, larger than
+    :data:`_MAX_RECORD_BYTES`) or is not JSON (nested too deep included)."""
     try:
-        data = store.get_bytes(key)
+        data = store.get_bytes(key, max_bytes=_MAX_RECORD_BYTES)
     except StoreError as e:
         return None, f"{key} cannot be read ({e})"
     try:
@@ -152,6 +157,8 @@ def _read_json(store: Store, key: str) -> tuple[object, str | None]:
         return None, f"{key} is not UTF-8 text"
     except ValueError as e:
         return None, f"{key} is not valid JSON ({e})"
+    except RecursionError:
+        return None, f"{key} is nested too deep to be a fastimagic record"
 
 
 def _complete(run: Store, slug: str, run_id: str) -> RunInfo:
@@ -161,20 +168,7 @@ def _complete(run: Store, slug: str, run_id: str) -> RunInfo:
     if problem is None and not isinstance(manifest.get("keyframes"), list):
         problem = f"{kf.MANIFEST} has no 'keyframes' list"
     if problem is not None:
-        return RunInfo(
-            storyboard=slug,
-            slug=slug,
-            run_id=run_id,
-            status=DAMAGED,
-            keyframes=None,
-            expected=None,
-            expected_at_most=False,
-            created=_created_from_run_id(run_id),
-            tuning_key=None,
-            tuning_reused=None,
-            uri=run.uri,
-            problem=problem,
-        )
+        return _damaged(run.uri, slug, run_id, problem)
     board = manifest.get("storyboard") if isinstance(manifest.get("storyboard"), dict) else {}
     tuning = manifest.get("tuning") if isinstance(manifest.get("tuning"), dict) else {}
     count = len(manifest["keyframes"])
@@ -233,11 +227,33 @@ def _incomplete(run: Store, slug: str, run_id: str, entries: list[str]) -> RunIn
 
 
 def _inspect(store: Store, slug: str, run_id: str, folder: str | None = None) -> RunInfo | None:
-    run = store.child(folder or f"{slug}/{run_id}")
+    """The run in ``folder`` (default ``<slug>/<run_id>``), or None when the folder is no run; a run whose records
+    are not what fastimagic writes (a mistyped field, a name the store refuses) is listed as damaged, never hiding
+    the others."""
+    folder = folder or f"{slug}/{run_id}"
+    try:
+        info = _read_run(store, slug, run_id, folder)
+    except (StoreError, TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:
+        return _damaged(f"{store.uri.rstrip('/')}/{folder}", slug, run_id, str(e) or type(e).__name__)
+    if info is not None and not all(isinstance(v, t) for v, t in (
+            (info.storyboard, str), (info.tuning_key, (str, type(None))), (info.created, (str, type(None))),
+            (info.tuning_reused, (bool, type(None))))):
+        return _damaged(info.uri, slug, run_id, "a field of its records has the wrong type")
+    return info
+
+
+def _damaged(uri: str, slug: str, run_id: str, problem: str) -> RunInfo:
+    return RunInfo(storyboard=slug, slug=slug, run_id=run_id, status=DAMAGED, keyframes=None, expected=None,
+                   expected_at_most=False, created=_created_from_run_id(run_id), tuning_key=None,
+                   tuning_reused=None, uri=uri, problem=problem)
+
+
+def _read_run(store: Store, slug: str, run_id: str, folder: str) -> RunInfo | None:
+    run = store.child(folder)
     entries = run.listdir()
     if kf.MANIFEST in entries:
         return _complete(run, slug, run_id)
-    if PLAN in entries or f"{kf.PROGRESS}/" in entries or "scenes/" in entries:
+    if _RUN_MARKS & set(entries):
         return _incomplete(run, slug, run_id, entries)
     return None  # not a run folder
 
@@ -270,7 +286,11 @@ def list_runs(store: Store) -> list[RunInfo]:
         if not entry.endswith("/") or entry == f"{TUNINGS}/":
             continue
         slug = entry.rstrip("/")
-        inside = store.listdir(slug)
+        try:
+            inside = store.listdir(slug)
+        except StoreError as e:  # a folder name the store refuses (a control character): listed, not fatal
+            candidates.append((slug, f"?: {e}", None))
+            continue
         if _RUN_MARKS & set(inside):  # OUTPUT is one storyboard's folder (<output>/<slug>): this is one of its runs
             candidates.append((store.uri.rstrip("/").rsplit("/", 1)[-1], slug, slug))
             continue
@@ -307,13 +327,14 @@ def format_runs(runs: list[RunInfo]) -> str:
     for r in runs:
         reused = {True: " (reused)", False: " (new)"}.get(r.tuning_reused, "") if r.tuning_key else ""
         count = "-" if r.keyframes is None else str(r.keyframes)
-        rows.append((r.storyboard, r.run_id, r.status_text, count, r.created or "-", _short(r.tuning_key) + reused))
+        rows.append(tuple(printable(str(cell)) for cell in (  # names from the folder: no forged lines, no escapes
+            r.storyboard, r.run_id, r.status_text, count, r.created or "-", _short(r.tuning_key) + reused)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    notes = [f"{r.run_id}: {r.status}: {r.problem}" for r in runs if r.problem]
+    notes = [printable(f"{r.run_id}: {r.status}: {r.problem}") for r in runs if r.problem]
     incomplete = [r for r in runs if r.status == INCOMPLETE]
     for r in incomplete[:_HINTS]:
-        notes.append(f"continue {r.run_id} with: {resume_command(r)}")
+        notes.append(printable(f"continue {r.run_id} with: {resume_command(r)}"))
     if len(incomplete) > _HINTS:
         notes.append(f"(and {len(incomplete) - _HINTS} more incomplete: the same command with their run ids)")
     return "\n".join(lines + ([""] + notes if notes else []))

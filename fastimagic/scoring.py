@@ -188,11 +188,14 @@ def _build_tiny(seed: int = TINY_SCORER_SEED):
     return model, tokenizer, processor
 
 
-def _load_pretrained(name: str):
+def _load_pretrained(name: str, allow_pickle: bool = False):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
+    from fastimagic.models import refuse_pickle_weights
+
+    refuse_pickle_weights(name, allow_pickle)
     try:
-        model = CLIPModel.from_pretrained(name)
+        model = CLIPModel.from_pretrained(name, use_safetensors=None if allow_pickle else True)
         tokenizer = AutoTokenizer.from_pretrained(name)
         # Picks the PIL image processor when torchvision is absent.
         processor = AutoImageProcessor.from_pretrained(name)
@@ -205,12 +208,18 @@ def _load_pretrained(name: str):
     return model, tokenizer, processor
 
 
-def scorer_problem(name: str) -> str | None:
+def scorer_problem(name: str, allow_pickle: bool = False) -> str | None:
     """Why the CLIP scorer ``name`` cannot be loaded here, found without loading it (for checks before a run), or
-    None: ``tiny`` always loads; a folder needs its ``config.json``; a hub id must be in the local HF cache when
-    downloads are off (``HF_HUB_OFFLINE``)."""
+    None: ``tiny`` always loads; a folder needs its ``config.json`` and, unless ``allow_pickle``, safetensors
+    weights; a hub id must be in the local HF cache when downloads are off (``HF_HUB_OFFLINE``)."""
     if name == "tiny":
         return None
+    from fastimagic.models import refuse_pickle_weights
+
+    try:
+        refuse_pickle_weights(name, allow_pickle)
+    except InputError as e:
+        return str(e)
     path = os.path.expanduser(name)
     if os.path.isabs(path) or os.path.isdir(path):
         return None if os.path.isfile(os.path.join(path, "config.json")) else f"{name}: not a CLIP model folder"
@@ -229,24 +238,28 @@ _CACHE: dict[tuple[str, str, str], Scorer] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_scorer(name: str = DEFAULT_SCORER, device: str | torch.device | None = None, fidelity: str = "auto") -> Scorer:
+def load_scorer(
+    name: str = DEFAULT_SCORER, device: str | torch.device | None = None, fidelity: str = "auto",
+    allow_pickle: bool = False,
+) -> Scorer:
     """The CLIP scorer ``name`` on ``device``, loaded once per process and reused.
 
     ``name``: a Hugging Face repo id or local folder of a CLIP model (HF cache honoured, ``HF_HUB_OFFLINE``
     respected; a missing model raises :class:`InputError`), or ``"tiny"`` for a seeded random CLIP built offline.
     ``device``: default CUDA, else MPS, else CPU. ``fidelity``: ``"auto"`` (LPIPS when available locally, else
     CLIP image similarity), ``"lpips"`` (raise :class:`InputError` when unavailable) or ``"clip_image"``.
+    ``allow_pickle``: load pickle weights (``pytorch_model.bin``) too; by default only safetensors, as for models.
     """
     if fidelity not in ("auto", *FIDELITY_METRICS):
         raise InputError(f"unknown fidelity metric '{fidelity}'; allowed: auto, {', '.join(FIDELITY_METRICS)}")
     from fastimagic.models import pick_device
 
     dev = pick_device(device)[0]
-    key = (name, str(dev), fidelity)
+    key = (name, str(dev), fidelity, allow_pickle)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
-        model, tokenizer, processor = _build_tiny() if name == "tiny" else _load_pretrained(name)
+        model, tokenizer, processor = _build_tiny() if name == "tiny" else _load_pretrained(name, allow_pickle)
         net = None
         if fidelity != "clip_image":
             net, why = load_lpips(dev)

@@ -211,7 +211,8 @@ def sequence_html(sequence: Mapping, link: Callable[[str], str] | None = None) -
     """An HTML strip of the sequence, for the top of index.html: each frame's image (relative ``src``, or
     ``link(key)`` such as a presigned URL), its number, scene and prompt (all text escaped). Style it with
     :data:`SEQUENCE_CSS`."""
-    e = html.escape
+    def e(value) -> str:  # every value, whatever its type
+        return html.escape(str(value))
 
     def src(key: str) -> str:
         return e(link(key)) if link else _quote(key)
@@ -225,7 +226,7 @@ def sequence_html(sequence: Mapping, link: Callable[[str], str] | None = None) -
         parts.append(
             f'<li><figure><a href="#{e(frame["scene"])}"><img src="{src(frame["key"])}"'
             f' alt="{e(frame["scene"])}: {e(frame["prompt"])}"></a>'
-            f"<figcaption>{frame['index']:03d} · {e(frame['scene'])}<br>{e(frame['prompt'])}"
+            f"<figcaption>{e(str(frame['index']).zfill(3))} · {e(frame['scene'])}<br>{e(frame['prompt'])}"
             + (f"<br><i>{e(frame['motion'])}</i>" if frame.get("motion") else "")
             + "</figcaption></figure></li>"
         )

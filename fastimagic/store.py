@@ -145,8 +145,9 @@ class Store(abc.ABC):
         """Write ``data`` at ``key``, replacing any object there. Atomic: readers see the old or the new bytes."""
 
     @abc.abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Return the bytes at ``key``; raise :class:`NotFound` if there are none."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the bytes at ``key``; raise :class:`NotFound` if there are none. ``max_bytes``: refuse a larger
+        object (:class:`TooLarge`) without reading it, and locally anything but a regular file."""
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:
@@ -263,9 +264,12 @@ class LocalStore(Store):
         except OSError as exc:
             raise self._fail(key, "write", exc) from exc
 
-    def get_bytes(self, key: str) -> bytes:
-        """Return the bytes at ``key``; raise :class:`NotFound` if there is no such file."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the bytes at ``key``; raise :class:`NotFound` if there is no such file. ``max_bytes``: see
+        :meth:`Store.get_bytes` (a FIFO or device is refused, never read)."""
         path = self._path(key)
+        if max_bytes is not None:
+            return read_local(path, max_bytes=max_bytes, shown=f"{self.uri.rstrip('/')}/{key}")
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -456,12 +460,21 @@ class S3Store(Store):
         except Exception as exc:
             raise self._err(exc, f"writing {key!r}") from exc
 
-    def get_bytes(self, key: str) -> bytes:
-        """Download the bytes at ``key``; raise :class:`NotFound` if there is no such object."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Download the bytes at ``key``; raise :class:`NotFound` if there is no such object. ``max_bytes``: see
+        :meth:`Store.get_bytes`."""
         full = self._full(key)
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=full)
-            return response["Body"].read()
+            if max_bytes is None:
+                return response["Body"].read()
+            data = response["Body"].read(max_bytes + 1)
+            if len(data) > max_bytes:
+                response["Body"].close()
+                raise TooLarge(f"{self.uri.rstrip('/')}/{key}: is more than the limit of {max_bytes:,} bytes")
+            return data
+        except StoreError:
+            raise
         except Exception as exc:
             if _client_code(exc) in _NO_KEY_CODES:
                 raise NotFound(f"{self.uri}: no object at key {key!r}") from exc
@@ -527,6 +540,12 @@ class S3Store(Store):
             (self.check_client or self.client).head_bucket(Bucket=self.bucket)
         except Exception as exc:
             if _client_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                headers = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                if not any(h.lower().startswith("x-amz-") for h in headers):  # every S3 server sends a request id
+                    client = self.check_client or self.client
+                    raise StoreError(
+                        f"{self.uri}: the endpoint {shown_endpoint(str(client.meta.endpoint_url))} answered like a"
+                        " plain web server, not S3 (no x-amz- headers); check AWS_ENDPOINT_URL") from exc
                 raise StoreError(f"{self.uri}: bucket {self.bucket!r} does not exist") from exc
             raise self._err(exc, "checking the bucket") from exc
 
@@ -667,9 +686,31 @@ def open_store(uri: str | Path, *, session: Any = None) -> Store:
     return LocalStore(_local_path(uri))
 
 
-def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = None) -> bytes:
+def inside(path: str, root: str) -> bool:
+    """Whether local ``path`` is ``root`` or under it, links followed on both sides."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+class OutsideAllowed(InputError):
+    """A local file that, as opened, is not under the folders an operator's policy allows (a link swapped in)."""
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """Where the file open as ``fd`` really is: the kernel's name for it (Linux), else the path resolved now."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def read_local(
+    path: Path, *, max_bytes: int | None = None, shown: str | None = None, within: tuple[str, ...] | None = None
+) -> bytes:
     """The bytes of a regular file, at most ``max_bytes`` of them. A FIFO, device (``/dev/zero``), socket or folder,
-    or a link to one, is refused at once without reading, so nothing blocks or fills memory.
+    or a link to one, is refused at once without reading, so nothing blocks or fills memory. ``within``: local
+    folders the file must be in *as opened* (an operator's policy): checked on the open file itself, so a link
+    swapped in after the policy looked at the path is refused, not followed.
 
     Raises :class:`NotFound` or :class:`StoreError`; messages start with ``shown`` (default: the path).
     """
@@ -685,6 +726,10 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
     except OSError as exc:
         raise StoreError(f"{shown}: cannot read ({exc.strerror or type(exc).__name__})") from exc
     info = os.fstat(fd)
+    if within is not None and not any(inside(_opened_path(fd, path), root) for root in within):
+        os.close(fd)
+        raise OutsideAllowed(f"{shown}: refused by the policy: as opened, the file is not under an allowed folder"
+                             " (a link that leads elsewhere?)")
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         mode = info.st_mode
@@ -710,11 +755,12 @@ def read_local(path: Path, *, max_bytes: int | None = None, shown: str | None = 
 
 
 def read_uri(
-    uri: str | Path, *, base_dir: Path | None = None, session: Any = None, max_bytes: int | None = None
+    uri: str | Path, *, base_dir: Path | None = None, session: Any = None, max_bytes: int | None = None,
+    within: tuple[str, ...] | None = None,
 ) -> bytes:
     """Read one whole object: ``s3://bucket/key``, a ``file://`` URI, or a path (relative paths are resolved
     against ``base_dir``, default the current folder). Local paths must be regular files (see :func:`read_local`).
-    ``max_bytes``: refuse anything larger, before reading it.
+    ``max_bytes``: refuse anything larger, before reading it. ``within``: see :func:`read_local`.
 
     Raises :class:`NotFound` (a :class:`StoreError`) if it does not exist, and :class:`StoreError` if it is a
     folder, too large or cannot be read; every message starts with ``uri``.
@@ -749,4 +795,4 @@ def read_uri(
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
     shown = text if str(path) == text else f"{text} ({path})"
-    return read_local(path, max_bytes=max_bytes, shown=shown)
+    return read_local(path, max_bytes=max_bytes, shown=shown, within=within)

@@ -46,7 +46,9 @@ from fastimagic.config import (
     DEFAULT_MAX_SEEDS,
     DEFAULT_MAX_SIDE,
     FIT_MODES,
+    MAX_KEYFRAMES_CEILING,
     MAX_SEED,
+    MAX_SEEDS_CEILING,
     MIN_SIDE,
     PRECISIONS,
     SIDE_MULTIPLE,
@@ -196,8 +198,8 @@ class ProjectSweep(_Frozen):
         pairs = len(self.alpha) * len(self.beta)
         if pairs > cap:
             raise values.problem(
-                f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than max_keyframes"
-                f" ({cap}); use fewer values"
+                f"{len(self.alpha)} alpha x {len(self.beta)} beta values make {pairs} pairs, more than"
+                f" {values.limit(info.context, 'max_keyframes', cap)}; use fewer values"
             )
         return self
 
@@ -306,7 +308,7 @@ class Scene(_Frozen):
     @field_validator("seeds", mode="before")
     @classmethod
     def _seeds(cls, value: Any, info: ValidationInfo) -> tuple[int, ...]:
-        return values.seeds(value, values.context(info, "max_seeds", DEFAULT_MAX_SEEDS))
+        return values.seeds(value, values.context(info, "max_seeds", DEFAULT_MAX_SEEDS), info.context)
 
     @field_validator("forget", mode="before")
     @classmethod
@@ -334,8 +336,8 @@ class Storyboard(_Frozen):
     name: _Str
     allow_pickle: _Bool = False
     max_side: Annotated[_Int, Field(ge=MIN_SIDE)] = DEFAULT_MAX_SIDE
-    max_seeds: Annotated[_Int, Field(ge=1)] = DEFAULT_MAX_SEEDS
-    max_keyframes: Annotated[_Int, Field(ge=1)] = DEFAULT_MAX_KEYFRAMES
+    max_seeds: Annotated[_Int, Field(ge=1, le=MAX_SEEDS_CEILING)] = DEFAULT_MAX_SEEDS
+    max_keyframes: Annotated[_Int, Field(ge=1, le=MAX_KEYFRAMES_CEILING)] = DEFAULT_MAX_KEYFRAMES
     reference: Location
     model: ModelSource = TINY
     model_config_source: ModelSource | None = Field(None, alias="model_config")
@@ -353,8 +355,10 @@ class Storyboard(_Frozen):
     _source: str = PrivateAttr("")
     _source_text: str = PrivateAttr("")
     _lines: dict = PrivateAttr(default_factory=dict)  # field path -> line in the file, for later checks' messages
+    _overrides: dict = PrivateAttr(default_factory=dict)  # top-level fields given besides the file (a CLI's --output)
     _max_reference_bytes: int = PrivateAttr(config.DEFAULT_MAX_REFERENCE_BYTES)
     _side_cap: int | None = PrivateAttr(None)  # an operator's policy may lower max_side (see fastimagic.policy)
+    _reference_roots: tuple[str, ...] | None = PrivateAttr(None)  # and name where a local reference may be
 
     @field_validator("name")
     @classmethod
@@ -458,7 +462,12 @@ class Storyboard(_Frozen):
             name: getattr(board, name) if board else _raw_limit(data, name, default)
             for name, default in (("max_seeds", DEFAULT_MAX_SEEDS), ("max_keyframes", DEFAULT_MAX_KEYFRAMES))
         }
-        scenes = _scenes(data, {**(info.context or {}), **limits}, found)
+        # An operator's caps (load_storyboard(caps=...)) apply here, before any seed or range is expanded.
+        caps, by_policy = (info.context or {}).get("caps") or {}, {}
+        for name, key in (("max_seeds", "seeds"), ("max_keyframes", "keyframes")):
+            if key in caps and caps[key] < limits[name]:
+                limits[name], by_policy[name] = caps[key], key
+        scenes = _scenes(data, {**(info.context or {}), **limits, "policy_limits": by_policy}, found)
         needs_scores = [s.id for s in scenes if s.auto_forget or s.select is not None]
         if board is not None and board.scorer == "none" and needs_scores:
             found.append(
@@ -559,13 +568,25 @@ class Storyboard(_Frozen):
         """Where the storyboard was read from (path or URI as given to :func:`load_storyboard`)."""
         return self._source
 
-    def limit(self, *, side: int | None = None, reference_bytes: int | None = None) -> None:
+    def limit(
+        self, *, side: int | None = None, reference_bytes: int | None = None,
+        reference_roots: tuple[str, ...] | None = None,
+    ) -> None:
         """Lower the run-time caps (an operator's policy does): the longest side a one-number resolution may
-        reach, and the reference image's size in bytes. Raising them has no effect."""
+        reach, the reference image's size in bytes, and the local folders a local reference must be in as it is
+        opened (:attr:`reference_roots`). Raising them has no effect."""
+        if reference_roots is not None:
+            self._reference_roots = reference_roots if self._reference_roots is None else tuple(
+                r for r in reference_roots if r in self._reference_roots)
         if side is not None:
             self._side_cap = min(side, self._side_cap or side)
         if reference_bytes is not None:
             self._max_reference_bytes = min(reference_bytes, self._max_reference_bytes)
+
+    @property
+    def reference_roots(self) -> tuple[str, ...] | None:
+        """The local folders a policy allows the reference in, checked on the file as opened; None: no policy."""
+        return self._reference_roots
 
     @property
     def max_reference_bytes(self) -> int:
@@ -589,6 +610,11 @@ class Storyboard(_Frozen):
     def source_text(self) -> str:
         """The YAML exactly as written, for the manifest."""
         return self._source_text
+
+    @property
+    def overrides(self) -> dict:
+        """The top-level fields given to :func:`load_storyboard` besides the file's (``output``, ``model``)."""
+        return dict(self._overrides)
 
     def keyframe_count(self) -> int:
         """Keyframes the whole storyboard renders."""
@@ -626,8 +652,11 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
     if not raw:
         found.append((("scenes",), "list at least one scene"))
         return ()
-    scenes, first_index = [], {}
+    scenes, first_index, total, stopped = [], {}, 0, False
     for i, item in enumerate(raw):
+        if total > context["max_keyframes"]:  # counted as they come: no further scene is expanded
+            stopped = True
+            break
         if isinstance(item, Scene):
             scenes.append(item)
         elif not isinstance(item, dict):
@@ -636,6 +665,7 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
         else:
             try:
                 scenes.append(Scene.model_validate({**inherited, **item}, context=context))
+                total += scenes[-1].keyframe_count()
             except ValidationError as e:
                 # A problem in an inherited value is reported once, under defaults.
                 own = [
@@ -657,9 +687,11 @@ def _scenes(data: dict, context: dict, found: list) -> tuple[Scene, ...]:
         found.append(
             (
                 ("scenes",),
-                f"the storyboard makes {total} keyframes, more than max_keyframes ({cap}); the largest scene,"
+                f"the storyboard makes {total}{' or more' if stopped else ''} keyframes, more than"
+                f" {values.limit(context, 'max_keyframes', cap)}; the largest scene,"
                 f" '{big.id}', makes {big.keyframe_count()} ({len(big.seeds)} seeds x {big.edit.count()} edits"
-                f" x {len(big.forget)} forget strategies). Render fewer, or raise max_keyframes",
+                f" x {len(big.forget)} forget strategies). Render fewer"
+                + ("" if "policy" in values.limit(context, "max_keyframes", cap) else ", or raise max_keyframes"),
             )
         )
     return tuple(scenes)

@@ -129,7 +129,7 @@ def _rounded(number: float) -> float:
     return round(number, _DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def _expand_range(spec: dict, max_count: int) -> tuple[float, ...]:
+def _expand_range(spec: dict, max_count: int, limit_name: str = "max_keyframes") -> tuple[float, ...]:
     """``{from, to, step}`` as its values, ``to`` included within a 1e-9 tolerance."""
     found = [((key,), unknown_key(key, _RANGE_KEYS)) for key in spec if key not in _RANGE_KEYS]
     numbers = {}
@@ -150,7 +150,7 @@ def _expand_range(spec: dict, max_count: int) -> tuple[float, ...]:
         raise problems([((), f"the range goes down (from {start!r} to {stop!r}); put the smaller number in 'from'")])
     steps = (stop - start + _RANGE_TOLERANCE) / step
     if not steps < max_count:  # also catches inf
-        raise problems([((), f"the range makes more than max_keyframes ({max_count}) values; use a larger step")])
+        raise problems([((), f"the range makes more than {max_count} values ({limit_name}); use a larger step")])
     values = tuple(_rounded(start + k * step) for k in range(math.floor(steps) + 1))
     if len(set(values)) < len(values):
         raise problems([(("step",), f"step {step!r} is finer than the {_DECIMALS} decimals values are rounded to")])
@@ -162,15 +162,17 @@ def edit_values(value: Any, info: ValidationInfo) -> tuple[float, ...]:
     if isinstance(value, tuple):  # already validated (built in Python)
         value = list(value)
     if isinstance(value, dict):
-        return _bounded(_expand_range(value, context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)))
+        cap = context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)
+        return _bounded(_expand_range(value, cap, limit(info.context, "max_keyframes", cap)))
     if not isinstance(value, list):
         try:
             return _bounded((_rounded(_number(value)),))
         except Bad:
             usage = "must be a number, a list of numbers or a range like {from: 0.8, to: 1.5, step: 0.1}"
             raise problem(f"{usage} (got {describe_value(value)})") from None
-    if len(value) > context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES):
-        raise problem(f"lists {len(value)} values, more than max_keyframes; render fewer")
+    cap = context(info, "max_keyframes", DEFAULT_MAX_KEYFRAMES)
+    if len(value) > cap:
+        raise problem(f"lists {len(value)} values, more than {limit(info.context, 'max_keyframes', cap)}; render fewer")
     if not value:
         raise problem("list at least one value")
     found, values = [], {}  # a dict keeps the order
@@ -334,14 +336,24 @@ def scene_id(value: Any) -> str:
 
 
 
-def seeds(value: Any, cap: int) -> tuple[int, ...]:
-    """``seeds``: a count (``4`` means 0..3) or a list of distinct seeds, at most ``cap``."""
-    raise_cap = "; raise max_seeds at the top level if you mean it"
+def limit(context: dict | None, name: str, cap: int) -> str:
+    """How a message names the limit ``name`` (``max_seeds``, ``max_keyframes``): the storyboard's own, or an
+    operator policy's cap applied while the storyboard is read (``context["policy_limits"]``), before anything
+    is expanded."""
+    key = ((context or {}).get("policy_limits") or {}).get(name)
+    return f"the cap of {cap} (caps.{key}), refused by the policy" if key else f"{name} ({cap})"
+
+
+def seeds(value: Any, cap: int, context: dict | None = None) -> tuple[int, ...]:
+    """``seeds``: a count (``4`` means 0..3) or a list of distinct seeds, at most ``cap``; counted before any is
+    made."""
+    named = limit(context, "max_seeds", cap)
+    raise_cap = "" if "policy" in named else "; raise max_seeds at the top level if you mean it"
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise problem(f"must be at least 1 seed (got {value})")
         if value > cap:
-            raise problem(f"{value} seeds is more than max_seeds ({cap}){raise_cap}")
+            raise problem(f"{value} seeds is more than {named}{raise_cap}")
         return tuple(range(value))
     if not isinstance(value, (list, tuple)):
         raise problem(f"must be a count like 4 or a list of seeds like [0, 7, 42] (got {describe_value(value)})")
@@ -356,7 +368,7 @@ def seeds(value: Any, cap: int) -> tuple[int, ...]:
             found.append(((i,), f"seed {seed} is listed twice"))
         seen.add(seed if isinstance(seed, int) else None)
     if len(value) > cap:
-        found.append(((), f"{len(value)} seeds is more than max_seeds ({cap}){raise_cap}"))
+        found.append(((), f"{len(value)} seeds is more than {named}{raise_cap}"))
     if found:
         raise problems(found)
     return tuple(value)

@@ -315,7 +315,8 @@ def decode_storyboard(data: bytes, source: str) -> str:
 
 
 def load_storyboard(
-    path: str | os.PathLike, *, text: str | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike, *, text: str | None = None, overrides: Mapping[str, Any] | None = None,
+    caps: Any = None,
 ) -> Storyboard:
     """Read and validate a storyboard; raise :class:`StoryboardError` listing every problem found.
 
@@ -324,6 +325,8 @@ def load_storyboard(
     itself, when the caller already has it. ``overrides``: top-level fields that replace the file's (a CLI's
     ``--output``, say; make relative paths absolute first, or they resolve against the storyboard's folder).
     ``source_text`` stays the file as written. Nothing is downloaded and no referenced file is opened here.
+    ``caps``: an operator policy's :class:`~fastimagic.policy.Caps`, applied to seeds and keyframes while they are
+    counted, before any is made (a storyboard's own max_seeds / max_keyframes cannot raise them).
     """
     source = os.fspath(path)
     try:
@@ -351,7 +354,8 @@ def load_storyboard(
         else:
             overrides = dict(overrides or {})
             try:
-                board = Storyboard.model_validate({**data, **overrides}, context={"base": base})
+                limits = {"seeds": caps.seeds, "keyframes": caps.keyframes} if caps is not None else {}
+                board = Storyboard.model_validate({**data, **overrides}, context={"base": base, "caps": limits})
             except ValidationError as e:
                 for loc, message in _explain(e.errors(), Storyboard):
                     line, where = tree.line_of(loc), _format_path(loc)
@@ -365,4 +369,5 @@ def load_storyboard(
     board._source = source
     board._source_text = text
     board._lines = dict(tree.lines) if tree is not None else {}
+    board._overrides = dict(overrides or {})
     return board

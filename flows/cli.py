@@ -178,7 +178,7 @@ def cmd_validate(args) -> int:
         from tasks.storage import read
 
         text = decode_storyboard(read(args.file, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), args.file)
-    board = load_storyboard(args.file, text=text)
+    board = load_storyboard(args.file, text=text, caps=policy.caps if policy is not None else None)
     if policy is not None:  # first, as the run does: someone else's storyboard learns nothing of these files
         enforce(board, policy)
     _check_local_files(board)
@@ -245,9 +245,10 @@ def cmd_run(args) -> int:
     from flows.storyboard import storyboard_flow
 
     output, model = _absolute_output(args.output), _absolute_model(args.model)
+    from fastimagic.policy import handed
+
     policy = _policy(args)  # --policy, else $FASTIMAGIC_POLICY: someone else's storyboard, the operator's rules
-    rules = policy.model_dump(mode="json") if policy is not None else None
-    board = read_storyboard(args.file, output=output, model=model, policy=rules)  # exit 2 here, before any model
+    board = read_storyboard(args.file, output=output, model=model, policy=policy)  # exit 2 here, before any model
     _check_local_files(board)  # every missing file at once, as validate says it
     preflight(board)
     if args.workers:
@@ -265,7 +266,8 @@ def cmd_run(args) -> int:
     # Named here, not in the flow, so that a stopped run can say which id to resume.
     run_id = args.resume or args.run_id or new_run_id()
     _STOPPED_HINT.append(lambda: _resume_hint(args, board, run_id))
-    with listening(display) if display else _nothing(), ticking(display) if display else _nothing():
+    with listening(display) if display else _nothing(), ticking(display) if display else _nothing(), \
+            handed(policy):
         try:
             result = storyboard_flow(
                 storyboard=args.file,
@@ -274,7 +276,6 @@ def cmd_run(args) -> int:
                 run_id=run_id,
                 resume=bool(args.resume),
                 scale_out=args.workers,
-                policy=rules,
             )
         except NotFound as e:  # the inputs were checked above: something vanished from storage mid-run (exit 1)
             raise StoreError(str(e)) from None
@@ -504,13 +505,21 @@ def cmd_strategies(args) -> int:
     return EXIT_OK
 
 
+_MAX_EXPIRES = 7 * 24 * 3600
+_MAX_MANIFEST_BYTES = 64 * 2**20
+
+
 def cmd_open(args) -> int:
     """Print where to look at a run: the local index.html, or for S3 a page on this machine whose images are
     presigned links (a plain presigned index.html could not load its relative images from a private bucket)."""
     from fastimagic import keyframes as kf
     from fastimagic.errors import InputError
+    from fastimagic.store import StoreError
     from tasks.storage import output_store
 
+    if args.expires is not None and not 1 <= args.expires <= _MAX_EXPIRES:
+        raise InputError(f"--expires {args.expires}: a link lives 1 to {_MAX_EXPIRES} seconds (7 days, the most a"
+                         " presigned S3 link can); leave it out for 24 h")
     target = args.run
     if target.endswith((".yaml", ".yml")):
         if target.startswith("s3://"):
@@ -531,7 +540,10 @@ def cmd_open(args) -> int:
                 f"open {target!r}: give a run folder (a path or s3://bucket/.../<storyboard>/<run-id>) or a"
                 " storyboard file; `fastimagic runs OUTPUT` lists the runs under an output"
             )
-        store = output_store(target.rstrip("/"))
+        try:
+            store = output_store(target.rstrip("/"))
+        except StoreError as e:  # the URI itself (a '..', a bad bucket name): nothing was contacted
+            raise InputError(str(e)) from None
     if not store.exists(kf.MANIFEST):
         raise InputError(f"{store.uri}: no manifest.json: not a finished run folder")
     if not store.uri.startswith("s3://"):
@@ -562,32 +574,44 @@ def _local_page(store, expires: int) -> str:
     from urllib.parse import quote
 
     from fastimagic import keyframes as kf
+    from fastimagic.errors import InputError
     from fastimagic.sequence import index_page
 
-    run = json.loads(store.get_bytes(kf.MANIFEST))
+    try:  # a manifest is data someone may have edited: one that is not what fastimagic writes is refused
+        run = json.loads(store.get_bytes(kf.MANIFEST, max_bytes=_MAX_MANIFEST_BYTES))
+        page = index_page(run, link=lambda key: store.url(key, expires=expires))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise InputError(f"{store.uri}/{kf.MANIFEST}: damaged, not a fastimagic run manifest"
+                         f" ({type(e).__name__}); `fastimagic runs` lists the runs there") from None
     path = _cache_folder() / "pages" / store.uri.removeprefix("s3://").strip("/") / kf.INDEX
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{kf.INDEX}.{os.getpid()}.tmp")
-    temporary.write_bytes(index_page(run, link=lambda key: store.url(key, expires=expires)))
+    temporary.write_bytes(page)
     temporary.replace(path)
     return "file://" + quote(str(path))
 
 
 def cmd_submit(args) -> int:
-    """Check the storyboard as the worker will (schema and the operator's policy, the safe default without one),
-    then create the flow run with the policy as a parameter, so the worker checks the same rules again."""
-    from fastimagic.policy import default_policy, enforce, for_home, home_of
+    """Check the storyboard here first (schema and ``--policy`` / ``$FASTIMAGIC_POLICY``, the safe default without
+    one: a pre-check that saves a round trip), then create the flow run with the storyboard's URI only. The worker
+    obeys its own operator's policy, whatever this side checked: no policy travels with the run."""
+    from fastimagic.config import printable
+    from fastimagic.errors import InputError
+    from fastimagic.policy import default_policy, for_home, home_of
     from flows.run import read_storyboard
 
+    if not re.fullmatch(r"[^/\s]+/[^/\s]+", args.deployment):
+        raise InputError(f"--deployment {printable(args.deployment)!r}: a deployment is named FLOW/DEPLOYMENT, e.g."
+                         " storyboard/storyboard (`prefect deployment ls` lists them)")
     uri = args.file if args.file.startswith("s3://") else str(Path(args.file).resolve())
     policy = for_home(_policy(args) or default_policy(), home_of(uri))
-    enforce(read_storyboard(uri), policy)
+    read_storyboard(uri, policy=policy)  # the policy's caps count seeds and keyframes before any is made
     import httpx
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from fastimagic.errors import FastImagicError, InputError
+    from fastimagic.errors import FastImagicError
     from fastimagic.store import shown_endpoint
 
     url = PREFECT_API_URL.value()
@@ -597,10 +621,10 @@ def cmd_submit(args) -> int:
             " http://prefect:4200/api); to run the storyboard here, use `fastimagic run FILE`"
         )
     try:
-        run = run_deployment(args.deployment, parameters={"storyboard": uri, "policy": policy.model_dump()}, timeout=0)
+        run = run_deployment(args.deployment, parameters={"storyboard": uri}, timeout=0)
     except ObjectNotFound:
         raise InputError(f"no deployment {args.deployment!r} on {shown_endpoint(url)}; `prefect deployment ls`"
-                         " lists them (names are FLOW/DEPLOYMENT)") from None
+                         " lists them (names are FLOW/DEPLOYMENT, e.g. storyboard/storyboard)") from None
     except (httpx.TransportError, OSError) as e:
         raise FastImagicError(f"cannot reach the Prefect server at {shown_endpoint(url)} ({type(e).__name__}); is"
                               " it running, and is PREFECT_API_URL right?") from None
@@ -669,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="create a flow run of a deployment on a Prefect server")
     s.add_argument("file", help="storyboard path (must be readable by the worker) or s3:// URI")
     s.add_argument("--deployment", required=True, help="e.g. storyboard/storyboard")
-    s.add_argument("--policy", metavar="FILE", help="the operator policy it must keep (default: $FASTIMAGIC_POLICY)")
+    s.add_argument("--policy", metavar="FILE", help="pre-check here against this policy (default:"
+                   " $FASTIMAGIC_POLICY); the worker obeys its own operator's policy whatever this says")
     s.set_defaults(func=cmd_submit)
     s = sub.add_parser("worker", help="serve fine-tunes and renders as a warm GPU worker (one per GPU)")
     s.add_argument("--limit", type=int, default=1, help="tasks at once (default 1: one worker per GPU)")

@@ -30,9 +30,10 @@ A record that is done or failed while its file is in the inbox again means the s
 that is a new request and runs as a new attempt.
 
 Whoever can upload to the inbox is not trusted: every storyboard is checked against the operator's policy
-(:mod:`fastimagic.policy`: the ``policy`` parameter, else ``$FASTIMAGIC_POLICY``, else the safe default, which
+(:mod:`fastimagic.policy`: ``$FASTIMAGIC_POLICY`` in this process's environment, else the safe default, which
 allows references and outputs only under the inbox's own bucket, or the inbox folder for a local inbox) before a
-run is created, and the storyboard flow checks the same rules again on the text it runs. The error beside a failed
+run is created; no policy is taken from a parameter. The storyboard flow checks again on the text it runs: a
+subflow here with the same rules, a deployment's run with its own worker's policy. The error beside a failed
 storyboard says what the policy or the schema refused; a failure on the worker is reported without its details
 (they are in the flow run's logs). Each object is handled on its own: a bad name or a file that cannot be read
 fails alone and the others still run.
@@ -55,7 +56,7 @@ from prefect import flow, get_run_logger
 from fastimagic import keyframes as kf
 from fastimagic.config import printable
 from fastimagic.errors import FastImagicError, InputError
-from fastimagic.policy import Policy, enforce, for_home, policy_from
+from fastimagic.policy import Policy, enforce, for_home, handed, policy_from
 from fastimagic.store import NotFound, S3Store, Store, StoreError, TooLarge, safe_key
 from fastimagic.storyboard_yaml import decode_storyboard, load_storyboard
 from tasks.storage import output_store, read
@@ -185,7 +186,7 @@ def _handle(root: Store, uri: str, name: str, rules: Policy, run: str, deploymen
                        old.get("attempt"), state.name)
         record.update(attempt=old.get("attempt", 0) + 1, run_id=old["run_id"], resume=True)
     try:  # the schema and the policy, before anything the storyboard names is opened
-        board = load_storyboard(uri, text=decode_storyboard(data, uri))
+        board = load_storyboard(uri, text=decode_storyboard(data, uri), caps=rules.caps)  # caps before expansion
         enforce(board, rules)
         out = output_store(board.output.resolved)
         folder = f"{board.slug}/{record['run_id']}/"
@@ -196,7 +197,7 @@ def _handle(root: Store, uri: str, name: str, rules: Policy, run: str, deploymen
         return _finish(root, record, data, _one_line(exc))
     record.update(output=board.output.resolved, manifest_key=folder + kf.MANIFEST,
                   manifest=f"{out.uri.rstrip('/')}/{folder}{kf.MANIFEST}")
-    params = {"storyboard": uri, "run_id": record["run_id"], "policy": rules.model_dump()}
+    params = {"storyboard": uri, "run_id": record["run_id"]}  # plain data; no policy: the worker has its own
     if record["resume"]:
         params["resume"] = True
     child = _keyed_run(f"fastimagic-inbox:{root.uri.rstrip('/')}/{INBOX}{name}@{sha}#{record['attempt']}", params,
@@ -213,7 +214,8 @@ def _handle(root: Store, uri: str, name: str, rules: Policy, run: str, deploymen
     import flows.storyboard as sb
 
     try:
-        run_flow(sb.storyboard_flow, flow_run=child, parameters=params)
+        with handed(rules):  # in this process: the flow obeys the rules just checked
+            run_flow(sb.storyboard_flow, flow_run=child, parameters=params)
     except Exception as exc:  # the storyboard's own failure: recorded beside the file
         logger.error("%s: failed: %s", printable(name), printable(str(exc)), exc_info=not isinstance(exc, InputError))
         return _finish(root, record, data, _one_line(exc))
@@ -225,14 +227,13 @@ def inbox_flow(
     inbox: str = "s3://keyframes/storyboards",
     run: str = "subflow",
     deployment: str = "storyboard/storyboard",
-    policy: str | None = None,
 ) -> list[dict]:
     """Run every storyboard waiting in ``<inbox>/inbox/`` exactly once; move each to done/ or failed/.
 
     inbox: the inbox root, ``s3://bucket/prefix`` or a local folder. run: ``subflow`` (run each storyboard here,
     one after another) or ``deployment`` (create a run of ``deployment`` per file; a later trigger moves the file
-    once its run is final). policy: the operator's policy file on the worker (default ``$FASTIMAGIC_POLICY``; with
-    neither, the safe default: see :mod:`fastimagic.policy`). Returns one summary per file seen.
+    once its run is final). The operator's policy is ``$FASTIMAGIC_POLICY`` on this worker, else the safe default
+    (see :mod:`fastimagic.policy`), never a parameter. Returns one summary per file seen.
     """
     if run not in RUN_MODES:
         raise ValueError(f"run must be one of {', '.join(RUN_MODES)}, got {run!r}")
@@ -241,7 +242,7 @@ def inbox_flow(
     root.check()
     base = root.uri.rstrip("/")
     home = f"s3://{root.bucket}/" if isinstance(root, S3Store) else base
-    rules = for_home(policy_from(policy), home)  # a broken policy file fails the trigger: the operator's to fix
+    rules = for_home(policy_from(None), home)  # a broken policy file fails the trigger: the operator's to fix
     results: list[dict] = []
     for name in pending_storyboards(root):
         shown = printable(name)

@@ -27,7 +27,7 @@ from fastimagic.finetuning import FinetuneConfig
 from fastimagic.images import describe_fit, load_reference
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef, run_manifest
 from fastimagic.models import default_device, model_family
-from fastimagic.policy import guard
+from fastimagic.policy import Policy, enforce
 from fastimagic.precision import resolve_precision
 from fastimagic.scoring import scorer_problem
 from fastimagic.store import LocalStore, NotFound, TooLarge
@@ -59,10 +59,10 @@ RENDER_THREADS = ThreadPoolTaskRunner(max_workers=2)
 
 
 def read_storyboard(
-    storyboard: str, *, output: str | None = None, model: str | None = None, policy: dict | str | None = None
+    storyboard: str, *, output: str | None = None, model: str | None = None, policy: Policy | None = None
 ) -> Storyboard:
     """Load and validate a storyboard from a local path or ``s3://`` URI, with optional overrides, and check it
-    against the operator's ``policy`` or ``$FASTIMAGIC_POLICY`` (:func:`fastimagic.policy.guard`).
+    against the operator's ``policy`` when one is given (:func:`fastimagic.policy.enforce`).
 
     A storyboard fetched from S3 is decoded as strictly as a local file (UTF-8, a BOM allowed).
     """
@@ -70,8 +70,10 @@ def read_storyboard(
     if storyboard.startswith("s3://"):
         text = decode_storyboard(read(storyboard, max_bytes=DEFAULT_MAX_STORYBOARD_BYTES), storyboard)
     overrides = {k: v for k, v in (("output", output), ("model", model)) if v}
-    board = load_storyboard(storyboard, text=text, overrides=overrides or None)
-    guard(board, policy)
+    caps = policy.caps if policy is not None else None  # counted against the policy before anything is expanded
+    board = load_storyboard(storyboard, text=text, overrides=overrides or None, caps=caps)
+    if policy is not None:
+        enforce(board, policy)
     return board
 
 
@@ -91,11 +93,11 @@ def preflight(board: Storyboard) -> None:
         resolve_precision(board.precision, default_device())
     except InputError as e:
         raise InputError(f"{board.source} {e}") from None
-    if board.scorer_name and (why := scorer_problem(board.scorer_name)):
+    if board.scorer_name and (why := scorer_problem(board.scorer_name, allow_pickle=board.allow_pickle)):
         raise InputError(f"{board.source} scorer: {why}")
     uri = board.reference.resolved
     try:
-        data = read(uri, max_bytes=board.max_reference_bytes)
+        data = read(uri, max_bytes=board.max_reference_bytes, within=board.reference_roots)
     except NotFound as e:
         raise InputError(f"{board.source} reference: {e}") from None
     except TooLarge as e:  # the storyboard's default cap, or the operator's policy (caps.reference_bytes)
@@ -181,7 +183,8 @@ def render_scenes(
 
 
 def start_run(
-    storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool, policy: dict | None = None
+    storyboard: str, output: str | None, model: str | None, run_id: str | None, resume: bool,
+    policy: Policy | None = None,
 ):
     """Validate, check the policy and the store, and name the run folder: ``(board, store, run_id, run_prefix)``."""
     board = read_storyboard(storyboard, output=output, model=model, policy=policy)
@@ -227,10 +230,11 @@ def run_storyboard(
     model: str | None = None,
     run_id: str | None = None,
     resume: bool = False,
-    policy: dict | None = None,
+    policy: Policy | None = None,
 ) -> dict:
     """Run a storyboard with ``backend`` doing the GPU work; write the run's manifest last. ``policy``: the
-    operator's rules as data (:mod:`fastimagic.policy`), for storyboards someone else wrote. Returns a summary:
+    operator's rules (:func:`fastimagic.policy.operator_policy`, never a parameter), for storyboards someone else
+    wrote. Returns a summary:
     ``run_id``, ``run_uri``, ``index_url``, ``manifest``, ``keyframes``, ``tuning_key``, ``tuning_reused``,
     ``kept``."""
     logger = get_run_logger()

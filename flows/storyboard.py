@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from prefect import flow
 
+from fastimagic.config import printable
 from fastimagic.editor import release
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
+from fastimagic.policy import Policy, PolicyRefused, operator_policy
+from fastimagic.store import inside
 from fastimagic.storyboard import Storyboard
 from flows.run import RENDER_THREADS, render_scenes, run_storyboard
 from tasks.pipeline import caption_reference, finetune_once, warm_up
@@ -42,6 +45,23 @@ class InProcess:
             release()  # the tuning stayed applied for the run; the process's warm model gets its base weights back
 
 
+def storyboard_allowed(storyboard: str, policy: Policy) -> None:
+    """Someone else's storyboard is an ``s3://`` URI (its bucket then is its home) or a file under one of the
+    policy's local ``references``: a run for someone else never opens another file on this worker."""
+    local = [p for p in policy.references or () if not p.startswith("s3://")]
+    if not storyboard.startswith("s3://") and not any(inside(storyboard, root) for root in local):
+        raise PolicyRefused(f"{printable(storyboard)[:200]}: refused by the policy: a storyboard run for someone else"
+                            " is an s3:// URI, or a file under the policy's local references")
+
+
+def _for_someone_else() -> bool:
+    """True when this flow run was created from a deployment: anyone with the Prefect API may have asked for it."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.deployment_id)
+
+
 @flow(name="storyboard", log_prints=True, task_runner=RENDER_THREADS)
 def storyboard_flow(
     storyboard: str,
@@ -50,7 +70,6 @@ def storyboard_flow(
     run_id: str | None = None,
     resume: bool = False,
     scale_out: bool = False,
-    policy: dict | None = None,
 ) -> dict:
     """Render a storyboard's keyframes.
 
@@ -59,10 +78,16 @@ def storyboard_flow(
     already written and intact (SHA-256 verified) are kept, the rest are rendered, and the manifests are
     written complete. scale_out: run the fine-tune and every render on warm GPU workers (``fastimagic worker``)
     instead of in this process; see :mod:`flows.workers`.
-    policy: the operator's rules (:class:`fastimagic.policy.Policy` as data) the storyboard must keep; the inbox
-    passes them. Without it, ``$FASTIMAGIC_POLICY`` applies where the worker sets it.
-    Returns a summary with the manifest URI.
+    The storyboard must keep the operator's policy, taken from this process only, never from a parameter
+    (:func:`fastimagic.policy.operator_policy`): one handed over in this process (the CLI's ``--policy``, the
+    inbox's rules), else ``$FASTIMAGIC_POLICY``, else for a deployment's run (someone else's storyboard) the safe
+    default; a local storyboard for someone else must be under the policy's local ``references``. Returns a
+    summary with the manifest URI.
     """
+    for_others = _for_someone_else()
+    policy = operator_policy(for_others=for_others)
+    if for_others:
+        storyboard_allowed(storyboard, policy)
     if scale_out:
         from flows.workers import Warm
 

@@ -11,6 +11,12 @@ in-process backend calls them directly: one code path) and waits for them with a
 * parameters and results travel through the result-storage block named by ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``
   (an S3/MinIO bucket), so a worker on any machine can take the work; a worker or submitter without it refuses at
   once, naming the setting;
+* they are plain JSON both ways (:mod:`tasks.params`: the storyboard's text and URI, ids, keys, numbers), and each
+  side reads them with the standard library's JSON parser only (:func:`plain_record`): a Prefect record names its
+  own serializer (pickle, or JSON with any importable decoder), so Prefect's own reader would run whatever the
+  record's writer chose. A record that is not plain JSON is refused unread. The worker then validates the
+  storyboard itself and checks it against its own operator's policy (``$FASTIMAGIC_POLICY``, else the safe
+  default), whatever the submitter checked;
 * a task run that has been running longer than its lease (:class:`Lease`, from the work's size and the speed
   measured so far) belongs to a worker presumed dead (a killed task worker leaves its run Running for ever), and so
   does one still Scheduled a lease floor after a run submitted later has started (a worker took it and died before
@@ -35,6 +41,7 @@ slot (a 423 answer means waiting its Retry-After, ~2 s, even when a slot frees s
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import os
 import threading
@@ -42,15 +49,19 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import get_run_logger
 
 from fastimagic import progress
+from fastimagic.config import printable
 from fastimagic.errors import FastImagicError, InputError
 from fastimagic.manifests import KeyframeRecord, Reference, SceneSummary, SourcePrompt, TuningRef
+from fastimagic.policy import POLICY_ENV, operator_policy
 from fastimagic.store import StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from flows.run import render_scenes
+from tasks.params import caption_params, finetune_params, render_params
 from tasks.pipeline import caption_reference, finetune_once, render_keyframes, stored_intact
 
 GPU_TASKS = (caption_reference, finetune_once, render_keyframes)
@@ -61,6 +72,55 @@ SCENE_THREADS = 16
 ATTEMPTS = 3  # submissions of one unit of work before the run gives up on it
 WORKER_WAIT_SETTING = "FASTIMAGIC_WORKER_WAIT_SECONDS"
 WORKER_CHECK_SECONDS = 5.0  # how often a waiting unit asks the server whether any worker serves its task
+
+
+# The tasks as they travel: parameters and results as JSON, never pickle (the served and the submitted copy agree).
+WIRE = {t.task_key: t.with_options(result_serializer="json") for t in GPU_TASKS}
+PLAIN_MAX_BYTES = 64 * 2**20  # a parameter or result record larger than this is refused unread
+RESULT_WAIT_SECONDS = 30.0  # how long a finished run's result record may lag its state
+
+
+class NotPlain(FastImagicError):
+    """A parameter or result record that is not plain JSON: refused, nothing in it was run or decoded."""
+
+
+def plain_record(raw: bytes, what: str) -> Any:
+    """The value in a Prefect result record (``{"metadata": ..., "result": "<json>"}``) when it is plain JSON,
+    parsed with the standard library only: no pickle, no decoder or JSON library the record names. Anything else
+    raises :class:`NotPlain`."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) > PLAIN_MAX_BYTES:
+        raise NotPlain(f"{what}: refused: not a record of at most {PLAIN_MAX_BYTES} bytes")
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise NotPlain(f"{what}: refused: not a JSON record") from None
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    serializer = metadata.get("serializer") if isinstance(metadata, dict) else None
+    kind = serializer.get("type") if isinstance(serializer, dict) else None
+    if kind != "json" or not isinstance(record.get("result"), str):
+        raise NotPlain(f"{what}: refused unread: serialized as {printable(str(kind))[:40]!r}, not plain JSON")
+    try:
+        return json.loads(record["result"])
+    except (ValueError, RecursionError):
+        raise NotPlain(f"{what}: refused: the value is not JSON") from None
+
+
+async def read_plain_parameters(store, identifier) -> dict[str, Any]:
+    """The worker's reader of a background task run's parameters (replaces Prefect's ``read_parameters``, which
+    deserializes with whatever serializer the record names): plain JSON only; the submitter's context (its
+    settings, tags) and ``wait_for`` are not taken."""
+    from prefect._internal.compatibility.blocks import call_explicitly_async_block_method
+
+    where = f"parameters/{identifier}"
+    raw = await call_explicitly_async_block_method(store.result_storage, "read_path", (where,), {})
+    try:
+        data = plain_record(raw, where)
+        if not isinstance(data, dict) or not isinstance(data.get("parameters", {}), dict) or data.get("wait_for"):
+            raise NotPlain(f"{where}: refused: not {{parameters: {{...}}}}")
+    except NotPlain as e:
+        logging.getLogger("fastimagic.worker").error("task run parameters %s", e)
+        raise
+    return {"parameters": data.get("parameters", {})}
 
 
 def storage_block() -> str:
@@ -206,7 +266,16 @@ def serve(limit: int = 1) -> None:
     from prefect.settings import temporary_settings
 
     async def run() -> None:
-        await _idle_task_worker()(*GPU_TASKS, limit=limit).astart()  # built inside the loop, as Prefect requires
+        await _idle_task_worker()(*WIRE.values(), limit=limit).astart()  # built inside the loop, as Prefect requires
+
+    import prefect.task_worker
+
+    # Parameters are read as plain JSON only (see the module docstring): the one reader Prefect's worker calls.
+    prefect.task_worker.read_parameters = read_plain_parameters
+    rules = operator_policy(for_others=True)  # a broken policy file stops the worker here, not at its first task
+    logging.getLogger("fastimagic.worker").info(
+        "policy: %s", rules.source or f"the safe default (no ${POLICY_ENV}): each storyboard's own bucket, tiny and"
+        " hub models, no pickle")
 
     from prefect.task_worker import StopTaskWorker
 
@@ -220,6 +289,44 @@ def serve(limit: int = 1) -> None:
 
 
 # -- the submitter -------------------------------------------------------------------------------------------------
+
+
+_RESULT_TYPES = {
+    "fastimagic.manifests.TuningRef": TuningRef.from_dict,
+    "fastimagic.manifests.SourcePrompt": lambda d: SourcePrompt(d["source_prompt"], d.get("caption"),
+                                                                d.get("captioner")),
+}
+
+
+def _typed(value: Any) -> Any:
+    """A task's JSON value as the flow uses it: the two records Prefect's encoder tags with their class are built
+    again from their fields (only these two: no other class named in a result is imported); the rest is data."""
+    if isinstance(value, dict) and "__class__" in value:
+        make = _RESULT_TYPES.get(value["__class__"])
+        if make is None or not isinstance(value.get("data"), dict):
+            raise NotPlain(f"a result names {printable(str(value['__class__']))[:80]!r}: not a fastimagic result")
+        return make(value["data"])
+    return value
+
+
+def _exception(name: str, value: Any) -> Exception:
+    """The exception a failed task run recorded (``{"__exc_type__": ..., "message": ...}``), as fastimagic's own
+    class when it is one of :mod:`fastimagic.errors` (exit 2 stays exit 2), else a :class:`FastImagicError`."""
+    from fastimagic import errors, policy, store, storyboard_yaml
+    from tasks import params
+
+    kind = value.get("__exc_type__", "") if isinstance(value, dict) else ""
+    message = value.get("message", "") if isinstance(value, dict) else ""
+    module, _, cls = str(kind).rpartition(".")
+    known = {m.__name__: m for m in (errors, policy, storyboard_yaml, store, params)}
+    found = getattr(known.get(module), cls, None)
+    if isinstance(found, type) and issubclass(found, FastImagicError):
+        try:  # the classes that list problems take them one a line
+            problems = "problems" in found.__init__.__code__.co_varnames
+            return found(str(message).splitlines() if problems else str(message))
+        except Exception:  # noqa: BLE001 - a class that takes other arguments: the message still says why
+            pass
+    return FastImagicError(f"{name}: {printable(str(message)) or 'failed on the worker'}")
 
 
 @dataclass
@@ -343,6 +450,7 @@ class Warm:
 
     def __init__(self, lease: Lease | None = None):
         self.block = check_shared_storage()  # before anything is submitted: one line, nothing waits on lost work
+        self.storage = None  # the block, loaded at the first result
         self.lease = lease or Lease()
         self.runs = _Runs()
         # one thread per unit of work in flight, each mostly asleep waiting for its task run
@@ -360,7 +468,7 @@ class Warm:
                 # parameters go to the shared storage, where workers read them (this process's settings were read
                 # before the block was known)
                 with temporary_settings(updates={"tasks.scheduling.default_storage_block": self.block}):
-                    return task.delay(*args)
+                    return WIRE[task.task_key].delay(*args)  # plain data (tasks.params), stored as JSON
 
             # From an empty context: Prefect ships the caller's flow-run context with the parameters, and a flow
             # loaded from a deployment's entrypoint lives in a module no worker can import. The task runs are
@@ -396,9 +504,9 @@ class Warm:
                     if state.is_completed():
                         if run.start_time and run.end_time:
                             self.lease.observe(steps, (run.end_time - run.start_time).total_seconds())
-                        return state.result()
+                        return self._result(run.name, state)
                     if state.is_failed():
-                        return state.result()  # raises the worker's exception: the reason the task failed
+                        return self._result(run.name, state)  # raises the reason the task failed
                     if state.is_final():  # crashed or cancelled: the worker went away cleanly enough to say so
                         reason = f"ended {state.name}"
                         break
@@ -418,6 +526,33 @@ class Warm:
                 raise FastImagicError(f"{run.name}: {reason}; gave up after {ATTEMPTS} attempts")
             logger.warning("%s %s: submitted again (attempt %d of %d)", run.name, reason, attempt + 1, ATTEMPTS)
 
+    def _result(self, name: str, state) -> Any:
+        """A finished task run's value, read as plain JSON (:func:`plain_record`) from this run's own storage block,
+        whatever block or serializer the state names; a failed run's exception is raised again."""
+        key = getattr(state.data, "storage_key", None)
+        if not isinstance(key, str):
+            raise FastImagicError(f"{name}: ended {state.name} with no stored result: {printable(state.message or '')}")
+        if self.storage is None:
+            from prefect.blocks.core import Block
+
+            self.storage = Block.load(self.block)
+        value = plain_record(self._read_result(name, key), f"{name}: result {key}")
+        if state.is_failed():
+            raise _exception(name, value)
+        return _typed(value)
+
+    def _read_result(self, name: str, key: str) -> bytes:
+        # A worker sets the run Completed, then commits its result record: the record can lag the state a little.
+        deadline = time.monotonic() + RESULT_WAIT_SECONDS
+        while True:
+            try:
+                return self.storage.read_path(key)
+            except Exception as e:  # noqa: BLE001 - a missing object, said by whichever client the block uses
+                if time.monotonic() > deadline:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise StoreError(f"{name}: its result {key} cannot be read from {self.block}: {first}") from None
+                time.sleep(0.5)
+
     @staticmethod
     def _crash(task_run_id, reason: str) -> None:
         Warm._end(task_run_id, "Crashed", reason)  # so the UI stops showing it as Running
@@ -434,10 +569,11 @@ class Warm:
         if board.source_prompt:
             prompts = caption_reference(board, reference)  # no model: the storyboard's own source prompt
         else:
-            prompts = self.run(caption_reference, (board, reference), steps=0)
+            prompts = self.run(caption_reference, caption_params(board, reference), steps=0)
         ft = board.finetune
         steps = ft.steps * ft.batch_size * 3  # a training sample costs about a forward and a backward pass
-        return prompts, self.run(finetune_once, (board, reference, prompts, board.output.resolved), steps)
+        params = finetune_params(board, reference, prompts, board.output.resolved)
+        return prompts, self.run(finetune_once, params, steps)
 
     def render(
         self, board: Storyboard, scene: Scene, seeds: list[int], key: str, output: str, run_prefix: str,
@@ -448,7 +584,7 @@ class Warm:
         steps = len(strategies) * len(seeds) * len(scene.edit.combos()) * scene.steps
         records = self.run(
             render_keyframes,
-            (board, scene, list(seeds), key, output, run_prefix, strategies),
+            render_params(board, scene, list(seeds), key, output, run_prefix, strategies),
             steps,
             done=lambda: _all_written(scene, seeds, output, run_prefix, strategies),
         )

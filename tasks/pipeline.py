@@ -29,7 +29,7 @@ from fastimagic import keyframes as kf
 from fastimagic import progress
 from fastimagic.cache import LruCache
 from fastimagic.caption import load_captioner, source_prompt_from_caption
-from fastimagic.config import PRECISIONS, slugify
+from fastimagic.config import PRECISIONS, printable, slugify
 from fastimagic.editor import applied, release
 from fastimagic.errors import InputError
 from fastimagic.finetuning import FinetuneConfig, finetune
@@ -41,6 +41,7 @@ from fastimagic.manifests import (
     SourcePrompt,
     TuningRef,
     keyframe_record,
+    records_are_data,
     scene_manifest,
 )
 from fastimagic.models import (
@@ -60,6 +61,7 @@ from fastimagic.store import NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from fastimagic.tiny import TINY_RESOLUTION
 from fastimagic.tuning import META_FILE, CorruptTuning, Tuning, content_key
+from tasks.params import caption_args, finetune_args, render_args
 from tasks.storage import output_store, read
 
 GPU = "gpu"
@@ -182,7 +184,7 @@ def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
 def fetch_reference(board: Storyboard) -> Reference:
     """The reference image's bytes, checked to decode."""
     uri = board.reference.resolved
-    data = read(uri, max_bytes=board.max_reference_bytes)
+    data = read(uri, max_bytes=board.max_reference_bytes, within=board.reference_roots)  # as opened: the policy's
     image = load_reference(data, uri)  # refuse a broken image before any model is loaded
     return Reference.of(data, uri, image.size)
 
@@ -190,12 +192,14 @@ def fetch_reference(board: Storyboard) -> Reference:
 @task(name="caption", cache_policy=NO_CACHE, tags=[GPU])
 def caption_reference(board: Storyboard, reference: Reference) -> SourcePrompt:
     """The storyboard's source prompt, or a BLIP caption of the reference (BLIP is loaded only then)."""
+    board, reference = caption_args(board, reference)  # plain data from a submitter: validated, the policy kept
     if board.source_prompt:
         return SourcePrompt(board.source_prompt)
     captioner = load_captioner(
         "tiny" if board.model.kind == "tiny" else "Salesforce/blip-image-captioning-base",
         num_beams=board.caption.num_beams,
         max_new_tokens=board.caption.max_new_tokens,
+        allow_pickle=board.allow_pickle,
     )
     caption = captioner(load_reference(reference.data, reference.uri))
     prompt = source_prompt_from_caption(caption, [s.prompt for s in board.scenes])
@@ -259,6 +263,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
 
     A stored tuning that fails its checksum is reported and replaced.
     """
+    board, reference, prompts, output = finetune_args(board, reference, prompts, output)  # see tasks.params
     logger = get_run_logger()
     key = tuning_key(board, reference, prompts.source_prompt)
     store = output_store(output).child(f"tunings/{key}")
@@ -371,8 +376,10 @@ def kept_settings_match(
     store = output_store(output).child(run_prefix)
     try:
         recorded = json.loads(store.get_bytes(_settings_key(scene.id, seed, tuple(strategies))))
-    except (NotFound, ValueError):
+    except (NotFound, ValueError, RecursionError):
         return False
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("scene"), dict):
+        return False  # damaged: rendered again
     if recorded == settings:
         return True
     changed = []
@@ -390,7 +397,7 @@ def _reference_image(board: Storyboard, width: int, height: int):
     """The reference image fitted as the fine-tune saw it, read once per process (fidelity scores need it)."""
     key = (board.reference.resolved, width, height, board.fit)
     if key not in _REFERENCES:
-        image = load_reference(read(key[0]), key[0])
+        image = load_reference(read(key[0], board.max_reference_bytes, board.reference_roots), key[0])
         _REFERENCES[key] = fit(image, width, height, board.fit)
     return _REFERENCES[key]
 
@@ -398,10 +405,15 @@ def _reference_image(board: Storyboard, width: int, height: int):
 _REFERENCES: dict = {}
 
 
-@task(
-    name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name="render {scene.id} seeds {seeds}",
-    **STORAGE_RETRIES,
-)
+def _render_run_name() -> str:
+    # the scene is an object in this process and its id in a warm worker's plain parameters
+    from prefect.runtime import task_run
+
+    scene, seeds = task_run.parameters.get("scene"), task_run.parameters.get("seeds")
+    return f"render {printable(str(getattr(scene, 'id', scene)))[:100]} seeds {printable(str(seeds))[:100]}"
+
+
+@task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name=_render_run_name, **STORAGE_RETRIES)
 def render_keyframes(
     board: Storyboard,
     scene: Scene,
@@ -424,6 +436,9 @@ def render_keyframes(
     Returns the manifest records (keys relative to the run folder), seed by seed, each seed's in render order
     (:func:`expected_names`).
     """
+    board, scene, seeds, key, output, run_prefix, strategies = render_args(  # see tasks.params
+        board, scene, seeds, key, output, run_prefix, strategies
+    )
     strategies = tuple(strategies or scene.forget)
     seeds = [int(s) for s in seeds]
     model = _model(board)
@@ -447,7 +462,7 @@ def render_keyframes(
         frames = [f for i in range(len(seeds)) for made in per_strategy for f in made[i * edits : (i + 1) * edits]]
         scores = None
         if board.scorer_name:
-            scorer = load_scorer(board.scorer_name, device=model.device)
+            scorer = load_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
             reference = _reference_image(board, tuning.width, tuning.height)
             scores = scorer.score([f.image for f in frames], scene.prompt, reference)
         device_seconds = time.perf_counter() - started  # the images are on the CPU: the device's work is done
@@ -499,7 +514,9 @@ def stored_intact(
     store = output_store(output).child(run_prefix)
     try:
         records = json.loads(store.get_bytes(_progress_key(scene.id, seed, strategies)))
-    except (NotFound, ValueError):
+    except (NotFound, ValueError, RecursionError):
+        return None
+    if not records_are_data(records, scene.id, (seed,), strategies):  # a record edited by anyone: damaged
         return None
     wanted = [f"{kf.scene_prefix(scene.id)}/{n}" for n in expected_names(scene, seed, strategies)]
     if [r.get("key") for r in records] != wanted:

@@ -48,7 +48,9 @@ def output_store(uri: str, block_name: str | None = None) -> Store:
     return open_store(uri, session=session)
 
 
-def read(uri: str, max_bytes: int | None = None) -> bytes:
+def read(uri: str, max_bytes: int | None = None, within: tuple[str, ...] | None = None) -> bytes:
     """One object or file (``s3://bucket/key`` or a path), with the same credentials as :func:`output_store`;
-    ``max_bytes``: refuse anything larger without reading it (local paths must be regular files)."""
-    return read_uri(uri, session=boto3_session() if str(uri).startswith("s3://") else None, max_bytes=max_bytes)
+    ``max_bytes``: refuse anything larger without reading it (local paths must be regular files). ``within``: the
+    local folders a policy allows, checked on the file as opened (:func:`fastimagic.store.read_local`)."""
+    session = boto3_session() if str(uri).startswith("s3://") else None
+    return read_uri(uri, session=session, max_bytes=max_bytes, within=within)

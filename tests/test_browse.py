@@ -154,3 +154,38 @@ def test_fastimagic_open_on_s3_gives_a_page_whose_presigned_images_load(s3_serve
     if Path("/usr/bin/chromium").exists():
         page = check_page(Path(url.removeprefix("file://")))
         assert page["images"] and all(img["naturalWidth"] > 0 for img in page["images"])
+
+
+def test_fastimagic_open_escapes_every_manifest_value_and_refuses_damaged_ones_or_bad_arguments(
+    s3_server, s3_env, run
+):
+    import urllib.request
+
+    _, run_dir, manifest, _ = run
+    client = s3_server.client()
+    client.put_object(Bucket=s3_env, Key="runs/evil/manifest.json", Body=json.dumps({
+        **manifest,
+        "keyframes": [{**k, "pick": "<script>alert(1)</script>"} for k in manifest["keyframes"]],
+        "storyboard": {**manifest["storyboard"], "name": "<script>alert(2)</script>"},
+    }).encode())
+    r = fastimagic("open", f"s3://{s3_env}/runs/evil", env=s3_server.env())
+    assert r.returncode == 0, r.stderr
+    html = urllib.request.urlopen(r.stdout.strip(), timeout=10).read().decode()
+    assert "<script" not in html and "&lt;script&gt;alert(1)" in html
+    client.put_object(Bucket=s3_env, Key="runs/broken/manifest.json",
+                      Body=json.dumps({**manifest, "scenes": {"an": "object where a list belongs"}}).encode())
+    ranks = [{**s, "picks": [{**p, "rank": "<script>3</script>"} for p in s["picks"]]} for s in manifest["scenes"]]
+    client.put_object(Bucket=s3_env, Key="runs/seed/manifest.json",
+                      Body=json.dumps({**manifest, "scenes": ranks}).encode())
+    for args, said in (
+        ((f"s3://{s3_env}/runs/broken",), "manifest.json: damaged, not a fastimagic run manifest"),
+        ((f"s3://{s3_env}/runs/seed",), "manifest.json: damaged, not a fastimagic run manifest"),
+        ((f"s3://{s3_env}/runs/../evil",), "'..'"),
+        ((f"s3://{s3_env}/runs/evil", "--expires", "-5"), "--expires -5: a link lives 1 to 604800 seconds"),
+        ((f"s3://{s3_env}/runs/evil", "--expires", "0"), "--expires 0: a link lives 1 to 604800 seconds"),
+    ):
+        r = fastimagic("open", *args, env=s3_server.env())
+        [line] = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and line.startswith("fastimagic: ") and said in line, (args, r.stderr)
+    r = fastimagic("submit", f"s3://{s3_env}/x.yaml", "--deployment", "nosuch")
+    assert r.returncode == 2 and "a deployment is named FLOW/DEPLOYMENT" in r.stderr, r.stderr

@@ -285,9 +285,9 @@ def test_no_secret_is_committed():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             env[key.strip()] = value.strip()
-    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= set(env)
+    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "PREFECT_AUTH_STRING", "INBOX_UPLOADER_USER"} <= set(env)
     for key, value in env.items():
-        if re.search(r"USER|PASSWORD|SECRET|KEY|TOKEN", key):
+        if re.search(r"USER|PASSWORD|SECRET|KEY|TOKEN|AUTH", key):
             assert value.startswith("change-me"), f".env.example {key} must be a change-me placeholder"
     if shutil.which("git"):
         tracked = subprocess.run(["git", "ls-files", "deploy"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -295,7 +295,7 @@ def test_no_secret_is_committed():
     compose = _load("docker-compose.yml")
     for name, service in compose["services"].items():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", key):
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|AUTH", key):
                 assert str(value).startswith("${"), f"service {name}: {key} must come from deploy/.env"
     for path in DEPLOY.iterdir():
         if path.is_file():
@@ -324,3 +324,38 @@ def test_the_kubernetes_gpu_workers_take_one_gpu_each_and_read_the_same_settings
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
     assert mounts.get("hf-cache") == env["HF_HOME"] and set(mounts) <= volumes
+
+
+# -- who is trusted with what (issue 21) ---------------------------------------------------------------------------
+
+
+def test_the_prefect_api_is_behind_authentication_and_every_client_sends_it(compose):
+    server = compose["services"]["prefect-server"]
+    assert server["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert "/api/health" in " ".join(server["healthcheck"]["test"])  # Prefect leaves GET /health open for probes
+    for name in ("cpu-worker", *_gpu_workers(compose)):
+        assert compose["services"][name]["environment"]["PREFECT_API_AUTH_STRING"].startswith(
+            "${PREFECT_AUTH_STRING:?"), name
+    k8s = (DEPLOY / "k8s" / "gpu-workers.yaml").read_text()
+    assert "--from-literal=PREFECT_API_AUTH_STRING=" in k8s  # from the Secret the pods read with envFrom
+
+
+def test_task_parameters_and_results_live_in_a_bucket_inbox_uploaders_cannot_write(project, compose):
+    import json
+
+    inbox_bucket = _by_name(project)["inbox"]["parameters"]["inbox"].removeprefix("s3://").split("/")[0]
+    results = compose["services"]["cpu-worker"]["environment"]["FASTIMAGIC_RESULTS_BUCKET"]
+    assert results != inbox_bucket
+    assert all(compose["services"][n]["environment"]["FASTIMAGIC_RESULTS_BUCKET"] == results
+               for n in _gpu_workers(compose))
+    setup = (DEPLOY / "setup.sh").read_text()
+    assert f'os.environ.get("FASTIMAGIC_RESULTS_BUCKET", "{results}")' in setup  # the default too
+    [command] = compose["services"]["createbuckets"]["command"]
+    assert f"mc mb --ignore-existing local/{results}" in command
+    statements = json.loads(re.search(r"printf '%s' '(\{.*?\})' >", command, re.S).group(1))["Statement"]
+    resources = [r for st in statements for r in st["Resource"]]
+    assert not any(r.split(":::")[1].startswith(results) for r in resources)
+    [put] = [st for st in statements if "s3:PutObject" in st["Action"]]
+    arn = f"arn:aws:s3:::{inbox_bucket}"
+    assert put["Resource"] == [f"{arn}/storyboards/inbox/*", f"{arn}/refs/*"]
+    assert 'mc admin policy attach local inbox-uploader --user "$$INBOX_UPLOADER_USER"' in command

@@ -116,6 +116,21 @@ def test_resume_of_a_complete_run_renders_nothing(tmp_path, photo_bytes):
     assert "resumed r1: 2 keyframes verified and kept, 0 rendered" in r.stdout
 
 
+def test_resume_treats_edited_progress_records_as_damaged_and_renders_them_again(tmp_path, photo_bytes):
+    path = _story(tmp_path, photo_bytes, "out", scenes=1, steps=2, seeds=2)
+    assert fastimagic("run", str(path), "--run-id", "r1").returncode == 0
+    [first, second] = sorted((tmp_path / "out" / "faults" / "r1" / kf.PROGRESS / "scene-0").iterdir())
+    records = json.loads(first.read_text())
+    records[0]["seed"] = "<script>alert(1)</script>"  # key and sha256 still right: only the schema catches it
+    first.write_text(json.dumps(records))
+    second.write_text(json.dumps({"key": "an object where a list belongs"}))
+    r = fastimagic("run", str(path), "--resume", "r1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed r1: 0 keyframes verified and kept, 4 rendered" in r.stdout
+    page = (tmp_path / "out" / "faults" / "r1" / kf.INDEX).read_text()
+    assert "<script" not in page and "alert(1)" not in page
+
+
 def test_reusing_a_run_id_without_resume_is_refused(tmp_path, photo_bytes):
     path = _story(tmp_path, photo_bytes, "out", scenes=1, steps=2, seeds=1)
     assert fastimagic("run", str(path), "--run-id", "same").returncode == 0

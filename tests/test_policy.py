@@ -77,18 +77,23 @@ def test_validate_with_a_policy_reports_each_violation_at_its_line_and_exits_2(t
     policy = _write(tmp_path, "policy.yaml", STUDIO_POLICY)
     r = fastimagic("validate", "--policy", str(policy), str(story))
     assert r.returncode == 2, r.stderr
+    # the storyboard raised max_seeds to 1000: only the operator's cap counts, and it counts first, while the
+    # storyboard is read (nothing over it is ever made)
+    [line] = r.stderr.removeprefix("fastimagic: ").splitlines()
+    assert line == f"{story}:8 defaults.seeds: 100 seeds is more than the cap of 16 (caps.seeds), refused by the policy"
+    story.write_text(HOSTILE.replace("seeds: 100", "seeds: 10"))
+    r = fastimagic("validate", "--policy", str(policy), str(story))
     lines = r.stderr.removeprefix("fastimagic: ").splitlines()
     assert [line.split(": refused by the policy")[0] for line in lines] == [
         f"{story}:2 reference",
         f"{story}:3 model",
         f"{story}:4 allow_pickle",
         f"{story}:5 output",
-        f"{story}:8 defaults.seeds",  # the storyboard raised max_seeds to 1000: only the operator's cap counts
     ]
     assert "/etc/passwd is not under allowed prefixes: s3://studio-inbox/refs/" in lines[0]
     # FASTIMAGIC_POLICY names it too
     r = fastimagic("validate", str(story), env={"FASTIMAGIC_POLICY": str(policy)})
-    assert r.returncode == 2 and r.stderr.count("refused by the policy") == 5
+    assert r.returncode == 2 and r.stderr.count("refused by the policy") == 4
     # a broken policy is exit 2 with its own lines
     r = fastimagic("validate", "--policy", str(_write(tmp_path, "bad.yaml", "caps: 3\n")), str(story))
     assert r.returncode == 2 and "bad.yaml:1 caps: must be a mapping" in r.stderr
@@ -218,7 +223,7 @@ def test_inbox_refuses_what_the_policy_forbids_and_says_only_that(inbox, tmp_pat
     assert _keys(client, bucket, "out/") == [] and _keys(client, other, "out/") == []
 
 
-def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path, s3_server):
+def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path, s3_server, monkeypatch):
     from flows.inbox import inbox_flow
 
     client, bucket, uri = inbox
@@ -228,7 +233,8 @@ def test_inbox_with_an_operator_policy_file_runs_what_it_allows(inbox, tmp_path,
     _upload(client, bucket, "a.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{out_bucket}/o"))
     _upload(client, bucket, "b.yaml", STORY.format(reference=f"s3://{bucket}/refs/x.jpg", output=f"s3://{bucket}/o"))
 
-    results = {r["name"]: r for r in inbox_flow(inbox=uri, policy=str(policy))}
+    monkeypatch.setenv("FASTIMAGIC_POLICY", str(policy))  # the inbox's own environment: never a parameter
+    results = {r["name"]: r for r in inbox_flow(inbox=uri)}
 
     assert results["a.yaml"]["status"] == "done", results
     assert results["b.yaml"]["status"] == "failed"
@@ -326,3 +332,176 @@ def test_a_vae_override_is_a_model_to_the_policy_and_every_tiny_model_can_be_lis
     no_models = STUDIO_POLICY.replace("models: [stable-diffusion-v1-5/stable-diffusion-v1-5, tiny]\n", "")
     [problem] = check(local_vae, load_policy(_write(tmp_path, "no-models.yaml", no_models)))
     assert problem.startswith(f"{tmp_path}/l.yaml:4 vae: refused by the policy") and "local models are not" in problem
+
+
+# --- a worker obeys its operator; what a submitter sends is plain data (issue 21) ---------------------------------
+
+
+def _record(serializer: dict, result: str) -> bytes:
+    return json.dumps({"metadata": {"storage_key": "k", "serializer": serializer}, "result": result}).encode()
+
+
+def test_task_records_are_read_as_plain_json_whatever_serializer_they_name(tmp_path):
+    import base64
+    import os
+    import pickle
+
+    from flows.workers import NotPlain, plain_record
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    pickled = base64.b64encode(pickle.dumps({"parameters": {"board": Evil()}})).decode()
+    with pytest.raises(NotPlain, match="refused unread: serialized as 'pickle'"):
+        plain_record(_record({"type": "pickle", "picklelib": "cloudpickle"}, pickled), "parameters/x")
+    # JSON naming its own decoder (any importable callable, called on every object): parsed as data, nothing called
+    evil_json = {"type": "json", "jsonlib": "os", "object_decoder": "os.system"}
+    assert plain_record(_record(evil_json, json.dumps({"parameters": {"a": {"b": 1}}})), "p") == {
+        "parameters": {"a": {"b": 1}}}
+    for raw in (b"\x80\x04not json", b"[]", _record({"type": "json"}, "{not json"), b"x" * (65 * 2**20)):
+        with pytest.raises(NotPlain):
+            plain_record(raw, "p")
+    assert not marker.exists()
+
+
+def test_warm_task_parameters_are_checked_against_the_storyboard_and_the_workers_policy(tmp_path, monkeypatch):
+    from fastimagic.policy import PolicyRefused
+    from tasks.params import BadParameters, render_args, render_params, worker_board
+
+    text = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
+    board = load_storyboard("s3://studio/storyboards/a.yaml", text=text)
+    params = render_params(board, board.scenes[0], [0], "0" * 32, "s3://studio/out", f"{board.slug}/run-1", ("none",))
+    assert json.loads(json.dumps(params)) == list(params)  # plain data, nothing else
+    policy = _write(tmp_path, "policy.yaml", "references: [s3://studio/refs/]\noutputs: [s3://studio/]\n")
+    monkeypatch.setenv("FASTIMAGIC_POLICY", str(policy))  # the worker's own: no storyboard fetch needed
+    got_board, scene, seeds, key, output, run_prefix, strategies = render_args(*params)
+    assert (scene.id, seeds, output, strategies) == (board.scenes[0].id, [0], "s3://studio/out", ("none",))
+    bad = [  # the parameter replaced, its value, what the worker says
+        (4, "/tmp/planted", "the output is not the storyboard's"),
+        (1, "nope", "no such scene"),
+        (2, [999], "the seeds are not the scene's"),
+        (2, 0, "the seeds are not the scene's"),  # a list, as a unit is a scene's seeds
+        (2, [0, 0], "the seeds are not the scene's"),
+        (3, "../../etc", "the tuning key is not a content key"),
+        (5, "elsewhere/run-1", "the run folder is not the storyboard's"),
+        (6, ["rm -rf"], "unknown forgetting strategies"),
+    ]
+    for i, value, said in bad:
+        with pytest.raises(BadParameters, match=said):
+            render_args(*params[:i], value, *params[i + 1:])
+    for data in ({"storyboard": "s3://x/a.yaml"}, {**params[0], "overrides": {"reference": "/etc/passwd"}}):
+        with pytest.raises(BadParameters):
+            worker_board(data)
+    # the worker's policy applies to the plain data, whatever the submitter's allowed
+    strict = _write(tmp_path, "strict.yaml", "references: [s3://studio/refs/]\noutputs: [s3://elsewhere/]\n")
+    monkeypatch.setenv("FASTIMAGIC_POLICY", str(strict))
+    with pytest.raises(PolicyRefused, match="output: refused by the policy"):
+        render_args(*params)
+
+
+def test_the_storyboard_flow_and_the_inbox_take_no_policy_parameter():
+    import inspect
+
+    from flows.inbox import inbox_flow
+    from flows.storyboard import storyboard_flow
+
+    assert "policy" not in inspect.signature(storyboard_flow.fn).parameters
+    assert "policy" not in inspect.signature(inbox_flow.fn).parameters
+
+
+def test_a_deployments_storyboard_is_an_s3_uri_or_under_the_policys_local_references(tmp_path):
+    from fastimagic.policy import PolicyRefused
+    from flows.storyboard import storyboard_allowed
+
+    storyboard_allowed("s3://studio/storyboards/a.yaml", default_policy())
+    with pytest.raises(PolicyRefused, match="/etc/passwd: refused by the policy"):
+        storyboard_allowed("/etc/passwd", default_policy())  # never opened for someone else
+    policy = load_policy(_write(tmp_path, "p.yaml", f"references: [{tmp_path / 'inbox'}]\n"))
+    storyboard_allowed(str(tmp_path / "inbox" / "a.yaml"), policy)
+    with pytest.raises(PolicyRefused):
+        storyboard_allowed(str(tmp_path / "inbox" / ".." / "p.yaml"), policy)
+
+
+def test_the_policy_bounds_compute_with_defaults_a_real_storyboard_fits_in(tmp_path):
+    story = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
+    paper = story.replace("{steps: 2, min_steps: 2}", "{steps: 40, batch_size: 10}").replace(
+        "steps: 2\n", "steps: 50\n")
+    assert check(load_storyboard("s3://studio/a.yaml", text=paper), default_policy()) == []
+    heavy = (story.replace("{steps: 2, min_steps: 2}", "{steps: 1000, batch_size: 64, min_steps: 2}")
+             .replace("resolution: 64", "resolution: 2048x2048").replace("steps: 2\n", "steps: 1000\n"))
+    path = _write(tmp_path, "heavy.yaml", heavy)
+    r = fastimagic("validate", "--policy", str(_write(tmp_path, "p.yaml", "{}\n")), str(path))
+    assert r.returncode == 2
+    said = {line.split(": refused by the policy")[0].removeprefix("fastimagic: "): line.split("): ", 1)[1]
+            for line in r.stderr.strip().splitlines()}
+    assert said[f"{path}:4 resolution"] == "4194304 pixels a keyframe is more than the cap of 2097152" \
+                                           " (caps.keyframe_pixels)"
+    assert said[f"{path}:6 finetune.steps"] == "1000 is more than the cap of 200 (caps.finetune_steps)"
+    assert said[f"{path}:6 finetune.batch_size"] == "64 is more than the cap of 16 (caps.finetune_batch)"
+    assert said[f"{path}:9 defaults.steps"] == "1000 sampling steps is more than the cap of 200 (caps.sampling_steps)"
+    # many cheap keyframes still add up: the budget (megapixel-steps) is the run's, not one keyframe's
+    many = story.replace("resolution: 64", "resolution: 1024").replace("steps: 2\n", "steps: 200\n").replace(
+        "seeds: 1", "seeds: 64").replace("gamma: [1.0]", "gamma: {from: 0.5, to: 2.0, step: 0.1}")
+    [line] = check(load_storyboard("s3://studio/a.yaml", text=many), default_policy())
+    assert "megapixel-steps" in line and "more than the budget of 200000 (caps.budget)" in line
+    raised = default_policy().model_copy(update={"caps": default_policy().caps.model_copy(update={"budget": 10**7})})
+    assert check(load_storyboard("s3://studio/a.yaml", text=many), raised) == []
+
+
+def test_seed_and_range_bombs_are_counted_against_the_policy_before_anything_is_made(tmp_path):
+    story = STORY.format(reference="s3://studio/refs/x.jpg", output="s3://studio/out")
+    raised = story.replace("name: Inbox Story", "name: Inbox Story\nmax_seeds: 100000\nmax_keyframes: 1000000")
+    bombs = {
+        "seeds.yaml": raised.replace("  seeds: 1\n", "  seeds: 100000\n"),
+        "range.yaml": raised.replace("gamma: [1.0]", "gamma: {from: 0, to: 0.09, step: 0.0000001}"),
+        "scenes.yaml": raised.replace("  seeds: 1\n", "  seeds: 64\n").replace(
+            "gamma: [1.0]", "gamma: {from: 0, to: 1.99, step: 0.01}").replace("scenes:\n", "scenes:\n" + "".join(
+                f"  - {{id: s{i}, prompt: p}}\n" for i in range(2000))),
+    }
+    policy = _write(tmp_path, "p.yaml", "{}\n")
+    for name, text in bombs.items():
+        r = fastimagic("validate", "--policy", str(policy), str(_write(tmp_path, name, text)))
+        assert r.returncode == 2, (name, r.stderr[-500:])
+        assert "refused by the policy" in r.stderr and ("caps.seeds" in r.stderr or "caps.keyframes" in r.stderr), (
+            name, r.stderr[-2000:])
+    # counted, never made: reading the 900,000-value range under the policy allocates next to nothing
+    import tracemalloc
+
+    from fastimagic.storyboard_yaml import StoryboardError
+
+    tracemalloc.start()
+    with pytest.raises(StoryboardError, match="caps.keyframes"):
+        load_storyboard(tmp_path / "range.yaml", caps=default_policy().caps)
+    assert tracemalloc.get_traced_memory()[1] < 20_000_000
+    tracemalloc.stop()
+    # no policy at all: a storyboard cannot raise its own limits past the ceilings
+    [line] = fastimagic("validate", str(_write(tmp_path, "sky.yaml", story.replace(
+        "name: Inbox Story", "name: Inbox Story\nmax_seeds: 400000000")))).stderr.strip().splitlines()
+    assert "max_seeds: must be at most 100000" in line or "less than or equal to 100000" in line, line
+
+
+def test_a_reference_swapped_for_a_link_after_the_policy_check_is_refused_as_opened(tmp_path, photo_bytes):
+    from fastimagic.policy import enforce
+    from fastimagic.store import OutsideAllowed
+    from tasks.pipeline import fetch_reference
+
+    allowed, private = tmp_path / "refs", tmp_path / "private"
+    allowed.mkdir()
+    private.mkdir()
+    (private / "face.jpg").write_bytes(photo_bytes + b"private")
+    (allowed / "ok.jpg").write_bytes(photo_bytes)
+    policy = load_policy(_write(tmp_path, "p.yaml", f"references: [{allowed}]\noutputs: [{tmp_path / 'out'}]\n"))
+    story = _write(tmp_path, "s.yaml", STORY.format(reference=allowed / "r.jpg", output=tmp_path / "out"))
+    (allowed / "r.jpg").write_bytes(photo_bytes)
+    board = load_storyboard(story)
+    enforce(board, policy)  # the path is fine now
+    (allowed / "r.jpg").unlink()
+    (allowed / "r.jpg").symlink_to(private / "face.jpg")  # and is a link out when it is read
+    with pytest.raises(OutsideAllowed, match="refused by the policy: as opened"):
+        fetch_reference.fn(board)
+    (allowed / "r.jpg").unlink()
+    (allowed / "r.jpg").symlink_to(allowed / "ok.jpg")  # a link that stays inside is read
+    assert fetch_reference.fn(board).data == photo_bytes

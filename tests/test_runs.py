@@ -295,3 +295,40 @@ def test_plan_record_counts_what_the_storyboard_renders(tmp_path: Path):
     tuned = plan_record(board, "r", created=plan["created"], tuning={"key": "k" * 32, "reused": 1, "uri": "s3://x"})
     assert tuned["tuning"] == {"key": "k" * 32, "reused": True}
     assert plan_record(board, "r")["created"].endswith("+00:00")
+
+
+def test_hostile_run_folders_are_listed_as_damaged_and_never_hide_the_others(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    out = open_store(str(tmp_path / "out"))
+    build_output(out)
+    root = tmp_path / "out"
+    fifo = root / "fifo" / "r1"
+    fifo.mkdir(parents=True)
+    os.mkfifo(fifo / kf.MANIFEST)  # reading it would block for ever
+    (root / "fifo" / "r2" / kf.PROGRESS).mkdir(parents=True)
+    os.mkfifo(root / "fifo" / "r2" / kf.PROGRESS / "a.json")
+    zero = root / "zero" / "r1"
+    zero.mkdir(parents=True)
+    (zero / kf.MANIFEST).symlink_to("/dev/zero")  # reading it would fill memory
+    put_json(out.child("deep/r1"), kf.MANIFEST, None)
+    (root / "deep" / "r1" / kf.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    put_json(out.child("typed/r1"), kf.MANIFEST, {"keyframes": [], "tuning": {"key": 7, "reused": "yes"}})
+    named = root / "named" / "\x1b[2J\nfastimagic: forged"  # a folder the store itself refuses to name
+    named.mkdir(parents=True)
+    (named / kf.MANIFEST).write_text(json.dumps({"keyframes": [], "storyboard": {"name": "\x1b[31mred"}}))
+    put_json(out.child("red/r1"), kf.MANIFEST, {"keyframes": [], "storyboard": {"name": "\x1b[31mred\nfastimagic: x"}})
+    runs = {(r.slug, r.run_id): r for r in list_runs(out)}
+    assert runs[("bird-day", "20261128T091500Z-aaaaaa")].status == "complete"  # the others are all still there
+    for slug in ("fifo", "zero", "deep", "typed"):
+        assert runs[(slug, "r1")].status == "damaged", runs[(slug, "r1")]
+    assert "a.json cannot be read" in runs[("fifo", "r2")].problem
+    table = format_runs(list(runs.values()))
+    assert "\x1b" not in table and "\nfastimagic: " not in table and "\\x1b[2J\\nfastimagic: forged" in table
+    assert runs[("red", "r1")].status == "complete" and "\\x1b[31mred\\nfastimagic: x" in table
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "runs", str(root)], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\x1b" not in r.stdout and not any(line.startswith("fastimagic: forged") for line in r.stdout.splitlines())

@@ -110,6 +110,36 @@ def test_a_local_clip_folder_loads_through_from_pretrained(scorer, images, tmp_p
         assert got["fidelity"] == pytest.approx(want["fidelity"], abs=1e-4)
 
 
+def test_scorer_and_captioner_with_only_pickle_weights_need_allow_pickle(scorer, tmp_path):
+    from fastimagic import tiny
+    from fastimagic.caption import load_captioner
+    from fastimagic.scoring import scorer_problem
+
+    def pickled(model, folder):  # the weights as pytorch_model.bin only: pickle, which can run code when loaded
+        model.save_pretrained(folder)
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+    clip = tmp_path / "clip"
+    pickled(scorer.model, clip)
+    scorer.tokenizer.save_pretrained(clip)
+    scorer.image_processor.save_pretrained(clip)
+    assert (clip / "pytorch_model.bin").is_file() and not list(clip.glob("*.safetensors"))
+    assert "are pickle files" in scorer_problem(str(clip))
+    with pytest.raises(InputError, match="allow_pickle: true"):
+        load_scorer(str(clip), device="cpu", fidelity="clip_image")
+    assert scorer_problem(str(clip), allow_pickle=True) is None
+    assert load_scorer(str(clip), device="cpu", fidelity="clip_image", allow_pickle=True).name == str(clip)
+    blip = tmp_path / "blip"
+    model, processor = tiny.build_blip()
+    pickled(model, blip)
+    processor.save_pretrained(blip)
+    with pytest.raises(InputError, match="allow_pickle: true"):
+        load_captioner(str(blip), device="cpu")
+    assert load_captioner(str(blip), device="cpu", allow_pickle=True) is not None
+
+
 def test_unknown_fidelity_metric_is_refused():
     with pytest.raises(InputError, match="allowed: auto, lpips, clip_image"):
         load_scorer("tiny", fidelity="ssim")

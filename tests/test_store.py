@@ -270,3 +270,21 @@ def test_endpoint_without_scheme_is_explained(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "localhost:9000")
     with pytest.raises(StoreError, match=r"^s3://bucket/x: invalid S3 endpoint 'localhost:9000'"):
         open_store("s3://bucket/x")
+
+
+def test_an_endpoint_that_is_a_plain_web_server_is_named_as_such_not_as_a_missing_bucket(monkeypatch):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(StoreError, match="answered like a plain web server, not S3") as raised:
+            open_store("s3://bucket/prefix").check()
+        assert "does not exist" not in str(raised.value) and endpoint.split("//")[1] in str(raised.value)
+    finally:
+        server.shutdown()

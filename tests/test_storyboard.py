@@ -791,11 +791,12 @@ def test_total_keyframes_over_the_cap(tmp_path):
 
 
 def test_the_total_is_checked_even_when_another_scene_is_broken(tmp_path):
-    text = HEAD + "max_keyframes: 10\nscenes:\n  - {id: a, prompt: p, seeds: 2}\n  - {id: b}\n"
+    # (scenes after the one that goes over the cap are not read: counting stops there, nothing more is expanded)
+    text = HEAD + "max_keyframes: 10\nscenes:\n  - {id: b}\n  - {id: a, prompt: p, seeds: 2}\n"
     assert problems(tmp_path, text) == [
         "story.yaml:4 scenes: the storyboard makes 16 keyframes, more than max_keyframes (10); the largest scene,"
         " 'a', makes 16 (2 seeds x 8 edits x 1 forget strategies). Render fewer, or raise max_keyframes",
-        "story.yaml:6 scenes[1].prompt: is required",
+        "story.yaml:5 scenes[0].prompt: is required",
     ]
 
 

@@ -114,12 +114,17 @@ def cluster(tmp_path_factory, s3_server):
                                text=True, timeout=300)
         assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-3000:]
         env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = BLOCK
+        # The operator's policy, in the workers' environment only: each storyboard's own bucket, the tiny models
+        # and folders under pytest's temporary root (a test's broken model), no pickle. Submitters do not set it.
+        policy = work / "operator-policy.yaml"
+        policy.write_text(f"models: [tiny, tiny-sd2, tiny-sdxl, {tmp_path_factory.getbasetemp()}]\n")
+        worker_env = {**env, "FASTIMAGIC_POLICY": str(policy)}
         procs.start("cpu-worker", [PREFECT, "worker", "start", "--pool", "fastimagic-cpu", "--type", "process",
-                                   "--name", "cpu-worker"], env)
+                                   "--name", "cpu-worker"], worker_env)
         for name in WORKERS:
-            _start_worker(procs, name, env)
+            _start_worker(procs, name, worker_env)
         _wait_for(procs, WORKERS, "serving caption")
-        yield {"api": api, "env": env, "procs": procs, "work": work}
+        yield {"api": api, "env": env, "worker_env": worker_env, "procs": procs, "work": work}
     finally:
         procs.stop_all()
 
@@ -288,7 +293,7 @@ def test_a_worker_killed_mid_render_is_replaced_by_the_other_and_nothing_is_miss
             run.kill()
             run.wait()
         if victim:
-            _start_worker(procs, victim, cluster["env"])
+            _start_worker(procs, victim, cluster["worker_env"])
             _wait_for(procs, [victim], "serving caption")
 
 
@@ -358,5 +363,140 @@ def test_with_no_worker_connected_the_run_says_so_at_once_and_gives_up_after_the
         assert any(t.state.message == "no worker connected to run it" for t in cancelled)
     finally:
         for name in WORKERS:
-            _start_worker(procs, name, cluster["env"])
+            _start_worker(procs, name, cluster["worker_env"])
         _wait_for(procs, WORKERS, "serving caption")
+
+
+# --- the trust boundary (issue 21): the worker obeys its operator, parameters are data ---------------------------
+
+
+def _private_files(tmp_path, photo_bytes) -> tuple[Path, Path]:
+    """A private image on the workers' disk, and a folder a hostile storyboard would write there."""
+    private = tmp_path / "private" / "face.jpg"
+    private.parent.mkdir()
+    private.write_bytes(photo_bytes)
+    return private, tmp_path / "planted"
+
+
+def _hostile_story(s3_server, bucket: str, name: str, reference: str, output: str) -> tuple[str, str]:
+    text = (f"name: {name}\nreference: {reference}\nmodel: tiny\nresolution: 64\nsource_prompt: a photo\n"
+            f"finetune: {{steps: 2, min_steps: 2}}\ndefaults: {{seeds: 1, steps: 2}}\noutput: {output}\n"
+            "scenes:\n  - {id: s, prompt: a photo of a cat}\n")
+    s3_server.client().put_object(Bucket=bucket, Key=f"storyboards/{name}.yaml", Body=text.encode())
+    return f"s3://{bucket}/storyboards/{name}.yaml", text
+
+
+def _delay(cluster, code: str) -> str:
+    """Run ``code`` as a submitter would (the cluster's environment, the shared storage block) and return the task
+    run id it prints: a task created directly, as anyone with the Prefect API and the storage could."""
+    prelude = (
+        "import contextvars, os\n"
+        "from prefect.settings import temporary_settings\n"
+        "from tasks.pipeline import caption_reference, finetune_once, render_keyframes\n"
+        "def delay(task, *args):\n"
+        "    def submit():\n"  # from an empty context, as flows.workers.Warm submits
+        f"        with temporary_settings(updates={{'tasks.scheduling.default_storage_block': '{BLOCK}'}}):\n"
+        "            return task.delay(*args).task_run_id\n"
+        "    return contextvars.Context().run(submit)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, env=cluster["env"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def _task_run_end(cluster, task_run_id: str, timeout: float = 180):
+    """The task run once final, or None once the worker deleted it (Prefect's answer to unreadable parameters)."""
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with _client(cluster["api"]) as client:
+        while time.monotonic() < deadline:
+            try:
+                run = client.read_task_run(task_run_id)
+            except ObjectNotFound:
+                return None
+            if run.state and run.state.is_final():
+                return run
+            time.sleep(0.5)
+    raise AssertionError(f"task run {task_run_id} did not end: " + "".join(cluster["procs"].tail(w) for w in WORKERS))
+
+
+def test_a_submitters_policy_never_reaches_the_worker_which_obeys_its_own(
+    cluster, s3_server, s3_env, photo_bytes, tmp_path
+):
+    private, planted = _private_files(tmp_path, photo_bytes)
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text(f"references: [{tmp_path}]\noutputs: [{tmp_path}]\n")
+    uri, _ = _hostile_story(s3_server, s3_env, "lenient", str(private), str(planted))
+    # the submitter's --policy is a pre-check only: it passes here, and the worker refuses with its own policy
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "submit", uri, "--deployment", "storyboard/storyboard",
+                        "--policy", str(lenient)], cwd=ROOT, env=cluster["env"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = _wait_parent(cluster, r.stdout.split("(")[1].split(")")[0])
+    assert run.state.is_failed(), run.state
+    assert "refused by the policy" in (run.state.message or ""), run.state.message
+    # a policy sent as a parameter anyway is no parameter of the flow: refused before anything runs
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: cluster["api"]}):
+        try:
+            smuggled = run_deployment("storyboard/storyboard", timeout=0, parameters={
+                "storyboard": uri, "policy": {"references": [str(tmp_path)], "outputs": [str(tmp_path)]}})
+        except Exception as e:  # noqa: BLE001 - refused at creation is the other good answer
+            smuggled = e
+    if not isinstance(smuggled, Exception):
+        assert not _wait_parent(cluster, smuggled.id).state.is_completed()
+    assert not planted.exists()
+
+
+def test_pickled_task_parameters_are_refused_unread_on_the_worker(cluster, tmp_path):
+    marker = tmp_path / "ran-on-the-worker"
+    code = (
+        "class Evil:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        "print(delay(finetune_once.with_options(result_serializer='pickle'), Evil(), None, None, 'x'))\n"
+    )
+    task_run_id = _delay(cluster, code)
+    said = (f"Failed to read parameters for task run UUID('{task_run_id}')",
+            "refused unread: serialized as 'pickle', not plain JSON")
+    deadline = time.monotonic() + 180
+    while not any(all(line in cluster["procs"].tail(w, 1_000_000) for line in said) for w in WORKERS):
+        assert time.monotonic() < deadline, "".join(cluster["procs"].tail(w) for w in WORKERS)
+        time.sleep(0.5)
+    run = _task_run_end(cluster, task_run_id)  # Prefect deletes a run whose parameters cannot be read
+    assert run is None or not run.state.is_completed()
+    assert not marker.exists()
+
+
+def test_a_task_submitted_directly_is_checked_against_the_workers_policy(
+    cluster, s3_server, s3_env, photo_bytes, tmp_path
+):
+    private, planted = _private_files(tmp_path, photo_bytes)
+    s3_server.client().put_object(Bucket=s3_env, Key="refs/r.jpg", Body=photo_bytes)
+    _, local_out = _hostile_story(s3_server, s3_env, "direct", f"s3://{s3_env}/refs/r.jpg", str(planted))
+    _, fine = _hostile_story(s3_server, s3_env, "fine", f"s3://{s3_env}/refs/r.jpg", f"s3://{s3_env}/out")
+    sha = kf.sha256(photo_bytes)
+
+    def finetune(text: str, name: str, output: str) -> str:
+        board = {"storyboard": f"s3://{s3_env}/storyboards/{name}.yaml", "text": text, "overrides": {}}
+        params = (board, {"uri": f"s3://{s3_env}/refs/r.jpg", "sha256": sha},
+                  {"source_prompt": "a photo", "caption": None, "captioner": None}, output)
+        return _delay(cluster, f"print(delay(finetune_once.with_options(result_serializer='json'), *{params!r}))")
+
+    # a worker-local output the worker's policy does not allow; the storyboard's own bucket with another output;
+    # a worker-local reference slipped in as an override
+    refused = _task_run_end(cluster, finetune(local_out, "direct", str(planted)))
+    other = _task_run_end(cluster, finetune(fine, "fine", str(planted)))
+    board = {"storyboard": f"s3://{s3_env}/storyboards/fine.yaml", "text": fine,
+             "overrides": {"reference": str(private)}}
+    smuggled = _task_run_end(cluster, _delay(cluster, "print(delay(caption_reference.with_options(result_serializer="
+                                                      f"'json'), {board!r}, {{'uri': '{private}', 'sha256': ''}}))"))
+    for run in (refused, other, smuggled):
+        assert run is not None and run.state.is_failed(), run and run.state
+    assert "refused by the policy" in refused.state.message and "output" in refused.state.message
+    assert "the output is not the storyboard's" in other.state.message
+    assert "overrides may set output and model only" in smuggled.state.message
+    assert not planted.exists()
