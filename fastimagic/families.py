@@ -173,6 +173,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
 
 # The built-in seeded tiny models (fastimagic.tiny), by name, and the family each is shaped like.
 TINY_FAMILIES: dict[str, Family] = {"tiny": SD1, "tiny-sd2": SD2, "tiny-sdxl": SDXL}
+# The UNet architectures built without weights (fastimagic.models.unet_shapes, `fastimagic strategies`, the
+# benchmarks), by name, and the family each is shaped like.
+UNET_ARCHS: dict[str, Family] = {"sd15": SD1, "sd2": SD2, "sdxl": SDXL, **TINY_FAMILIES}
 
 # What single-file checkpoints are refused as, by the name describe_checkpoint gives them.
 UNSUPPORTED = {

@@ -801,13 +801,11 @@ SDXL_UNET_CONFIG = dict(
     norm_num_groups=32,
 )
 
-# Which UNet ``unet_shapes`` and the benchmarks build, by name, and the family each is shaped like.
-UNET_ARCHS = {"sd15": SD1, "sd2": FAMILIES["sd2"], "sdxl": FAMILIES["sdxl"], **TINY_FAMILIES}
 
 
 def unet_config(which: str) -> dict:
-    """The diffusers UNet config of ``which``, one of :data:`UNET_ARCHS` (``sd15``, ``sd2``, ``sdxl``, ``tiny``,
-    ``tiny-sd2``, ``tiny-sdxl``)."""
+    """The diffusers UNet config of ``which``, one of :data:`fastimagic.families.UNET_ARCHS` (``sd15``, ``sd2``,
+    ``sdxl``, ``tiny``, ``tiny-sd2``, ``tiny-sdxl``)."""
     from fastimagic import tiny
 
     configs = {
@@ -824,7 +822,8 @@ def unet_config(which: str) -> dict:
 
 
 def unet_shapes(which: str = "sd15") -> dict[str, torch.Size]:
-    """Parameter name -> shape of a UNet of :data:`UNET_ARCHS`, built on the meta device (no memory, no weights)."""
+    """Parameter name -> shape of a UNet of :data:`fastimagic.families.UNET_ARCHS`, built on the meta device (no
+    memory, no weights)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):

@@ -486,10 +486,10 @@ def _unet_shapes(which: str) -> dict[str, tuple[int, ...]]:
 
 
 def cmd_strategies(args) -> int:
-    from fastimagic.families import FAMILIES, SD1, TINY_FAMILIES
+    from fastimagic.families import UNET_ARCHS
     from fastimagic.forgetting import ALIASES, STRATEGIES, describe
 
-    family = {"sd15": SD1, "sd2": FAMILIES["sd2"], "sdxl": FAMILIES["sdxl"], **TINY_FAMILIES}[args.model]
+    family = UNET_ARCHS[args.model]
     blocks = family.presets[args.blocks]
     trained = {n: s for n, s in _unet_shapes(args.model).items() if n.startswith(tuple(b + "." for b in blocks))}
     total = sum(math.prod(s) for s in trained.values())
@@ -652,6 +652,7 @@ def cmd_worker(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastimagic import __version__
+    from fastimagic.families import UNET_ARCHS  # plain data: no torch
 
     p = argparse.ArgumentParser(prog="fastimagic", description="One reference image in, story keyframes out.")
     p.add_argument("--version", action="version", version=f"fastimagic {__version__}")
@@ -682,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="Salesforce/blip-image-captioning-base", help="BLIP repo id, folder or tiny")
     s.set_defaults(func=cmd_caption)
     s = sub.add_parser("strategies", help="list forgetting strategies and what each touches")
-    s.add_argument("--model", choices=["sd15", "sd2", "sdxl", "tiny", "tiny-sd2", "tiny-sdxl"], default="sd15")
+    s.add_argument("--model", choices=list(UNET_ARCHS), default="sd15")
     s.add_argument("--blocks", choices=["reference", "paper"], default="reference")
     s.set_defaults(func=cmd_strategies)
     s = sub.add_parser("open", help="print where to look at a run (local path or presigned link)")
