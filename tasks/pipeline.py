@@ -410,7 +410,9 @@ def _render_run_name() -> str:
     from prefect.runtime import task_run
 
     scene, seeds = task_run.parameters.get("scene"), task_run.parameters.get("seeds")
-    return f"render {printable(str(getattr(scene, 'id', scene)))[:100]} seeds {printable(str(seeds))[:100]}"
+    seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
+    named = f"seed{'s' if len(seeds) != 1 else ''} {', '.join(str(s) for s in seeds)}"
+    return f"render {printable(str(getattr(scene, 'id', scene)))[:100]} {printable(named)[:100]}"
 
 
 @task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name=_render_run_name, **STORAGE_RETRIES)

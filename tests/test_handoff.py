@@ -330,7 +330,7 @@ def test_verbose_in_a_narrow_terminal_prints_named_lines_that_never_share_the_pr
     assert "Prefect collects anonymous usage data" not in text
     assert not any(line.startswith(("starting", "fine-tune", "keyframes")) for line in screen), screen
     assert all(line.startswith("INFO ") for line in screen if "INFO " in line), screen  # nothing glued before
-    assert "INFO render scene-1 seed 0: Finished in state Completed()" in screen
+    assert "INFO render scene-1 seeds 0, 1: Finished in state Completed()" in screen  # a unit: the scene's seeds
     frames = [f for f in re.split("[\r\n]", text) if f.startswith(("starting", "fine-tune", "keyframes"))]
     assert frames[0].startswith("starting") and all(len(f) <= 49 for f in frames), frames
 
