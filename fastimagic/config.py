@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import unicodedata
 
 from fastimagic.families import MAX_LEVELS, SD1, TINY_FAMILIES
@@ -189,3 +190,13 @@ def slugify(text: str, max_length: int = 64, *, transliterate: bool = True) -> s
         letters = "".join(c for c in unicodedata.normalize("NFKC", text) if c.isalnum())
         slug = "u-" + re.sub(r"[^a-z0-9]+", "", letters.encode("punycode").decode().lower())
     return slug[:max_length].rstrip("-_")
+
+
+def special_file(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, in the words every refusal uses: ``a FIFO``,
+    ``a device``, ``a socket`` or ``not a regular file`` (``mode``: ``os.stat(...).st_mode``)."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"

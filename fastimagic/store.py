@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from fastimagic.config import BUCKET_RULE, bucket_problem, split_s3
+from fastimagic.config import BUCKET_RULE, bucket_problem, special_file, split_s3
 from fastimagic.errors import FastImagicError, InputError
 
 __all__ = [
@@ -735,13 +735,7 @@ def read_local(
         mode = info.st_mode
         if stat.S_ISDIR(mode):
             raise NotAFile(f"{shown}: is a folder, expected a file")
-        what = (
-            "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode)
-            else "not a regular file"
-        )
-        raise NotAFile(f"{shown}: is {what}, expected a regular file")
+        raise NotAFile(f"{shown}: is {special_file(mode)}, expected a regular file")
     with os.fdopen(fd, "rb") as f:
         if max_bytes is not None and info.st_size > max_bytes:
             raise TooLarge(f"{shown}: is {info.st_size:,} bytes, more than the limit of {max_bytes:,}")

@@ -506,9 +506,8 @@ class Storyboard(_Frozen):
                 found.append(f"{self.where(field)}: {given}: is a file, expected a folder: {what}")
             elif kind == "file" and not stat.S_ISREG(mode):
                 # worded as the store words it when the run reads the file
-                other = ("a folder, expected a file" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                         else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-                other += "" if stat.S_ISDIR(mode) else ", expected a regular file"
+                other = ("a folder, expected a file" if stat.S_ISDIR(mode)
+                         else f"{config.special_file(mode)}, expected a regular file")
                 found.append(f"{self.where(field)}: {given}: is {other}: {what}")
             elif field == "model" and kind == "folder" and not any(
                 os.path.exists(os.path.join(resolved, part)) for part in ("model_index.json", "unet")
