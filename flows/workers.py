@@ -1,7 +1,8 @@
 """Warm GPU workers: the fine-tune and every render run as Prefect background tasks on long-lived task workers.
 
 A worker (``fastimagic worker``, one per GPU, ``CUDA_VISIBLE_DEVICES`` picks the GPU) is one Python process that
-serves the GPU tasks of :mod:`tasks.pipeline` (:data:`GPU_TASKS`) one at a time, for as long as it lives: imports,
+serves the GPU tasks of :mod:`tasks.pipeline` (:data:`GPU_TASKS`) one at a time on its device (the next render
+starts while the last one's keyframes are written), for as long as it lives: imports,
 the base model (:func:`fastimagic.models.cached_base_model`, LRU by count) and recent tunings
 (:func:`tasks.pipeline.load_tuning`, LRU by bytes) are paid for once per worker, not once per scene or storyboard.
 
@@ -29,12 +30,12 @@ in-process backend calls them directly: one code path) and waits for them with a
   cancelled after ``$FASTIMAGIC_WORKER_WAIT_SECONDS`` (default 300: time for an autoscaler to start one) and the
   run fails with one line saying so; a warning says it at once. Busy workers are waited for as long as it takes.
 
-A worker acknowledges a task run only when it is free for the next (:class:`IdleTaskWorker`), so the server never
-hands a busy worker the next run: it stays queued for whichever worker is free, and a worker that dies holding a run
-has it put back in the queue by the server (another worker renders that unit again: same names, same bytes).
+A worker acknowledges a task run only when its device is free for the next (:class:`IdleTaskWorker`), so the server
+never hands a busy worker the next run: it stays queued for whichever worker is free, and a worker that dies holding
+a run has it put back in the queue by the server (another worker renders that unit again: same names, same bytes).
 
-No ``gpu`` tag limit is needed on this path: each worker takes one task at a time (:class:`IdleTaskWorker`), and
-there is one worker per GPU, so a GPU never runs two tasks. The tag limit made every GPU task ask the server for a
+No ``gpu`` tag limit is needed on this path: each worker has one task at a time on its device (:class:`IdleTaskWorker`),
+and there is one worker per GPU, so a GPU never runs two tasks. The tag limit made every GPU task ask the server for a
 slot (a 423 answer means waiting its Retry-After, ~2 s, even when a slot frees sooner).
 """
 
@@ -162,6 +163,14 @@ def check_shared_storage() -> str:
 # -- the worker ----------------------------------------------------------------------------------------------------
 
 
+def may_take_next(in_flight: int, writing: int, slots: int) -> bool:
+    """Whether a worker with ``slots`` device slots (one per GPU) takes its next task run now: fewer than ``slots``
+    of its ``in_flight`` runs are at their device work (a render writing its keyframes has left it: ``writing``,
+    :data:`tasks.pipeline.units_writing`), and no more than ``slots`` write behind (bounded memory: a unit's images
+    wait in memory until written). So the GPU renders the next unit while the last one is encoded and stored."""
+    return in_flight - writing < slots and in_flight < 2 * slots
+
+
 def _idle_task_worker():
     from prefect.client.subscriptions import Subscription
     from prefect.settings import get_current_settings
@@ -198,15 +207,26 @@ def _idle_task_worker():
                 pass  # the next receive reconnects
 
     class IdleTaskWorker(TaskWorker):
-        """A task worker that takes the next task run only when it has a free slot.
+        """A task worker that takes the next task run only when its device is free (:func:`may_take_next`).
 
         Prefect's own worker acknowledges each task run as soon as it arrives, and the server then sends it the next
         one at once, even while it is busy: a busy worker holds work an idle one could run (with a few large units,
         one worker may hold them all while the other idles), and loses it if it dies (the server re-queues only runs
-        not yet acknowledged). This worker acknowledges a run only when it has a free slot for the next: until then
+        not yet acknowledged). This worker acknowledges a run only when its device is free for the next: until then
         the server keeps the next run in its queue for whichever worker is free, and if this worker dies first, the
-        server puts the run back (another worker then runs it; a render rewrites its unit under the same names).
+        server puts the run back (another worker then runs it; a render rewrites its unit under the same names). A
+        render that has left the device to write its keyframes is acknowledged then; if the worker dies while it
+        writes, the submitter's lease (:class:`Lease`) gives the unit to another worker.
         """
+
+        def __init__(self, *tasks, limit: int = 1):
+            super().__init__(*tasks, limit=2 * limit)  # runs in flight: `limit` on the device, as many writing
+            self.slots = limit
+
+        def _free_for_next(self) -> bool:
+            from tasks.pipeline import units_writing
+
+            return may_take_next(self._limiter.borrowed_tokens, units_writing(), self.slots)
 
         async def _subscribe_to_task_scheduling(self):
             import anyio
@@ -220,7 +240,7 @@ def _idle_task_worker():
             )
             held = None  # the connection the last run came on, until that run is acknowledged
             while True:
-                while self._limiter is not None and self._limiter.available_tokens < 1:
+                while not self._free_for_next():
                     await anyio.sleep(0.02)
                 if held is not None:
                     await subscription.acknowledge(held)

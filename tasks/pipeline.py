@@ -13,6 +13,7 @@ Policy lives in the decorators:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -405,6 +406,32 @@ def _reference_image(board: Storyboard, width: int, height: int):
 _REFERENCES: dict = {}
 
 
+class _WritingBehind:
+    """How many render units of this process are past their device work and still writing their keyframes."""
+
+    def __init__(self):
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def unit(self):
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+    def __call__(self) -> int:
+        with self._lock:
+            return self._count
+
+
+# A warm worker takes its next unit while these write (flows.workers.may_take_next): the device is free.
+units_writing = _WritingBehind()
+
+
 def _render_run_name() -> str:
     # the scene is an object in this process and its id in a warm worker's plain parameters
     from prefect.runtime import task_run
@@ -431,7 +458,8 @@ def render_keyframes(
     One sampling call per strategy covers every seed and edit (the sampler chunks it at its batch size), on the
     tuning this process keeps applied (:func:`fastimagic.editor.applied`: applied once per process and tuning).
     ``strategies`` defaults to the scene's. The model is held only for the GPU work: the writes that follow overlap
-    the next unit's sampling. Each PNG is written atomically (a failed write retries the task); after each seed's
+    the next unit's sampling (in-process, scenes run side by side; a warm worker takes its next unit while this one
+    writes, :data:`units_writing`). Each PNG is written atomically (a failed write retries the task); after each seed's
     PNGs, a progress record of that (scene, seed) lists them with their SHA-256 (what ``--resume`` verifies), so a
     unit that fails part way keeps the seeds it finished. With a scorer, each record carries ``scores`` (CLIP text
     alignment and fidelity to the reference), computed in one batch with the scorer loaded once per process.
@@ -469,10 +497,21 @@ def render_keyframes(
             scores = scorer.score([f.image for f in frames], scene.prompt, reference)
         device_seconds = time.perf_counter() - started  # the images are on the CPU: the device's work is done
     written_at = time.perf_counter()
+    with units_writing.unit():  # the device is free for the next unit meanwhile (a warm worker takes it)
+        records = _write_unit(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores)
+    _log.info(
+        "rendered %s seeds %s: %d keyframes, %.2f s on the device, %.2f s writing",
+        scene.id, seeds, len(records), device_seconds, time.perf_counter() - written_at,
+    )
+    return records
+
+
+def _write_unit(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores):
+    """:func:`render_keyframes`'s writes, seed by seed: each PNG, then that seed's settings and progress records."""
     store = output_store(output).child(run_prefix)
     settings_record = kf.dumps(render_settings(board, scene, key))
     records = []
-    per_seed = len(strategies) * edits
+    per_seed = len(frames) // len(seeds)
     for start, seed in zip(range(0, len(frames), per_seed), seeds):
         written = []
         for i in range(start, start + per_seed):
@@ -486,10 +525,6 @@ def render_keyframes(
         store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(written), "application/json")
         progress.keyframes_written(len(written))
         records += written
-    _log.info(
-        "rendered %s seeds %s: %d keyframes, %.2f s on the device, %.2f s writing",
-        scene.id, seeds, len(records), device_seconds, time.perf_counter() - written_at,
-    )
     return records
 
 

@@ -230,11 +230,45 @@ def test_a_scene_is_one_sampling_call_on_a_tuning_applied_once_and_matches_keyfr
             assert diff.max() <= 1, r["key"]
 
 
+def test_a_unit_writes_with_the_device_free_and_counted_as_writing_behind(tmp_path, photo_bytes, monkeypatch):
+    """While a render unit writes its keyframes, the model is free for the next unit (another thread can take its
+    lock; another scene may be rendering on it meanwhile) and the unit counts in ``units_writing`` (what a warm
+    worker looks at before taking its next unit); afterwards nothing counts."""
+    import threading
+
+    from flows.storyboard import storyboard_flow
+    from tasks import pipeline
+
+    seen = []
+    write = pipeline._write_unit
+
+    def watching(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores):
+        free = []
+
+        def probe():  # from another thread (the lock is reentrant for its holder), once another scene's unit
+            free.append(model.lock.acquire(timeout=120))  # rendering meanwhile lets go: not held by this writer
+            if free[0]:
+                model.lock.release()
+
+        other = threading.Thread(target=probe)
+        other.start()
+        other.join()
+        seen.append((scene.id, free[0], pipeline.units_writing()))
+        return write(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores)
+
+    monkeypatch.setattr(pipeline, "_write_unit", watching)
+    storyboard_flow(storyboard=_units_board(tmp_path, photo_bytes))
+    assert sorted(s for s, _, _ in seen) == ["flying", "singing", "sleeping"]
+    assert all(free and writing >= 1 for _, free, writing in seen), seen
+    assert pipeline.units_writing() == 0
+
+
 def test_a_failed_write_mid_scene_fails_the_run_and_a_resume_completes_it(tmp_path, photo_bytes):
     """A keyframe of the middle seed of a scene cannot be written (a folder sits at its path): the run fails without
     a manifest; once the path is free, ``--resume`` keeps what was written intact and renders the rest."""
     from fastimagic.store import StoreError
     from flows.storyboard import storyboard_flow
+    from tasks import pipeline
 
     story = _units_board(tmp_path, photo_bytes)
     run_dir = tmp_path / "out" / "units" / "r1"
@@ -243,6 +277,7 @@ def test_a_failed_write_mid_scene_fails_the_run_and_a_resume_completes_it(tmp_pa
     with pytest.raises(StoreError, match="cannot write"):
         storyboard_flow(storyboard=story, run_id="r1")
     assert not (run_dir / "manifest.json").exists()
+    assert pipeline.units_writing() == 0  # a failed write leaves the unit's count
     progress = sorted(p.name for p in (run_dir / kf.PROGRESS / "singing").iterdir())
     assert progress == ["5-encoderattn.json"]  # the seed before the failed write is recorded, nothing after it
 

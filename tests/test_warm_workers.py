@@ -237,6 +237,18 @@ def test_two_storyboards_load_the_model_once_per_worker_and_fetch_each_tuning_on
     assert all(n == 1 for w in WORKERS for n in fetches[w].values()), fetches
 
 
+def test_a_worker_takes_its_next_unit_when_its_device_is_free_with_one_unit_writing_behind_at_most():
+    from flows.workers import may_take_next
+
+    # (runs in flight, of which writing their keyframes) on a worker with one device slot
+    assert may_take_next(0, 0, slots=1)
+    assert not may_take_next(1, 0, slots=1)  # the one run is on the device
+    assert may_take_next(1, 1, slots=1)  # it is writing: the device renders the next meanwhile
+    assert not may_take_next(2, 1, slots=1)  # the next is on the device
+    assert not may_take_next(2, 2, slots=1)  # two writing behind already: memory stays bounded
+    assert may_take_next(3, 2, slots=2) and not may_take_next(4, 2, slots=2)
+
+
 @pytest.mark.parametrize("model,family", [("tiny-sdxl", "sdxl"), ("tiny-sd2", "sd2")])
 def test_sdxl_and_sd2_storyboards_scale_out_on_the_warm_workers(cluster, s3_server, s3_env, photo_bytes, model, family):
     uri = _upload_story(s3_server, s3_env, photo_bytes, scenes=2, steps=3, name=f"scaled-{family}")
