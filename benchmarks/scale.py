@@ -17,6 +17,9 @@ S3 server, so the difference is who does the GPU work. Prints ``name=value`` lin
   run ``created`` to ``start_time``), median over the first render wave of the second storyboard (workers warm
   and idle); later waves also wait for a free worker, which is queueing, not start cost.
 
+Each worker stands for one GPU, so it gets an equal share of this machine's cores (``OMP_NUM_THREADS``, unless set);
+the in-process side uses all of them.
+
 Run: ``python benchmarks/scale.py [--scenes 4] [--seeds 2] [--steps 20]``. Every process it starts is stopped by
 its PID at the end.
 """
@@ -109,6 +112,9 @@ def main() -> None:
         env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = BLOCK
         # the operator names the model its workers keep warm: they load (and on a GPU prime) it before serving
         worker_env = env | {"FASTIMAGIC_WORKER_MODEL": "tiny"}
+        # Each worker stands for a GPU of its own: here it gets its share of the cores (two torch processes with a
+        # thread per core each fight over them: renders of 0.4 s took 13-69 s), the in-process side all of them.
+        worker_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(WORKERS))))
         for name in WORKERS:
             procs.start(name, [sys.executable, "-m", "flows.cli", "worker"], worker_env)
         for name in WORKERS:
