@@ -26,6 +26,11 @@ Prints one JSON line per figure (stdout; progress goes to stderr):
                     counted with torch.utils.flop_counter, and the fraction of 790 TFLOP/s (dense fp16, H200) that
                     the sample, batch1 and finetune figures achieve
     forget_switch   Editor.forget("encoderattn") then Editor.forget("decoderattn"): median seconds of one switch
+    profile         (comes with sample, runs after forget_switch) where the device's time goes, by torch.profiler:
+                    3 guided UNet calls at the sample figure's best batch and at batch 1, the VAE decode of that
+                    batch, a 2-step fine-tune; each as the share of kernel time per kind of operator (convolution,
+                    matmul, attention, norm, copy/cast, elementwise, other), the ten costliest ops, and
+                    device_busy = kernel time / wall time (below 1: the GPU waits for the host)
     storyboard      the real Prefect flow (flows.storyboard.storyboard_flow) on a 5-scene x 4-seed x 8-gamma
                     storyboard (160 keyframes, 50 steps, 512 px) whose model is a diffusers folder saved from the
                     random components, written to a local folder; seconds = model load + flow.
@@ -67,10 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FIGURES = ("equivalence", "finetune", "compile", "sample", "batch1", "flops", "forget_switch", "storyboard")
+FIGURES = ("equivalence", "finetune", "compile", "sample", "batch1", "flops", "forget_switch", "profile", "storyboard")
 # Run by default (compile only when asked: it compiles for minutes on a CPU) and what comes with what.
 DEFAULT_FIGURES = tuple(f for f in FIGURES if f != "compile")
-RIDERS = {"sample": ("batch1", "flops")}
+RIDERS = {"sample": ("batch1", "flops", "profile")}
 # Dense fp16 tensor-core TFLOP/s this machine kind (H200) measures; the flops figure's yardstick.
 PEAK_TFLOPS = 790.0
 SWITCHES = ("channels_last", "cudnn_benchmark", "compile")
@@ -686,6 +691,98 @@ def figure_flops(model, image, plan: Plan, records: dict) -> dict:
     }
 
 
+# What each profiled operator is, from its name (the innermost aten op that launched the kernels); first match wins.
+OP_KINDS = (
+    ("attention", ("attention", "flash", "sdpa")),
+    ("convolution", ("conv",)),
+    ("matmul", ("mm", "matmul", "linear", "gemm")),  # aten::mm, addmm, bmm, baddbmm
+    ("norm", ("norm",)),
+    ("copy/cast", ("copy", "_to", "cat", "clone", "contiguous", "stack", "index")),
+    ("elementwise", ("add", "mul", "sub", "div", "silu", "gelu", "sigmoid", "neg", "exp", "pow", "sqrt", "where",
+                     "fill", "zero", "mean", "sum", "upsample", "cos", "sin", "arange", "lerp", "clamp", "foreach")),
+)
+
+
+def op_kind(name: str) -> str:
+    low = name.lower().removeprefix("aten::")
+    return next((kind for kind, parts in OP_KINDS if any(p in low for p in parts)), "other")
+
+
+def profiled(device, fn) -> dict:
+    """``fn()`` once under torch.profiler: the device's time by kind of operator (self time of each aten op: on a
+    GPU its kernels, on a CPU its own compute), the ten costliest ops, and ``device_busy`` = kernel time / wall
+    time (a GPU that waits for Python launching kernels shows it here; the profiler's own overhead lowers it a
+    little). Times in milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        _, wall = timed(device, fn)
+
+    def own(e) -> float:  # microseconds
+        if cuda:
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+        return float(e.self_cpu_time_total)
+
+    ops = [(e.key, own(e), e.count) for e in prof.key_averages() if own(e) > 0 and e.key.startswith("aten::")]
+    total = sum(us for _, us, _ in ops) or 1.0
+    kinds: dict[str, float] = {}
+    for name, us, _ in ops:
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + us
+    top = sorted(ops, key=lambda o: -o[1])[:10]
+    return {
+        "wall_ms": round(wall * 1e3, 2),
+        "device_ms": round(total / 1e3, 2),
+        "device_busy": round(total / 1e6 / wall, 3) if cuda else None,
+        "by_kind": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"op": n, "ms": round(us / 1e3, 2), "share": round(us / total, 3), "calls": c} for n, us, c in top],
+    }
+
+
+def figure_profile(model, tuning, image, plan: Plan, records: dict) -> dict:
+    """Where the device's time goes (comes with sample, runs last): guided UNet calls at the sample figure's best
+    batch and at batch 1, the VAE decoding that batch, and a 2-step fine-tune, each under torch.profiler
+    (:func:`profiled`), with the tuning applied as when rendering."""
+    import torch
+
+    from fastimagic.editor import Editor
+    from fastimagic.finetuning import FinetuneConfig, finetune
+    from fastimagic.sampler import decode
+
+    device, size, latent = model.device, plan.resolution, plan.resolution // 8
+    best = (records.get("sample") or {}).get("batch") or max(plan.sample_batches)
+    ids = model.family.time_ids((size, size), (0, 0), (size, size)) if model.family.pooled else None
+    t = torch.tensor(500, device=device)
+    calls = 3
+    out = {"figure": "profile", "resolution": size, "unet_calls": calls}
+    with Editor(model, tuning):
+        for label, batch in (("unet_best_batch", best), ("unet_batch1", 1)):
+            inputs = model.unet_inputs(model.encode_prompts([""] * batch + [PROMPT] * batch), ids)
+            x = torch.randn(2 * batch, model.unet.config.in_channels, latent, latent, device=device)
+
+            def unet(inputs=inputs, x=x):
+                with torch.no_grad():
+                    for _ in range(calls):
+                        with model.autocast():
+                            model.unet(x, t, **inputs)
+
+            unet()  # warm-up: the same shapes
+            out[label] = {"batch": batch, **profiled(device, unet)}
+            note(f"profile {label}: {out[label]['by_kind']}")
+            free(device)
+        z = torch.randn(best, model.unet.config.in_channels, latent, latent, device=device)
+        decode(model, z[:1])  # the product's decode: in parts of decode_batch images, copied to the host
+        out["vae_decode"] = {"batch": best, **profiled(device, lambda: decode(model, z))}
+        free(device)
+    config = FinetuneConfig(steps=2, min_steps=2, batch_size=plan.finetune_batch)
+    with model.eager():
+        out["finetune_2_steps"] = {"batch": plan.finetune_batch, **profiled(
+            device, lambda: finetune(model, image, SOURCE_PROMPT, config, width=size, height=size))}
+    return out
+
+
 def figure_compile(model, tuning, plan: Plan, work: Path, backend: str = "inductor") -> dict:
     """Regional compilation (fastimagic.models.compile_unet) against no compilation, in one run: the first call per
     batch size with an empty inductor cache (cold) and after ``torch._dynamo.reset()`` with the cache on disk
@@ -1035,7 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         if "equivalence" in args.figures:
             note("equivalence (tiny model)")
             emit(figure_equivalence(device, args.switches, args.compile_mode, image))
-        wanted = {"finetune", "sample", "batch1", "flops", "compile", "forget_switch"} & set(args.figures)
+        wanted = {"finetune", "sample", "batch1", "flops", "compile", "forget_switch", "profile"} & set(args.figures)
         if wanted:
             note(f"building the {plan.model} model on {device}")
             model = assemble(plan.model, args.device, precision=args.precision)
@@ -1067,6 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
             if "forget_switch" in args.figures:
                 note("forget_switch")
                 emit(figure_forget_switch(model, tuning, plan))
+            if "profile" in args.figures:  # last: a run cut short by its time limit loses this figure only
+                note("profile")
+                emit(figure_profile(model, tuning, image, plan, records))
             del model, tuning
             free(device)
         if "storyboard" in args.figures:

@@ -53,7 +53,7 @@ def test_gpu_benchmark_tiny_prints_every_figure_as_one_json_line(outputs):
     assert run.returncode == 0, run.stderr[-3000:]
     figures = _figures(run.stdout)
     assert list(figures) == [
-        "device", "equivalence", "finetune", "sample", "batch1", "flops", "forget_switch", "storyboard"
+        "device", "equivalence", "finetune", "sample", "batch1", "flops", "forget_switch", "profile", "storyboard"
     ]
     assert {"gpu", "torch", "diffusers", "date"} <= set(figures["device"])
     assert figures["equivalence"]["max_pixel_diff"] == 0  # no switch on: two renders of one keyframe agree
@@ -67,6 +67,12 @@ def test_gpu_benchmark_tiny_prints_every_figure_as_one_json_line(outputs):
     assert flops["tflop_per_keyframe"] == pytest.approx(expected, rel=1e-3) and flops["finetune_tflop_per_step"] > 0
     assert flops["sample_fraction_of_peak"] is None  # the fraction of an H200 is for an H200
     assert figures["forget_switch"]["seconds"] > 0
+    profile = figures["profile"]  # where the time goes, by kind of operator: shares of the profiled time
+    for part in ("unet_best_batch", "unet_batch1", "vae_decode", "finetune_2_steps"):
+        assert sum(profile[part]["by_kind"].values()) == pytest.approx(1, abs=0.01), part
+        assert profile[part]["top"] and profile[part]["device_busy"] is None  # kernel time vs wall: a GPU's
+    assert profile["unet_best_batch"]["batch"] == figures["sample"]["batch"]
+    assert "convolution" in profile["unet_best_batch"]["by_kind"]
     assert figures["storyboard"]["keyframes"] == 2 * 2 * 2
     assert figures["storyboard"]["model_prewarmed"] is True  # the flow used the model the figure loaded
     assert figures["storyboard"]["sampling_calls"] == 2  # one per scene: all its seeds and edits in one call
@@ -99,7 +105,7 @@ def test_gpu_benchmark_tiny_sdxl_reports_the_tuning_size():
     assert figures["finetune"]["unet_weights_bytes"] > 4 * figures["finetune"]["trained_parameters"]  # fp32 on CPU
 
 
-SAMPLING = ("finetune", "sample", "batch1", "flops", "forget_switch")
+SAMPLING = ("finetune", "sample", "batch1", "flops", "forget_switch", "profile")
 
 
 @pytest.mark.parametrize(
@@ -108,8 +114,8 @@ SAMPLING = ("finetune", "sample", "batch1", "flops", "forget_switch")
         ("--arch sd15 --only finetune,sample,forget_switch", [*SAMPLING]),
         ("--arch sdxl --only finetune,sample,forget_switch --batches 1,4,8", [*SAMPLING]),
         ("--arch sd15 --only storyboard", ["storyboard"]),
-        ("--arch sd15 --only sample --compile --batches 1,32", ["compile", "sample", "batch1", "flops"]),
-        ("--arch sd15", ["equivalence", "finetune", "sample", "batch1", "flops", "forget_switch", "storyboard"]),
+        ("--arch sd15 --only sample --compile --batches 1,32", ["compile", "sample", "batch1", "flops", "profile"]),
+        ("--arch sd15", ["equivalence", *SAMPLING[:4], "forget_switch", "profile", "storyboard"]),
     ],
 )
 def test_gpu_check_command_lines_select_the_figures_of_the_table(argv, figures):
