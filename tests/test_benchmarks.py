@@ -27,6 +27,9 @@ def outputs() -> dict[str, subprocess.CompletedProcess]:
     # method.py imports tests/conftest.py, which imports tests/s3server.py as a top-level module.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     env.pop("PREFECT_API_URL", None)  # gpu.py runs its own embedded Prefect server in a temporary home
+    # Side by side, each torch process gets one thread: with a thread per core in both, on a busy 2-core machine,
+    # their threads fought and gpu.py --tiny ran past 600 s (about 90 s otherwise).
+    env["OMP_NUM_THREADS"] = "1"
     procs = {
         name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, cmd in COMMANDS.items()
