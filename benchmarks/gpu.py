@@ -730,7 +730,8 @@ def profiled(device, fn) -> dict:
     total = sum(us for _, us, _ in ops) or 1.0
     kinds: dict[str, float] = {}
     for name, us, _ in ops:
-        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + us
+        kind = op_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + us
     top = sorted(ops, key=lambda o: -o[1])[:10]
     return {
         "wall_ms": round(wall * 1e3, 2),

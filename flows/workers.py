@@ -63,7 +63,7 @@ from fastimagic.store import StoreError
 from fastimagic.storyboard import Scene, Storyboard
 from flows.run import render_scenes
 from tasks.params import caption_params, finetune_params, render_params
-from tasks.pipeline import caption_reference, finetune_once, render_keyframes, stored_intact
+from tasks.pipeline import caption_reference, finetune_once, render_keyframes, stored_intact, units_writing
 
 GPU_TASKS = (caption_reference, finetune_once, render_keyframes)
 STORAGE_SETTING = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"
@@ -224,8 +224,6 @@ def _idle_task_worker():
             self.slots = limit
 
         def _free_for_next(self) -> bool:
-            from tasks.pipeline import units_writing
-
             return may_take_next(self._limiter.borrowed_tokens, units_writing(), self.slots)
 
         async def _subscribe_to_task_scheduling(self):

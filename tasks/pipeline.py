@@ -33,6 +33,7 @@ from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.config import PRECISIONS, printable, slugify
 from fastimagic.editor import applied, release
 from fastimagic.errors import InputError
+from fastimagic.families import Family
 from fastimagic.finetuning import FinetuneConfig, finetune
 from fastimagic.images import fit, load_reference
 from fastimagic.manifests import (
@@ -137,7 +138,7 @@ def warm_up(board: Storyboard) -> None:
     def load() -> None:
         try:
             model = _model(board)
-            prime(model, TINY_RESOLUTION if board.model.kind == "tiny" else model.family.resolution)
+            prime(model, own_side(board, model.family))
         except Exception as e:  # reported by the task that needs the model
             _log.debug("warm-up failed: %s", e)
 
@@ -169,11 +170,16 @@ def _family(board: Storyboard):
     return model_family(board.model.resolved, allow_pickle=board.allow_pickle)
 
 
+def own_side(board: Storyboard, family: Family) -> int:
+    """The side the storyboard's model of ``family`` was trained at (the tiny models': 64): the shorter side of a
+    run that gives no ``resolution``, and the side a warm-up primes at."""
+    return TINY_RESOLUTION if board.model.kind == "tiny" else family.resolution
+
+
 def run_size(board: Storyboard, reference_size: tuple[int, int]) -> tuple[int, int]:
     """(width, height) of this storyboard's fine-tune and keyframes for a reference of ``reference_size``; with no
-    ``resolution``, the shorter side is the model's own (the tiny models': 64)."""
-    side = TINY_RESOLUTION if board.model.kind == "tiny" else _family(board).resolution
-    return board.size_for(reference_size, side)
+    ``resolution``, the shorter side is the model's own (:func:`own_side`)."""
+    return board.size_for(reference_size, own_side(board, _family(board)))
 
 
 def _finetune_config(board: Storyboard, **changes) -> FinetuneConfig:
