@@ -309,9 +309,10 @@ def _start_early(args) -> None:
     """Take Prefect's start-up off the critical path of a local run: once another thread has imported the pipeline
     and checked the storyboard as the run will (:func:`flows.run.preflight`: bad input still ends before anything
     starts), the embedded server (a process of its own, seconds to boot) starts in this thread while that one loads
-    the base model into the process's cache, where the fine-tune task finds it. Nothing here decides anything: the
-    run checks again and says what is wrong. With ``--workers``, an ``s3://`` storyboard, a Prefect server of your
-    own (``PREFECT_API_URL``) or ``FASTIMAGIC_SERIAL_START=1``, it does nothing. The server starts from this (the
+    the base model into the process's cache, where the fine-tune task finds it, and on a GPU pays its cold start
+    (:func:`tasks.pipeline.prime`). Nothing here decides anything: the run checks again and says what is wrong.
+    With ``--workers``, an ``s3://`` storyboard, a Prefect server of your own (``PREFECT_API_URL``) or
+    ``FASTIMAGIC_SERIAL_START=1``, it does nothing. The server starts from this (the
     main) thread, so it gets the process group and the death signal :func:`_supervise` gives every child."""
     if args.workers or args.file.startswith("s3://") or os.environ.get("FASTIMAGIC_SERIAL_START"):
         return

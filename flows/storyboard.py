@@ -3,11 +3,14 @@
 Wiring only (the sequence itself is :func:`flows.run.run_storyboard`); each step is a task in
 :mod:`tasks.pipeline`. In this process, each scene's seeds render as one unit (a sampling call per forgetting
 strategy), a few scenes at once (:data:`SCENES_IN_FLIGHT`) so that one scene's writes overlap the next one's
-sampling; units take turns on the one warm model, with the tuning applied once for the run. With
+sampling; units take turns on the one warm model, with the tuning applied once for the run, and a fresh tuning is
+written while the scenes render (the run waits for the write before its manifest). With
 ``scale_out=True`` the same GPU tasks run on warm GPU workers instead (background tasks, :mod:`flows.workers`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from prefect import flow
 
@@ -18,7 +21,7 @@ from fastimagic.policy import Policy, PolicyRefused, operator_policy
 from fastimagic.store import inside
 from fastimagic.storyboard import Storyboard
 from flows.run import RENDER_THREADS, render_scenes, run_storyboard
-from tasks.pipeline import caption_reference, finetune_once, warm_up
+from tasks.pipeline import caption_reference, finetune_once, tuning_stored, tuning_written_behind, warm_up
 
 # Scenes rendered at once in this process. Their units take turns on the one warm model (its lock), and at most
 # RENDER_THREADS (2) units run at once, one sampling while the other writes: the bound on keyframes held in
@@ -34,15 +37,25 @@ class InProcess:
 
     def tune(self, board: Storyboard, reference: Reference, run_prefix: str) -> tuple[SourcePrompt, TuningRef]:
         prompts = caption_reference(board, reference)
-        return prompts, finetune_once(board, reference, prompts, board.output.resolved)
+        behind = tuning_written_behind.set(True)  # the scenes render while a fresh tuning is written
+        try:
+            return prompts, finetune_once(board, reference, prompts, board.output.resolved)
+        finally:
+            tuning_written_behind.reset(behind)
 
     def scenes(
         self, board: Storyboard, tuning_key: str, run_prefix: str, resume: bool
     ) -> tuple[list[SceneSummary], list[KeyframeRecord], int]:
         try:
-            return render_scenes(board, tuning_key, run_prefix, resume, threads=SCENES_IN_FLIGHT)
+            done = render_scenes(board, tuning_key, run_prefix, resume, threads=SCENES_IN_FLIGHT)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the scene's error is the one to report; nothing is left writing
+                tuning_stored(tuning_key)
+            raise
         finally:
             release()  # the tuning stayed applied for the run; the process's warm model gets its base weights back
+        tuning_stored(tuning_key)  # the manifest names the stored tuning: a failed write fails the run here
+        return done
 
 
 def storyboard_allowed(storyboard: str, policy: Policy) -> None:

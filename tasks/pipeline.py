@@ -20,6 +20,8 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
+from contextvars import ContextVar
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -69,15 +71,18 @@ from tasks.storage import output_store, read
 GPU = "gpu"
 
 
+def _heals(error: BaseException) -> bool:
+    """Whether waiting may heal ``error``: an object store's trouble (after botocore's own retries of each request),
+    not bad input and not a local disk (a full disk does not heal by waiting)."""
+    return isinstance(error, StoreError) and not isinstance(error.__cause__, OSError)
+
+
 def _storage_trouble(task, task_run, state) -> bool:
-    """Retry a task only when an object store failed it (after botocore's own retries of each request): not for
-    bad input, and not for a local disk (a full disk does not heal by waiting)."""
+    """Retry a task only when waiting may heal what failed it (:func:`_heals`)."""
     try:
         state.result()
-    except StoreError as e:
-        return not isinstance(e.__cause__, OSError)
-    except Exception:
-        return False
+    except Exception as e:
+        return _heals(e)
     return False
 
 
@@ -107,24 +112,34 @@ def _model(board: Storyboard):
 
 
 def preload_model(board: Storyboard) -> None:
-    """Load the storyboard's base model into this process's cache ahead of the fine-tune (`fastimagic run` does
-    it while Prefect's server starts); the task then finds it loaded."""
-    _model(board)
+    """Load the storyboard's base model into this process's cache ahead of the fine-tune, and on a GPU
+    :func:`prime` it (`fastimagic run` does both while Prefect's server starts); the task then finds it loaded and
+    its kernels ready."""
+    model = _model(board)
+    prime(model, own_side(board, model.family))
+
+
+def _cold_start(model: Components) -> bool:
+    """Whether a first fine-tune on ``model``'s device pays a start worth paying ahead: on a GPU."""
+    return model.device.type == "cuda"
 
 
 def prime(model: Components, side: int) -> None:
     """On a GPU, one fine-tune step and one sampling step at ``side`` x ``side`` pixels, thrown away: the device
     context, library handles and kernels a first fine-tune otherwise loads on the critical path (16.6 s on SD 1.5,
-    measured). Nothing on CPU, where there is no such start to pay, nor when the model is already at work (that
-    work pays it)."""
-    if model.device.type != "cuda" or not model.lock.acquire(blocking=False):
+    measured). Once per model and side (``model.primed``). Nothing on CPU, where there is no such start to pay, nor
+    when the model is already at work (that work pays it)."""
+    if not _cold_start(model) or side in model.primed or not model.lock.acquire(blocking=False):
         return
     try:
+        if side in model.primed:  # primed by another thread meanwhile
+            return
         image = Image.new("RGB", (side, side), (127, 127, 127))
         started = time.perf_counter()
         release(model)
         finetune(model, image, "a photo", FinetuneConfig(steps=1, min_steps=1), width=side, height=side)
         sample(model, model.encode_prompts(["a photo"]), [0], width=side, height=side, steps=1)
+        model.primed.add(side)
         _log.info("primed %s on %s in %.1f s", model.identity, model.device, time.perf_counter() - started)
     finally:
         model.lock.release()
@@ -268,7 +283,8 @@ def _finetune_progress():
 def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt, output: str) -> TuningRef:
     """Reuse the stored tuning for this content key, or fine-tune and store it under ``tunings/<key>/``.
 
-    A stored tuning that fails its checksum is reported and replaced.
+    A stored tuning that fails its checksum is reported and replaced. In a run that renders in this process
+    (:data:`tuning_written_behind`) the fresh tuning is written while the scenes render.
     """
     board, reference, prompts, output = finetune_args(board, reference, prompts, output)  # see tasks.params
     logger = get_run_logger()
@@ -307,9 +323,12 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
         )
     tuning.caption = prompts.caption
     assert tuning.key == key, "content key computed before and after fine-tuning must agree"
-    for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
-        store.put_bytes(name, data)
-    _TUNINGS.put(key, tuning)
+    if tuning_written_behind.get():
+        _TUNINGS.put(key, tuning)  # the renders of this process take it from here while it is written
+        _write_behind(store, tuning)
+    else:
+        _put_tuning(store, tuning)
+        _TUNINGS.put(key, tuning)
     logger.info(
         "fine-tuned %s in %.1f s (%d steps, final loss %.4f)",
         key,
@@ -318,6 +337,57 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
         tuning.losses[-1],
     )
     return _tuning_ref(tuning, store.uri, reused=False, replaced_corrupt=replaced)
+
+
+# Set by a run that renders in this process (flows.storyboard.InProcess): its fresh tuning is written while its
+# scenes render, not before (SD 1.5 `reference`: 1.2 GB to serialise, hash and write, 3-8 s measured on a 2-core
+# machine), and the run waits for the write before its manifest (:func:`tuning_stored`). Warm workers never set
+# it: the other workers fetch the tuning from the store as soon as the fine-tune task ends.
+tuning_written_behind: ContextVar[bool] = ContextVar("fastimagic_tuning_written_behind", default=False)
+_WRITING: dict[str, Future] = {}  # tuning key -> its write behind, until the run has waited for it
+_WRITING_LOCK = threading.Lock()
+
+
+def _put_tuning(store, tuning: Tuning) -> None:
+    for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
+        store.put_bytes(name, data)
+
+
+def _write_behind(store, tuning: Tuning) -> None:
+    """Write ``tuning`` to ``store`` in a thread of its own; an object store's trouble is retried as the tasks
+    retry it (:data:`STORAGE_RETRIES`: the write again, not the fine-tune). :func:`tuning_stored` waits for it."""
+    done: Future = Future()
+    delays = STORAGE_RETRIES["retry_delay_seconds"](STORAGE_RETRIES["retries"])
+
+    def write() -> None:
+        try:
+            for delay in (*delays, None):
+                try:
+                    _put_tuning(store, tuning)
+                    break
+                except StoreError as e:
+                    if delay is None or not _heals(e):
+                        raise
+                    _log.warning("writing tuning %s failed (%s); again in %.0f s", tuning.key, e, delay)
+                    time.sleep(delay)
+        except BaseException as e:  # noqa: BLE001 - handed to the run, which waits for this write
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+
+    with _WRITING_LOCK:
+        _WRITING[tuning.key] = done
+    threading.Thread(target=write, name="fastimagic-tuning-write", daemon=True).start()
+
+
+def tuning_stored(key: str) -> None:
+    """Wait for this process's write behind of tuning ``key`` (:data:`tuning_written_behind`), if one was started;
+    raise what failed it (a :class:`~fastimagic.store.StoreError`: the run fails, and ``--resume`` fine-tunes
+    again). A run calls it before its manifest, which names the stored tuning."""
+    with _WRITING_LOCK:
+        done = _WRITING.pop(key, None)
+    if done is not None:
+        done.result()
 
 
 def _tuning_ref(tuning: Tuning, uri: str, *, reused: bool, replaced_corrupt: str | None = None) -> TuningRef:
@@ -339,6 +409,10 @@ def load_tuning(output: str, key: str) -> Tuning:
     tasks asking at once share one fetch)."""
 
     def fetch() -> Tuning:
+        with _WRITING_LOCK:
+            writing = _WRITING.get(key)
+        if writing is not None:  # this process made it and it left the cache: read it once it is written
+            writing.result()
         store = output_store(output).child(f"tunings/{key}")
         tuning = Tuning.read(store.get_bytes, where=store.uri)
         _log.info("fetched tuning %s", key)

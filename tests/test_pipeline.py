@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastimagic import keyframes as kf
@@ -288,3 +289,130 @@ def test_a_failed_write_mid_scene_fails_the_run_and_a_resume_completes_it(tmp_pa
     assert manifest["status"] == "complete"
     for r in manifest["keyframes"]:
         assert kf.sha256((run_dir / r["key"]).read_bytes()) == r["sha256"]
+
+
+def _stored_tunings(out):
+    return sorted(p.parent.name for p in (out / "tunings").glob("*/tuning.json"))
+
+
+def test_an_in_process_run_renders_while_its_fresh_tuning_is_written(tmp_path, photo_bytes, monkeypatch):
+    """The tuning a run has just fine-tuned is written while its scenes render: here its write waits until a
+    scene's keyframes are written (were it written first, as before, no scene would have rendered). The run ends
+    once the tuning is stored whole, and its manifest names it."""
+    import threading
+
+    from flows.storyboard import storyboard_flow
+    from tasks import pipeline
+
+    rendered = threading.Event()
+    write_unit, put_tuning = pipeline._write_unit, pipeline._put_tuning
+
+    def unit(*args):
+        records = write_unit(*args)
+        rendered.set()
+        return records
+
+    def after_a_scene(store, tuning):
+        assert rendered.wait(180), "no scene rendered while the tuning was written"
+        put_tuning(store, tuning)
+
+    monkeypatch.setattr(pipeline, "_write_unit", unit)
+    monkeypatch.setattr(pipeline, "_put_tuning", after_a_scene)
+    result = storyboard_flow(storyboard=_units_board(tmp_path, photo_bytes), run_id="r1")
+    assert result["keyframes"] == 36 and not result["tuning_reused"]
+    assert _stored_tunings(tmp_path / "out") == [result["tuning_key"]]
+    manifest = json.loads((tmp_path / "out" / "units" / "r1" / "manifest.json").read_text())
+    assert manifest["tuning"]["key"] == result["tuning_key"]
+    assert not pipeline._WRITING  # waited for and forgotten
+
+
+def test_a_tuning_that_cannot_be_written_fails_the_run_after_its_scenes_and_a_resume_completes_it(
+    tmp_path, photo_bytes, monkeypatch
+):
+    """The write behind retries what an object store may heal (as the tasks do: the write again, not the
+    fine-tune) and gives up on a disk error; the run then fails with no manifest, its keyframes recorded, and a
+    resume keeps them all, fine-tunes again (the key is the same) and stores the tuning."""
+    from fastimagic.store import StoreError
+    from flows.storyboard import storyboard_flow
+    from tasks import pipeline
+
+    failures = [StoreError("s3://bucket/tunings: throttled"), StoreError("out/tunings: cannot write (disk full)")]
+    failures[1].__cause__ = OSError(28, "No space left on device")
+    calls = []
+
+    def failing(store, tuning):
+        calls.append(tuning.key)
+        raise failures[len(calls) - 1]
+
+    monkeypatch.setattr(pipeline, "_put_tuning", failing)
+    monkeypatch.setitem(pipeline.STORAGE_RETRIES, "retry_delay_seconds", lambda retries: [0.01] * retries)
+    story = _units_board(tmp_path, photo_bytes)
+    with pytest.raises(StoreError, match="disk full"):
+        storyboard_flow(storyboard=story, run_id="r1")
+    assert len(calls) == 2  # retried once (a store's trouble), not after the disk error
+    run_dir = tmp_path / "out" / "units" / "r1"
+    assert not (run_dir / "manifest.json").exists() and _stored_tunings(tmp_path / "out") == []
+    assert len(list((run_dir / kf.PROGRESS).glob("*/*.json"))) == 9  # every (scene, seed, strategy) recorded
+
+    monkeypatch.undo()
+    result = storyboard_flow(storyboard=story, run_id="r1", resume=True)
+    assert result["kept"] == 36 and not result["tuning_reused"]
+    assert _stored_tunings(tmp_path / "out") == [calls[0]] == [result["tuning_key"]]
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_a_model_is_primed_once_per_side_ahead_of_a_run_and_left_as_it_was(tmp_path, photo_bytes, monkeypatch):
+    """What `fastimagic run` does while Prefect's server starts: load the storyboard's model and, where the device
+    has a cold start (a GPU; here the tiny model on CPU, told it has one), fine-tune one step and sample one,
+    thrown away: the UNet's weights come back bit for bit, and the same side is not primed twice."""
+    from flows.run import read_storyboard
+    from tasks import pipeline
+
+    monkeypatch.setattr(pipeline, "_cold_start", lambda model: True)
+    sides = []
+    finetune = pipeline.finetune
+    monkeypatch.setattr(pipeline, "finetune", lambda *a, **k: sides.append(k["width"]) or finetune(*a, **k))
+    board = read_storyboard(_units_board(tmp_path, photo_bytes))
+    model = pipeline._model(board)
+    before = {n: p.clone() for n, p in model.unet.named_parameters()}
+    model.primed.clear()
+    try:
+        pipeline.preload_model(board)
+        pipeline.prime(model, 64)  # the flow's warm-up after it: nothing more to pay
+        assert sides == [64] and model.primed == {64}
+        assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())
+    finally:
+        model.primed.clear()
+
+
+def test_a_render_that_misses_the_cache_reads_the_tuning_once_its_write_behind_is_done(tmp_path):
+    """A tuning written behind that left the bounded cache is read from the store only after its write ends."""
+    import threading
+
+    from fastimagic.tuning import Tuning
+    from tasks import pipeline
+    from tasks.storage import output_store
+
+    tuning = Tuning(key="k" * 32, source_prompt="a photo", source_embedding=torch.zeros(1, 77, 8),
+                    deltas={"w": torch.ones(3, dtype=torch.float16)}, model_identity="m", finetune={}, width=64,
+                    height=64)
+    go, put_tuning = threading.Event(), pipeline._put_tuning
+    store = output_store(str(tmp_path)).child(f"tunings/{tuning.key}")
+    pipeline._TUNINGS.clear()
+    try:
+        pipeline._put_tuning = lambda s, t: (go.wait(60), put_tuning(s, t))
+        pipeline._write_behind(store, tuning)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(pipeline.load_tuning(str(tmp_path), tuning.key)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not got  # waiting for the write, not failing on a missing file
+        go.set()
+        reader.join(60)
+        assert torch.equal(got[0].deltas["w"], tuning.deltas["w"])
+        pipeline.tuning_stored(tuning.key)
+        assert not pipeline._WRITING
+    finally:
+        go.set()
+        pipeline._put_tuning = put_tuning
+        pipeline._TUNINGS.clear()
