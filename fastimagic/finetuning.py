@@ -26,7 +26,7 @@ from fastimagic import images
 from fastimagic.config import BLOCK_PRESETS  # noqa: F401  (SD 1.x's presets, as callers import them from here)
 from fastimagic.errors import FinetuneError, InputError
 from fastimagic.families import SD1, Family, all_presets
-from fastimagic.models import Components
+from fastimagic.models import Components, copy_to_host
 from fastimagic.precision import float32_working, put_back, resolve_precision
 from fastimagic.tuning import Tuning, content_key
 
@@ -132,18 +132,6 @@ def _draws(
     if device.type == "cuda":
         noise, ts = noise.pin_memory(), ts.pin_memory()
     return noise.to(device, non_blocking=True), ts.to(device, non_blocking=True)
-
-
-def _copy_to_host(value: torch.Tensor) -> tuple[torch.Tensor, object]:
-    """A copy of ``value`` on the host that does not wait for the device, and the event to wait on before reading
-    it (None off CUDA, where the copy is done when this returns)."""
-    if value.device.type != "cuda":
-        return value.cpu(), None
-    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-    host.copy_(value, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return host, done
 
 
 def finetune_time_ids(image_size: tuple[int, int], width: int, height: int, fit: str = "crop") -> torch.Tensor:
@@ -256,34 +244,32 @@ def finetune(
         if callback is not None:
             callback(step, config.steps, value)
 
-    eager = model.eager()  # a UNet compiled for sampling trains uncompiled
-    eager.__enter__()
     try:
-        for step in range(1, config.steps + 1):
-            latents = latent.expand(config.batch_size, -1, -1, -1)
-            noise, t = noises[step - 1], timesteps[step - 1]
-            noisy = model.scheduler.add_noise(latents, noise, t)
-            cond = model.unet_inputs(source_embedding.expand(config.batch_size, -1, -1), time_ids)
-            with model.autocast():
-                pred = unet(noisy, t, **cond).sample
-            target = model.scheduler.get_velocity(latents, noise, t) if velocity else noise
-            loss = F.mse_loss(pred.float(), target)
-            if step > config.min_steps:
-                settle()
-                value = float(loss.detach())
-                record(step, value)
-                if value < config.loss_threshold:
-                    break  # converged: this step's loss is recorded, no further update (as the released code)
-            else:
-                pending.append((step, *_copy_to_host(loss.detach())))
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            settle(keep=1)  # the previous step's loss: computed before this step's kernels, which are queued
-        settle()
+        with model.eager():  # a UNet compiled for sampling trains uncompiled
+            for step in range(1, config.steps + 1):
+                latents = latent.expand(config.batch_size, -1, -1, -1)
+                noise, t = noises[step - 1], timesteps[step - 1]
+                noisy = model.scheduler.add_noise(latents, noise, t)
+                cond = model.unet_inputs(source_embedding.expand(config.batch_size, -1, -1), time_ids)
+                with model.autocast():
+                    pred = unet(noisy, t, **cond).sample
+                target = model.scheduler.get_velocity(latents, noise, t) if velocity else noise
+                loss = F.mse_loss(pred.float(), target)
+                if step > config.min_steps:
+                    settle()
+                    value = float(loss.detach())
+                    record(step, value)
+                    if value < config.loss_threshold:
+                        break  # converged: this step's loss is recorded, no further update (as the released code)
+                else:
+                    pending.append((step, *copy_to_host(loss.detach())))
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                settle(keep=1)  # the previous step's loss: computed before this step's kernels, which are queued
+            settle()
     finally:
-        eager.__exit__(None, None, None)
         unet.eval()
         for p in trained:
             p.requires_grad_(False)

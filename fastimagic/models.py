@@ -99,6 +99,19 @@ def default_device() -> torch.device:
     return _pick(None)
 
 
+def copy_to_host(value: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A copy of ``value`` on the host that does not wait for the device (through pinned memory), and the event to
+    wait on before reading it (None off CUDA, where the copy is done when this returns). Copies on one stream end
+    in order: waiting for the last one's event waits for all."""
+    if value.device.type != "cuda":
+        return value.cpu(), None
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(value.device))
+    return host, done
+
+
 @dataclass
 class Components:
     """The frozen components of a Stable Diffusion model of any family, on one device.

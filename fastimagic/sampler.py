@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastimagic import images
-from fastimagic.models import BATCH_BUCKETS, Components
+from fastimagic.models import BATCH_BUCKETS, Components, copy_to_host
 
 # Rough activation memory per latent pixel for one guided image (two UNet passes) of an SD 1.x UNet under bf16
 # autocast with SDPA attention, plus headroom. Used only to pick a batch size when none is given.
@@ -47,16 +47,12 @@ def decode(model: Components, latents: torch.Tensor) -> list[torch.Tensor]:
     """Decode ``latents`` ``[n, C, h, w]`` to float32 pixels on the CPU in parts of :func:`decode_batch` images;
     the device-to-host copies go through pinned memory without waiting, and are waited for once at the end."""
     height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
-    parts = []
+    parts, done = [], None
     for part in (latents / model.latent_scale).to(model.vae.dtype).split(decode_batch(model, width, height)):
-        pixels = model.vae.decode(part).sample.float()
-        if model.device.type == "cuda":
-            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-            parts.append(host.copy_(pixels, non_blocking=True))
-        else:
-            parts.append(pixels.cpu())
-    if model.device.type == "cuda":
-        torch.cuda.current_stream(model.device).synchronize()
+        host, done = copy_to_host(model.vae.decode(part).sample.float())
+        parts.append(host)
+    if done is not None:
+        done.synchronize()  # the last part's copy, and with it every earlier one
     return parts
 
 
