@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -577,8 +578,9 @@ def render_keyframes(
             scores = scorer.score([f.image for f in frames], scene.prompt, reference)
         device_seconds = time.perf_counter() - started  # the images are on the CPU: the device's work is done
     written_at = time.perf_counter()
+    rendered = Rendered(board, scene, seeds, key, output, run_prefix, strategies, frames, scores, model.precision.name)
     with units_writing.unit():  # the device is free for the next unit meanwhile (a warm worker takes it)
-        records = _write_unit(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores)
+        records = _write_unit(rendered)
     _log.info(
         "rendered %s seeds %s: %d keyframes, %.2f s on the device, %.2f s writing",
         scene.id, seeds, len(records), device_seconds, time.perf_counter() - written_at,
@@ -586,23 +588,42 @@ def render_keyframes(
     return records
 
 
-def _write_unit(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores):
+@dataclass(frozen=True)
+class Rendered:
+    """A render unit whose device work is done: :func:`render_keyframes`' arguments and its keyframes on the host,
+    what :func:`_write_unit` writes. ``frames``: seed-major, each seed's in render order; ``scores``: one per frame
+    (with a scorer); ``precision``: the name of the precision they were sampled in."""
+
+    board: Storyboard
+    scene: Scene
+    seeds: list[int]
+    key: str
+    output: str
+    run_prefix: str
+    strategies: tuple[str, ...]
+    frames: list
+    scores: list | None
+    precision: str
+
+
+def _write_unit(unit: Rendered) -> list[KeyframeRecord]:
     """:func:`render_keyframes`'s writes, seed by seed: each PNG, then that seed's settings and progress records."""
-    store = output_store(output).child(run_prefix)
-    settings_record = kf.dumps(render_settings(board, scene, key))
+    scene, frames, scores = unit.scene, unit.frames, unit.scores
+    store = output_store(unit.output).child(unit.run_prefix)
+    settings_record = kf.dumps(render_settings(unit.board, scene, unit.key))
     records = []
-    per_seed = len(frames) // len(seeds)
-    for start, seed in zip(range(0, len(frames), per_seed), seeds):
+    per_seed = len(frames) // len(unit.seeds)
+    for start, seed in zip(range(0, len(frames), per_seed), unit.seeds):
         written = []
         for i in range(start, start + per_seed):
             f = frames[i]
             data = kf.png_bytes(f.image)
             rel = f"{kf.scene_prefix(scene.id)}/{kf.keyframe_name(f.seed, f.edit, f.forget, f.sigma)}"
             store.put_bytes(rel, data, "image/png")
-            settings = f.settings() | {"precision": model.precision.name}
+            settings = f.settings() | {"precision": unit.precision}
             written.append(keyframe_record(rel, scene.id, settings, kf.sha256(data), scores[i] if scores else None))
-        store.put_bytes(_settings_key(scene.id, seed, strategies), settings_record)
-        store.put_bytes(_progress_key(scene.id, seed, strategies), kf.dumps(written), "application/json")
+        store.put_bytes(_settings_key(scene.id, seed, unit.strategies), settings_record)
+        store.put_bytes(_progress_key(scene.id, seed, unit.strategies), kf.dumps(written), "application/json")
         progress.keyframes_written(len(written))
         records += written
     return records

@@ -243,7 +243,8 @@ def test_a_unit_writes_with_the_device_free_and_counted_as_writing_behind(tmp_pa
     seen = []
     write = pipeline._write_unit
 
-    def watching(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores):
+    def watching(unit):
+        model = pipeline._model(unit.board)
         free = []
 
         def probe():  # from another thread (the lock is reentrant for its holder), once another scene's unit
@@ -254,8 +255,8 @@ def test_a_unit_writes_with_the_device_free_and_counted_as_writing_behind(tmp_pa
         other = threading.Thread(target=probe)
         other.start()
         other.join()
-        seen.append((scene.id, free[0], pipeline.units_writing()))
-        return write(board, scene, seeds, key, output, run_prefix, strategies, model, frames, scores)
+        seen.append((unit.scene.id, free[0], pipeline.units_writing()))
+        return write(unit)
 
     monkeypatch.setattr(pipeline, "_write_unit", watching)
     storyboard_flow(storyboard=_units_board(tmp_path, photo_bytes))
@@ -307,8 +308,8 @@ def test_an_in_process_run_renders_while_its_fresh_tuning_is_written(tmp_path, p
     rendered = threading.Event()
     write_unit, put_tuning = pipeline._write_unit, pipeline._put_tuning
 
-    def unit(*args):
-        records = write_unit(*args)
+    def unit(done):
+        records = write_unit(done)
         rendered.set()
         return records
 
