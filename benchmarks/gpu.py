@@ -478,6 +478,7 @@ def figure_finetune(model, image, plan: Plan):
 
     from fastimagic.finetuning import FinetuneConfig, finetune
     from fastimagic.store import open_store
+    from tasks.pipeline import put_tuning
 
     device, size = model.device, plan.resolution
     steps, batch = plan.finetune_steps, plan.finetune_batch
@@ -493,9 +494,8 @@ def figure_finetune(model, image, plan: Plan):
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     target = targets(plan)["finetune"]
     with tempfile.TemporaryDirectory() as folder:  # what a run writes after a fine-tune (behind its renders)
-        store, started = open_store(folder), time.perf_counter()
-        for name, data in tuning.to_files().items():
-            store.put_bytes(name, data)
+        started = time.perf_counter()
+        put_tuning(open_store(folder), tuning)
         write_seconds = time.perf_counter() - started
         tuning_bytes = sum(f.stat().st_size for f in Path(folder).iterdir())
     record = {
@@ -747,12 +747,11 @@ def profiled(device, fn, host: bool = False) -> dict:
         kind = op_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + us
     top = sorted(ops, key=lambda o: -o[1])[:10]
-    where = "host" if host else "device"
-    busy = round(total / 1e6 / wall, 3) if cuda else None
+    share = round(total / 1e6 / wall, 3)  # of the wall time, in the ops
     return {
         "wall_ms": round(wall * 1e3, 2),
-        f"{where}_ms": round(total / 1e3, 2),
-        **({"in_ops": round(total / 1e6 / wall, 3)} if host else {"device_busy": busy}),
+        **({"host_ms": round(total / 1e3, 2), "in_ops": share} if host else
+           {"device_ms": round(total / 1e3, 2), "device_busy": share if cuda else None}),
         "by_kind": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top": [{"op": n, "ms": round(us / 1e3, 2), "share": round(us / total, 3), "calls": c} for n, us, c in top],
     }

@@ -328,7 +328,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
         _TUNINGS.put(key, tuning)  # the renders of this process take it from here while it is written
         _write_behind(store, tuning)
     else:
-        _put_tuning(store, tuning)
+        put_tuning(store, tuning)
         _TUNINGS.put(key, tuning)
     logger.info(
         "fine-tuned %s in %.1f s (%d steps, final loss %.4f)",
@@ -349,7 +349,8 @@ _WRITING: dict[str, Future] = {}  # tuning key -> its write behind, until the ru
 _WRITING_LOCK = threading.Lock()
 
 
-def _put_tuning(store, tuning: Tuning) -> None:
+def put_tuning(store, tuning: Tuning) -> None:
+    """Store ``tuning``'s files (:meth:`~fastimagic.tuning.Tuning.to_files`) in ``store`` (its ``tunings/<key>/``)."""
     for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
         store.put_bytes(name, data)
 
@@ -364,7 +365,7 @@ def _write_behind(store, tuning: Tuning) -> None:
         try:
             for delay in (*delays, None):
                 try:
-                    _put_tuning(store, tuning)
+                    put_tuning(store, tuning)
                     break
                 except StoreError as e:
                     if delay is None or not _heals(e):

@@ -306,7 +306,7 @@ def test_an_in_process_run_renders_while_its_fresh_tuning_is_written(tmp_path, p
     from tasks import pipeline
 
     rendered = threading.Event()
-    write_unit, put_tuning = pipeline._write_unit, pipeline._put_tuning
+    write_unit, put_tuning = pipeline._write_unit, pipeline.put_tuning
 
     def unit(done):
         records = write_unit(done)
@@ -318,7 +318,7 @@ def test_an_in_process_run_renders_while_its_fresh_tuning_is_written(tmp_path, p
         put_tuning(store, tuning)
 
     monkeypatch.setattr(pipeline, "_write_unit", unit)
-    monkeypatch.setattr(pipeline, "_put_tuning", after_a_scene)
+    monkeypatch.setattr(pipeline, "put_tuning", after_a_scene)
     result = storyboard_flow(storyboard=_units_board(tmp_path, photo_bytes), run_id="r1")
     assert result["keyframes"] == 36 and not result["tuning_reused"]
     assert _stored_tunings(tmp_path / "out") == [result["tuning_key"]]
@@ -345,7 +345,7 @@ def test_a_tuning_that_cannot_be_written_fails_the_run_after_its_scenes_and_a_re
         calls.append(tuning.key)
         raise failures[len(calls) - 1]
 
-    monkeypatch.setattr(pipeline, "_put_tuning", failing)
+    monkeypatch.setattr(pipeline, "put_tuning", failing)
     monkeypatch.setitem(pipeline.STORAGE_RETRIES, "retry_delay_seconds", lambda retries: [0.01] * retries)
     story = _units_board(tmp_path, photo_bytes)
     with pytest.raises(StoreError, match="disk full"):
@@ -397,11 +397,11 @@ def test_a_render_that_misses_the_cache_reads_the_tuning_once_its_write_behind_i
     tuning = Tuning(key="k" * 32, source_prompt="a photo", source_embedding=torch.zeros(1, 77, 8),
                     deltas={"w": torch.ones(3, dtype=torch.float16)}, model_identity="m", finetune={}, width=64,
                     height=64)
-    go, put_tuning = threading.Event(), pipeline._put_tuning
+    go, put_tuning = threading.Event(), pipeline.put_tuning
     store = output_store(str(tmp_path)).child(f"tunings/{tuning.key}")
     pipeline._TUNINGS.clear()
     try:
-        pipeline._put_tuning = lambda s, t: (go.wait(60), put_tuning(s, t))
+        pipeline.put_tuning = lambda s, t: (go.wait(60), put_tuning(s, t))
         pipeline._write_behind(store, tuning)
         got = []
         reader = threading.Thread(target=lambda: got.append(pipeline.load_tuning(str(tmp_path), tuning.key)))
@@ -415,5 +415,5 @@ def test_a_render_that_misses_the_cache_reads_the_tuning_once_its_write_behind_i
         assert not pipeline._WRITING
     finally:
         go.set()
-        pipeline._put_tuning = put_tuning
+        pipeline.put_tuning = put_tuning
         pipeline._TUNINGS.clear()
