@@ -11,10 +11,12 @@ weights do not change the speed of any kernel here; the images are noise.
 Prints one JSON line per figure (stdout; progress goes to stderr):
 
     device          the GPU, torch/diffusers versions, date
-    equivalence     each speed switch (--compile, --channels-last, --cudnn-benchmark) against none, on a tiny-model
-                    keyframe: the largest 8-bit pixel difference
+    equivalence     each speed switch (--compile, --channels-last, --cudnn-benchmark, --no-cudnn-sdpa) against none,
+                    on a tiny-model keyframe: the largest 8-bit pixel difference
     finetune        fastimagic.finetuning.finetune, 40 steps at batch 10, 512 px, no early stop: steady seconds (after
-                    a separate 1-step warm-up call, whose time is first_call_seconds) and peak CUDA memory
+                    a separate 1-step warm-up call, whose time is first_call_seconds) and peak CUDA memory;
+                    new_thread: the 1-step call on a thread that has run nothing yet against this warm one (torch
+                    keeps cuDNN's plans per thread, see fastimagic.devices) and the attention kernels it ran
     compile         (with --only compile, or with --compile and sample; runs before sample) compile_unet: the
                     first-call seconds per batch size cold (empty inductor cache) and from the on-disk cache,
                     images/s compiled against uncompiled in the same run, largest pixel difference
@@ -46,9 +48,9 @@ storyboard; not yet measured);
 ``python benchmarks/gpu.py --tiny`` runs the same code on the tiny model on CPU in well under a minute (CI).
 Options: ``--precision fp16`` (see fastimagic.precision; default auto) for the finetune, sample and forget_switch
 figures; ``--only finetune,sample`` selects figures; ``--compile``, ``--channels-last`` (VAE; CUDA only),
-``--cudnn-benchmark`` switch speed-ups on for every figure (checked by the equivalence figure first); ``--compile``
-is the product's regional compilation (FASTIMAGIC_COMPILE=regional). See docs/performance.md for what each figure
-includes.
+``--cudnn-benchmark``, ``--no-cudnn-sdpa`` switch speed-ups on for every figure (checked by the equivalence figure
+first); ``--compile`` is the product's regional compilation (FASTIMAGIC_COMPILE=regional). See docs/performance.md
+for what each figure includes.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -78,7 +81,7 @@ DEFAULT_FIGURES = tuple(f for f in FIGURES if f != "compile")
 RIDERS = {"sample": ("batch1", "flops", "profile")}
 # Dense fp16 tensor-core TFLOP/s this machine kind (H200) measures; the flops figure's yardstick.
 PEAK_TFLOPS = 790.0
-SWITCHES = ("channels_last", "cudnn_benchmark", "compile")
+SWITCHES = ("channels_last", "cudnn_benchmark", "no_cudnn_sdpa", "compile")
 
 # The issues' targets, for one H200, per architecture (--arch): SD 1.5 at 512 px, SDXL at 1024 px.
 TARGETS_BY_ARCH = {
@@ -329,8 +332,10 @@ def apply_switches(model, switches: list[str], compile_mode: str, backend: str =
     channels_last: the VAE (``_assemble`` already makes the UNet channels_last on CUDA). CUDA only: on CPU, torch
     2.13 segfaults in GroupNorm's channels_last backward when the input needs no grad, which is what the first
     norm of down_blocks.0 sees in fine-tuning once a channels_last latent reaches it. cudnn_benchmark:
-    process-wide. compile: :func:`fastimagic.models.compile_unet`, the UNet's repeated blocks compiled in place
-    (parameter names unchanged), batches padded to buckets, the fine-tune eager.
+    process-wide. no_cudnn_sdpa: attention off cuDNN (flash or memory-efficient kernels instead), process-wide;
+    torch prefers cuDNN's attention on Hopper, which builds a graph per shape and thread. compile:
+    :func:`fastimagic.models.compile_unet`, the UNet's repeated blocks compiled in place (parameter names
+    unchanged), batches padded to buckets, the fine-tune eager.
     """
     import torch
 
@@ -338,6 +343,8 @@ def apply_switches(model, switches: list[str], compile_mode: str, backend: str =
         model.vae.to(memory_format=torch.channels_last)
     if "cudnn_benchmark" in switches:
         torch.backends.cudnn.benchmark = True
+    if "no_cudnn_sdpa" in switches:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if "compile" in switches:
         from fastimagic.models import compile_unet
 
@@ -401,6 +408,14 @@ def figure_device(plan: Plan, device, switches: list[str], precision: str = "aut
         "cpu": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        # Which attention kernels torch may pick (it prefers cuDNN's on Hopper unless told otherwise).
+        "sdpa_enabled": {
+            "cudnn": torch.backends.cuda.cudnn_sdp_enabled() and "no_cudnn_sdpa" not in switches,
+            "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        },
+        "TORCH_CUDNN_SDPA_DEPRIORITIZED": os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED"),
         "switches": switches,
         "precision": precision,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -438,7 +453,7 @@ def figure_equivalence(device, switches: list[str], compile_mode: str, image) ->
                 frames += editor.render(PROMPT, seeds=[0], edits=edits, forget=forget, steps=4, max_batch=2)
         return _frames_uint8(frames)
 
-    benchmark_flag = torch.backends.cudnn.benchmark
+    benchmark_flag, cudnn_sdpa = torch.backends.cudnn.benchmark, torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cudnn.benchmark = False
     try:
         plain = load_base_model("tiny", device=str(device))
@@ -458,10 +473,12 @@ def figure_equivalence(device, switches: list[str], compile_mode: str, image) ->
                 "finetune_loss_max_abs_diff": round(loss_diff, 6),
             }
             torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
             del model
             free(device)
     finally:
         torch.backends.cudnn.benchmark = benchmark_flag
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
     return {
         "figure": "equivalence",
         "model": "tiny",
@@ -493,6 +510,23 @@ def figure_finetune(model, image, plan: Plan):
     tuning, seconds = timed(device, lambda: finetune(model, image, SOURCE_PROMPT, config, width=size, height=size))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     target = targets(plan)["finetune"]
+    # torch keeps cuDNN's plans per thread (see fastimagic.devices): the 1-step call again on this warm thread, and
+    # on a thread that has run nothing yet, under the host-side profiler (which attention kernels, which set-up).
+    _, warm_seconds = timed(device, lambda: finetune(model, image, SOURCE_PROMPT, warm, width=size, height=size))
+    fresh: dict = {}
+
+    def on_a_new_thread() -> None:
+        try:
+            fresh.update(profiled(
+                device, lambda: finetune(model, image, SOURCE_PROMPT, warm, width=size, height=size), host=True
+            ))
+        except Exception as e:  # reported in the record, not lost with the thread
+            fresh["error"] = f"{type(e).__name__}: {e}"
+
+    worker = threading.Thread(target=on_a_new_thread, name="gpu-bench-new-thread")
+    worker.start()
+    worker.join()
+    fresh_seconds = fresh.pop("wall_ms", float("nan")) / 1e3
     with tempfile.TemporaryDirectory() as folder:  # what a run writes after a fine-tune (behind its renders)
         started = time.perf_counter()
         put_tuning(open_store(folder), tuning)
@@ -503,6 +537,12 @@ def figure_finetune(model, image, plan: Plan):
         "seconds": round(seconds, 3),
         "first_call_seconds": round(first, 3),
         "first_call_host": cold,
+        "new_thread": {
+            "warm_thread_seconds": round(warm_seconds, 3),
+            "first_call_seconds": round(fresh_seconds, 3),
+            "per_thread_setup_seconds": round(fresh_seconds - warm_seconds, 3),
+            "host": fresh,
+        },
         "seconds_per_step": round(seconds / len(tuning.losses), 4),
         "steps": len(tuning.losses),
         "batch": batch,
@@ -740,7 +780,9 @@ def profiled(device, fn, host: bool = False) -> dict:
             return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
         return float(e.self_cpu_time_total)
 
-    ops = [(e.key, own(e), e.count) for e in prof.key_averages() if own(e) > 0 and e.key.startswith("aten::")]
+    averages = prof.key_averages()
+    ops = [(e.key, own(e), e.count) for e in averages if own(e) > 0 and e.key.startswith("aten::")]
+    attention = {e.key: e.count for e in averages if "scaled_dot_product" in e.key and e.key.startswith("aten::_")}
     total = sum(us for _, us, _ in ops) or 1.0
     kinds: dict[str, float] = {}
     for name, us, _ in ops:
@@ -754,6 +796,7 @@ def profiled(device, fn, host: bool = False) -> dict:
            {"device_ms": round(total / 1e3, 2), "device_busy": share if cuda else None}),
         "by_kind": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top": [{"op": n, "ms": round(us / 1e3, 2), "share": round(us / total, 3), "calls": c} for n, us, c in top],
+        "attention_kernels": attention,  # the backends SDPA picked: aten::_scaled_dot_product_<backend>_attention
     }
 
 
@@ -1100,6 +1143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--channels-last", action="store_true", help="channels_last VAE (the UNet already is, on CUDA)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument(
+        "--no-cudnn-sdpa", action="store_true", help="attention off cuDNN: torch.backends.cuda.enable_cudnn_sdp(False)"
+    )
     ap.add_argument(
         "--precision", default="auto", help="fastimagic.precision name for the SD figures: auto, fp32, tf32, fp16, bf16"
     )

@@ -145,9 +145,10 @@ class Components:
     tokenizer_2: object | None = None
     # How the UNet's sampling calls are compiled: "off" or "regional" (:func:`compile_unet`).
     compiled: str = "off"
-    # Sides (pixels) at which a throwaway fine-tune step and sampling step have loaded the device's kernels
-    # (tasks.pipeline.prime: a GPU's cold start, paid ahead of the first run).
-    primed: set[int] = field(default_factory=set, repr=False, compare=False)
+    # Shapes a throwaway fine-tune step or sampling step has built the device's plans for, on the device's thread
+    # (tasks.pipeline.prime: a GPU's cold start, paid ahead): ("finetune", width, height), ("sample", width,
+    # height, images per call).
+    primed: set[tuple] = field(default_factory=set, repr=False, compare=False)
 
     def eager(self):
         """A context in which a compiled UNet runs uncompiled (the fine-tune: training graphs would cost minutes of

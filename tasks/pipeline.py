@@ -29,8 +29,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from fastimagic import devices, progress
 from fastimagic import keyframes as kf
-from fastimagic import progress
 from fastimagic.cache import LruCache
 from fastimagic.caption import load_captioner, source_prompt_from_caption
 from fastimagic.config import PRECISIONS, printable, slugify
@@ -59,7 +59,7 @@ from fastimagic.models import (
 )
 from fastimagic.picking import scene_picks
 from fastimagic.runs import PLAN, plan_record
-from fastimagic.sampler import sample
+from fastimagic.sampler import auto_batch_size, chunks, sample
 from fastimagic.scoring import load_scorer
 from fastimagic.sequence import SEQUENCE, index_page, write_sequence
 from fastimagic.store import NotFound, StoreError
@@ -114,10 +114,11 @@ def _model(board: Storyboard):
 
 def preload_model(board: Storyboard) -> None:
     """Load the storyboard's base model into this process's cache ahead of the fine-tune, and on a GPU
-    :func:`prime` it (`fastimagic run` does both while Prefect's server starts); the task then finds it loaded and
-    its kernels ready."""
+    :func:`prime` it for this storyboard (`fastimagic run` does both while Prefect's server starts); the task then
+    finds it loaded and its kernels ready."""
     model = _model(board)
-    prime(model, own_side(board, model.family))
+    size = expected_size(board, model.family)
+    prime(model, size, render_batches(board, model, size))
 
 
 def _cold_start(model: Components) -> bool:
@@ -125,25 +126,64 @@ def _cold_start(model: Components) -> bool:
     return model.device.type == "cuda"
 
 
-def prime(model: Components, side: int) -> None:
-    """On a GPU, one fine-tune step and one sampling step at ``side`` x ``side`` pixels, thrown away: the device
-    context, library handles and kernels a first fine-tune otherwise loads on the critical path (16.6 s on SD 1.5,
-    measured). Once per model and side (``model.primed``). Nothing on CPU, where there is no such start to pay, nor
-    when the model is already at work (that work pays it)."""
-    if not _cold_start(model) or side in model.primed or not model.lock.acquire(blocking=False):
-        return
+def prime(model: Components, size: tuple[int, int], batches: tuple[int, ...] | list[int] = (1,)) -> None:
+    """On a GPU, one fine-tune step at ``size`` (width, height) and one sampling step for each of ``batches``
+    (images per sampling call), thrown away, on the device's thread (:mod:`fastimagic.devices`), where the work
+    that follows runs: the device context, library handles and kernels a first fine-tune otherwise loads on the
+    critical path (16.6 s on SD 1.5, measured), and the plans cuDNN builds per shape and thread. What is primed is
+    not primed again (``model.primed``). Nothing on CPU, where there is no such start to pay, nor once the model
+    is at work (that work pays it)."""
+    if _cold_start(model):
+        devices.run(model.device, _prime, model, tuple(size), tuple(batches))
+
+
+def _prime(model: Components, size: tuple[int, int], batches: tuple[int, ...]) -> None:
+    width, height = size
+    wanted = [("finetune", width, height)] + [("sample", width, height, n) for n in batches]
+    todo = [w for w in wanted if w not in model.primed]
+    if not todo or model.applied is not None or not model.lock.acquire(blocking=False):
+        return  # primed, or renders have started (they paid), or the model is at work
     try:
-        if side in model.primed:  # primed by another thread meanwhile
-            return
-        image = Image.new("RGB", (side, side), (127, 127, 127))
         started = time.perf_counter()
-        release(model)
-        finetune(model, image, "a photo", FinetuneConfig(steps=1, min_steps=1), width=side, height=side)
-        sample(model, model.encode_prompts(["a photo"]), [0], width=side, height=side, steps=1)
-        model.primed.add(side)
-        _log.info("primed %s on %s in %.1f s", model.identity, model.device, time.perf_counter() - started)
+        if todo[0][0] == "finetune":
+            image = Image.new("RGB", (width, height), (127, 127, 127))
+            finetune(model, image, "a photo", FinetuneConfig(steps=1, min_steps=1), width=width, height=height)
+        prompt = model.encode_prompts(["a photo"])
+        for n in [w[3] for w in todo if w[0] == "sample"]:
+            sample(model, prompt.expand(n, -1, -1), [0] * n, width=width, height=height, steps=1)
+        model.primed.update(todo)
+        _log.info(
+            "primed %s on %s at %dx%d (sampling %s at a time) in %.1f s",
+            model.identity, model.device, width, height, ", ".join(str(n) for n in batches),
+            time.perf_counter() - started,
+        )
     finally:
         model.lock.release()
+
+
+def expected_size(board: Storyboard, family: Family) -> tuple[int, int]:
+    """The run's (width, height) as far as it is known before the reference is fetched: from a local reference
+    (read under the policy, as the fetch reads it), else the model's own side, square. What a warm-up primes."""
+    if not board.reference.resolved.startswith("s3://"):
+        with contextlib.suppress(Exception):  # the fetch reports what is wrong with it
+            data = read(board.reference.resolved, max_bytes=board.max_reference_bytes, within=board.reference_roots)
+            return run_size(board, load_reference(data, board.reference.resolved).size)
+    if isinstance(board.resolution, tuple):
+        return board.resolution
+    side = board.resolution or own_side(board, family)
+    return side, side
+
+
+def render_batches(board: Storyboard, model: Components, size: tuple[int, int], most: int = 3) -> list[int]:
+    """The images per sampling call this storyboard's renders start with (first used first, at most ``most``):
+    each scene's seeds x edits, cut as :func:`fastimagic.sampler.sample` cuts them on ``model``."""
+    batch = auto_batch_size(model, *size)
+    out: list[int] = []
+    for scene in board.scenes:
+        for _, _, padded in chunks(len(scene.seeds) * scene.edit.count(), batch, model.compiled != "off"):
+            if padded not in out:
+                out.append(padded)
+    return out[:most]
 
 
 def warm_up(board: Storyboard) -> None:
@@ -153,8 +193,7 @@ def warm_up(board: Storyboard) -> None:
 
     def load() -> None:
         try:
-            model = _model(board)
-            prime(model, own_side(board, model.family))
+            preload_model(board)
         except Exception as e:  # reported by the task that needs the model
             _log.debug("warm-up failed: %s", e)
 
@@ -171,7 +210,8 @@ def warm_worker(spec: str | None) -> None:
     model, thrown away afterwards."""
     model = cached_base_model(spec) if spec else load_base_model("tiny")  # a model that does not load: refused
     try:
-        prime(model, TINY_RESOLUTION if (spec or "tiny") in TINY_FAMILIES else model.family.resolution)
+        side = TINY_RESOLUTION if (spec or "tiny") in TINY_FAMILIES else model.family.resolution
+        prime(model, (side, side), (auto_batch_size(model, side, side),))  # a scene's full sampling calls
     except Exception as e:  # the first task pays the start instead: no reason to refuse work
         _log.warning("warm-up on %s failed (%s: %s); serving all the same", model.identity, type(e).__name__, e)
 
@@ -310,18 +350,24 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
     width, height = run_size(board, reference.size)
     callback = _finetune_progress()
     image = load_reference(reference.data, reference.uri)
-    with model.lock:
-        release(model)  # a tuning kept applied from earlier renders: the fine-tune starts from the base weights
-        tuning = finetune(
-            model,
-            image,
-            prompts.source_prompt,
-            config,
-            width=width,
-            height=height,
-            image_sha256=reference.sha256,
-            callback=callback,
-        )
+
+    def tune() -> Tuning:  # on the device's thread, where the warm-up built its plans (fastimagic.devices)
+        with model.lock:
+            release(model)  # a tuning kept applied from earlier renders: the fine-tune starts from the base weights
+            tuning = finetune(
+                model,
+                image,
+                prompts.source_prompt,
+                config,
+                width=width,
+                height=height,
+                image_sha256=reference.sha256,
+                callback=callback,
+            )
+            model.primed.add(("finetune", width, height))  # a warm-up that comes after it has nothing to pay
+            return tuning
+
+    tuning = devices.run(model.device, tune)
     tuning.caption = prompts.caption
     assert tuning.key == key, "content key computed before and after fine-tuning must agree"
     if tuning_written_behind.get():
@@ -555,29 +601,33 @@ def render_keyframes(
     seeds = [int(s) for s in seeds]
     model = _model(board)
     tuning = load_tuning(output, key)
-    per_strategy = []
-    with model.lock:
-        started = time.perf_counter()
-        editor = applied(model, tuning)
-        for strategy in strategies:
-            per_strategy.append(editor.render(
-                scene.prompt,
-                seeds=seeds,
-                edits=scene.edit.combos(),
-                forget=strategy,
-                sigma=scene.sigma,
-                guidance=scene.guidance,
-                steps=scene.steps,
-                negative_prompt=scene.negative_prompt,
-            ))  # at the tuning's size; seed-major
-        edits = len(scene.edit.combos())
-        frames = [f for i in range(len(seeds)) for made in per_strategy for f in made[i * edits : (i + 1) * edits]]
-        scores = None
-        if board.scorer_name:
-            scorer = load_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
-            reference = _reference_image(board, tuning.width, tuning.height)
-            scores = scorer.score([f.image for f in frames], scene.prompt, reference)
-        device_seconds = time.perf_counter() - started  # the images are on the CPU: the device's work is done
+
+    def device_work() -> tuple[list, list | None, float]:  # on the device's thread (fastimagic.devices)
+        per_strategy = []
+        with model.lock:
+            started = time.perf_counter()
+            editor = applied(model, tuning)
+            for strategy in strategies:
+                per_strategy.append(editor.render(
+                    scene.prompt,
+                    seeds=seeds,
+                    edits=scene.edit.combos(),
+                    forget=strategy,
+                    sigma=scene.sigma,
+                    guidance=scene.guidance,
+                    steps=scene.steps,
+                    negative_prompt=scene.negative_prompt,
+                ))  # at the tuning's size; seed-major
+            edits = len(scene.edit.combos())
+            frames = [f for i in range(len(seeds)) for made in per_strategy for f in made[i * edits : (i + 1) * edits]]
+            scores = None
+            if board.scorer_name:
+                scorer = load_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
+                reference = _reference_image(board, tuning.width, tuning.height)
+                scores = scorer.score([f.image for f in frames], scene.prompt, reference)
+            return frames, scores, time.perf_counter() - started  # the images are on the CPU: the device is done
+
+    frames, scores, device_seconds = devices.run(model.device, device_work)
     written_at = time.perf_counter()
     rendered = Rendered(board, scene, seeds, key, output, run_prefix, strategies, frames, scores, model.precision.name)
     with units_writing.unit():  # the device is free for the next unit meanwhile (a warm worker takes it)

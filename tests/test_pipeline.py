@@ -362,28 +362,52 @@ def test_a_tuning_that_cannot_be_written_fails_the_run_after_its_scenes_and_a_re
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_a_model_is_primed_once_per_side_ahead_of_a_run_and_left_as_it_was(tmp_path, photo_bytes, monkeypatch):
-    """What `fastimagic run` does while Prefect's server starts: load the storyboard's model and, where the device
-    has a cold start (a GPU; here the tiny model on CPU, told it has one), fine-tune one step and sample one,
-    thrown away: the UNet's weights come back bit for bit, and the same side is not primed twice."""
+def test_the_warm_up_primes_the_runs_own_shapes_on_the_thread_that_then_does_all_the_device_work(
+    tmp_path, photo_bytes, monkeypatch
+):
+    """What `fastimagic run` does while Prefect's server starts, then the run: where the device has a cold start
+    (a GPU; here the tiny model on CPU, told it has one), one fine-tune step at the run's own size (the reference's
+    aspect: read from the local file) and one sampling step per batch size the scenes start with, thrown away,
+    leaving the weights bit for bit. Every UNet call, the warm-up's and the run's, runs on the device's one thread
+    (torch keeps cuDNN's plans per thread: a warm-up elsewhere would warm nothing), and the run meets no shape
+    the warm-up did not."""
+    import threading
+
+    from fastimagic import devices
     from flows.run import read_storyboard
+    from flows.storyboard import storyboard_flow
     from tasks import pipeline
 
     monkeypatch.setattr(pipeline, "_cold_start", lambda model: True)
-    sides = []
-    finetune = pipeline.finetune
-    monkeypatch.setattr(pipeline, "finetune", lambda *a, **k: sides.append(k["width"]) or finetune(*a, **k))
-    board = read_storyboard(_units_board(tmp_path, photo_bytes))
+    story = _units_board(tmp_path, photo_bytes)
+    board = read_storyboard(story)
     model = pipeline._model(board)
     before = {n: p.clone() for n, p in model.unet.named_parameters()}
+    calls = []  # (thread, grad enabled, UNet input shape)
+    hook = model.unet.register_forward_pre_hook(
+        lambda module, args: calls.append((threading.get_ident(), torch.is_grad_enabled(), tuple(args[0].shape)))
+    )
     model.primed.clear()
     try:
         pipeline.preload_model(board)
-        pipeline.prime(model, 64)  # the flow's warm-up after it: nothing more to pay
-        assert sides == [64] and model.primed == {64}
         assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())
+        primed = len(calls)
+        pipeline.preload_model(board)  # the flow's own warm-up does it again: nothing more to pay
+        assert len(calls) == primed
+        result = storyboard_flow(storyboard=story)
     finally:
+        hook.remove()
         model.primed.clear()
+    assert result["keyframes"] == 36 and not result["tuning_reused"]
+    threads = {thread for thread, _, _ in calls}
+    assert threads == {devices.thread_ident(model.device)} and threading.get_ident() not in threads
+    warm, run = calls[:primed], calls[primed:]
+    width, height = pipeline.run_size(board, Image.open(io.BytesIO(photo_bytes)).size)
+    tune_shape = (10, 4, height // 8, width // 8)  # batch 10 at the run's size, not the model's own square
+    assert {shape for _, grad, shape in warm if grad} == {shape for _, grad, shape in run if grad} == {tune_shape}
+    sampled = {shape for _, grad, shape in run if not grad}  # 12 rows a scene: 8 then 4, guided (x2)
+    assert sampled == {(16, 4, height // 8, width // 8), (8, 4, height // 8, width // 8)}
+    assert sampled == {shape for _, grad, shape in warm if not grad}
 
 
 def test_a_render_that_misses_the_cache_reads_the_tuning_once_its_write_behind_is_done(tmp_path):
