@@ -2,12 +2,13 @@
 
 torch keeps what cuDNN plans for a shape per thread: the execution plans of convolutions (``Conv_v8.cpp``'s
 ``thread_local`` benchmark cache) and the graphs of cuDNN attention (``MHA.cpp``'s ``thread_local`` graph caches,
-forward and backward), which torch prefers for ``scaled_dot_product_attention`` on Hopper GPUs such as the H200;
-cuBLAS handles are per thread too. The first call of a shape on a thread builds its plans, and a cuDNN attention
-graph for an unusual head size (SD 1.5's 40, 80 and 160 channels) may compile a kernel: tens of milliseconds to
-about a second each, dozens of them for a fine-tune's forward and backward. The pipeline's work arrives on several
-threads (Prefect's task threads, which a flow run creates afresh, and a warm-up thread), and each would build every
-plan again, so a warm-up on one thread would warm nothing for the next.
+forward and backward), which recent torch releases prefer for ``scaled_dot_product_attention`` on Hopper GPUs such
+as the H200; cuBLAS handles are per thread too. The first call of a shape on a thread builds its plans, and a
+cuDNN attention graph for an unusual head size (SD 1.5's 40, 80 and 160 channels) may compile a kernel: tens of
+milliseconds to about a second each (as reported; docs/performance.md), dozens of them for a fine-tune's forward
+and backward. The pipeline's work arrives on several threads (Prefect's task threads, which a flow run creates
+afresh, and a warm-up thread), and each would build every plan again, so a warm-up on one thread would warm
+nothing for the next.
 
 :func:`run` hands a piece of work to its device's one long-lived thread and waits for it: each shape's plans are
 built once per process, and a warm-up (``tasks.pipeline.prime``) builds them for the work that follows. Work on a

@@ -146,8 +146,8 @@ class Components:
     # How the UNet's sampling calls are compiled: "off" or "regional" (:func:`compile_unet`).
     compiled: str = "off"
     # Shapes a throwaway fine-tune step or sampling step has built the device's plans for, on the device's thread
-    # (tasks.pipeline.prime: a GPU's cold start, paid ahead): ("finetune", width, height), ("sample", width,
-    # height, images per call).
+    # (tasks.pipeline.prime: a GPU's cold start, paid ahead): ("finetune", width, height, batch, blocks,
+    # checkpointing), ("sample", width, height, images per call).
     primed: set[tuple] = field(default_factory=set, repr=False, compare=False)
 
     def eager(self):

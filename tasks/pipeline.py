@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -118,7 +118,7 @@ def preload_model(board: Storyboard) -> None:
     finds it loaded and its kernels ready."""
     model = _model(board)
     size = expected_size(board, model.family)
-    prime(model, size, render_batches(board, model, size))
+    prime(model, size, render_batches(board, model, size), _finetune_config(board))
 
 
 def _cold_start(model: Components) -> bool:
@@ -126,20 +126,31 @@ def _cold_start(model: Components) -> bool:
     return model.device.type == "cuda"
 
 
-def prime(model: Components, size: tuple[int, int], batches: tuple[int, ...] | list[int] = (1,)) -> None:
-    """On a GPU, one fine-tune step at ``size`` (width, height) and one sampling step for each of ``batches``
-    (images per sampling call), thrown away, on the device's thread (:mod:`fastimagic.devices`), where the work
-    that follows runs: the device context, library handles and kernels a first fine-tune otherwise loads on the
-    critical path (16.6 s on SD 1.5, measured), and the plans cuDNN builds per shape and thread. What is primed is
-    not primed again (``model.primed``). Nothing on CPU, where there is no such start to pay, nor once the model
-    is at work (that work pays it)."""
+def prime(
+    model: Components,
+    size: tuple[int, int],
+    batches: tuple[int, ...] | list[int] = (1,),
+    config: FinetuneConfig | None = None,
+) -> None:
+    """On a GPU, one fine-tune step at ``size`` (width, height) with ``config``'s batch and trained blocks, and one
+    sampling step for each of ``batches`` (images per sampling call), thrown away, on the device's thread
+    (:mod:`fastimagic.devices`), where the work that follows runs: the device context, library handles and kernels
+    a first fine-tune otherwise loads on the critical path (16.6 s on SD 1.5, measured), and the plans cuDNN builds
+    per shape and thread. What is primed is not primed again (``model.primed``). Nothing on CPU, where there is no
+    such start to pay, nor once the model is at work (that work pays it)."""
     if _cold_start(model):
-        devices.run(model.device, _prime, model, tuple(size), tuple(batches))
+        devices.run(model.device, _prime, model, tuple(size), tuple(batches), config or FinetuneConfig())
 
 
-def _prime(model: Components, size: tuple[int, int], batches: tuple[int, ...]) -> None:
+def _tune_shape(config: FinetuneConfig, model: Components, width: int, height: int) -> tuple:
+    """What a fine-tune's plans depend on: its size, batch, trained blocks and checkpointing (``model.primed``)."""
+    return ("finetune", width, height, config.batch_size, config.blocks(model.family), config.gradient_checkpointing)
+
+
+def _prime(model: Components, size: tuple[int, int], batches: tuple[int, ...], config: FinetuneConfig) -> None:
     width, height = size
-    wanted = [("finetune", width, height)] + [("sample", width, height, n) for n in batches]
+    config = replace(config, steps=1, min_steps=1)
+    wanted = [_tune_shape(config, model, width, height)] + [("sample", width, height, n) for n in batches]
     todo = [w for w in wanted if w not in model.primed]
     if not todo or model.applied is not None or not model.lock.acquire(blocking=False):
         return  # primed, or renders have started (they paid), or the model is at work
@@ -147,7 +158,7 @@ def _prime(model: Components, size: tuple[int, int], batches: tuple[int, ...]) -
         started = time.perf_counter()
         if todo[0][0] == "finetune":
             image = Image.new("RGB", (width, height), (127, 127, 127))
-            finetune(model, image, "a photo", FinetuneConfig(steps=1, min_steps=1), width=width, height=height)
+            finetune(model, image, "a photo", config, width=width, height=height)
         prompt = model.encode_prompts(["a photo"])
         for n in [w[3] for w in todo if w[0] == "sample"]:
             sample(model, prompt.expand(n, -1, -1), [0] * n, width=width, height=height, steps=1)
@@ -364,7 +375,7 @@ def finetune_once(board: Storyboard, reference: Reference, prompts: SourcePrompt
                 image_sha256=reference.sha256,
                 callback=callback,
             )
-            model.primed.add(("finetune", width, height))  # a warm-up that comes after it has nothing to pay
+            model.primed.add(_tune_shape(config, model, width, height))  # a later warm-up: nothing left to pay
             return tuning
 
     tuning = devices.run(model.device, tune)

@@ -367,7 +367,7 @@ def test_the_warm_up_primes_the_runs_own_shapes_on_the_thread_that_then_does_all
 ):
     """What `fastimagic run` does while Prefect's server starts, then the run: where the device has a cold start
     (a GPU; here the tiny model on CPU, told it has one), one fine-tune step at the run's own size (the reference's
-    aspect: read from the local file) and one sampling step per batch size the scenes start with, thrown away,
+    aspect: read from the local file) and batch and one sampling step per batch size the scenes start with, thrown away,
     leaving the weights bit for bit. Every UNet call, the warm-up's and the run's, runs on the device's one thread
     (torch keeps cuDNN's plans per thread: a warm-up elsewhere would warm nothing), and the run meets no shape
     the warm-up did not."""
@@ -380,6 +380,10 @@ def test_the_warm_up_primes_the_runs_own_shapes_on_the_thread_that_then_does_all
 
     monkeypatch.setattr(pipeline, "_cold_start", lambda model: True)
     story = _units_board(tmp_path, photo_bytes)
+    wide = io.BytesIO()
+    Image.open(io.BytesIO(photo_bytes)).convert("RGB").resize((120, 80)).save(wide, "JPEG")
+    (tmp_path / "ref.jpg").write_bytes(wide.getvalue())  # 3:2, so the run's size is not the model's own square
+    (tmp_path / "story.yaml").write_text(UNITS.replace("min_steps: 2}", "min_steps: 2, batch_size: 4}"))
     board = read_storyboard(story)
     model = pipeline._model(board)
     before = {n: p.clone() for n, p in model.unet.named_parameters()}
@@ -402,8 +406,9 @@ def test_the_warm_up_primes_the_runs_own_shapes_on_the_thread_that_then_does_all
     threads = {thread for thread, _, _ in calls}
     assert threads == {devices.thread_ident(model.device)} and threading.get_ident() not in threads
     warm, run = calls[:primed], calls[primed:]
-    width, height = pipeline.run_size(board, Image.open(io.BytesIO(photo_bytes)).size)
-    tune_shape = (10, 4, height // 8, width // 8)  # batch 10 at the run's size, not the model's own square
+    width, height = pipeline.run_size(board, (120, 80))
+    assert (width, height) == (96, 64)
+    tune_shape = (4, 4, height // 8, width // 8)  # the storyboard's batch at the run's size, not the model's square
     assert {shape for _, grad, shape in warm if grad} == {shape for _, grad, shape in run if grad} == {tune_shape}
     sampled = {shape for _, grad, shape in run if not grad}  # 12 rows a scene: 8 then 4, guided (x2)
     assert sampled == {(16, 4, height // 8, width // 8), (8, 4, height // 8, width // 8)}
