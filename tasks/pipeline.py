@@ -117,8 +117,9 @@ def preload_model(board: Storyboard) -> None:
     :func:`prime` it for this storyboard (`fastimagic run` does both while Prefect's server starts); the task then
     finds it loaded and its kernels ready."""
     model = _model(board)
-    size = expected_size(board, model.family)
-    prime(model, size, render_batches(board, model, size), _finetune_config(board))
+    if _cold_start(model):  # else nothing to prime: no reference to read for its size
+        size = expected_size(board, model.family)
+        prime(model, size, render_batches(board, model, size), _finetune_config(board))
 
 
 def _cold_start(model: Components) -> bool:
@@ -179,10 +180,8 @@ def expected_size(board: Storyboard, family: Family) -> tuple[int, int]:
         with contextlib.suppress(Exception):  # the fetch reports what is wrong with it
             data = read(board.reference.resolved, max_bytes=board.max_reference_bytes, within=board.reference_roots)
             return run_size(board, load_reference(data, board.reference.resolved).size)
-    if isinstance(board.resolution, tuple):
-        return board.resolution
-    side = board.resolution or own_side(board, family)
-    return side, side
+    side = own_side(board, family)
+    return run_size(board, (side, side))  # the reference's aspect not known yet: a square one's size
 
 
 def render_batches(board: Storyboard, model: Components, size: tuple[int, int], most: int = 3) -> list[int]:
