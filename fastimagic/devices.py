@@ -23,18 +23,38 @@ from __future__ import annotations
 
 import contextvars
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-_EXECUTORS: dict[str, ThreadPoolExecutor] = {}
-_THREADS: dict[str, int] = {}  # device name -> the ident of its thread
+_THREADS: dict[str, _DeviceThread] = {}  # device name -> its thread
 _GUARD = threading.Lock()
+
+
+class _DeviceThread:
+    """One device's thread: takes work from a queue, one piece at a time, for as long as the process lives. A
+    daemon thread, so that it never holds the process open once its callers are gone (a caller that waits for a
+    piece of work is itself what keeps the process up until that piece ends)."""
+
+    def __init__(self, key: str):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name=f"fastimagic-{key}", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            future, context, fn, args, kwargs = self.queue.get()
+            try:
+                future.set_result(context.run(fn, *args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - raised in the caller
+                future.set_exception(e)
+            del future, context, fn, args, kwargs  # nothing of a finished piece is kept meanwhile
 
 
 def name(device: str | torch.device) -> str:
@@ -46,39 +66,32 @@ def name(device: str | torch.device) -> str:
     return f"{device.type}:{index}"
 
 
-def _executor(key: str) -> ThreadPoolExecutor:
+def _thread(key: str) -> _DeviceThread:
     with _GUARD:
-        executor = _EXECUTORS.get(key)
-        if executor is None:
-
-            def started() -> None:
-                _THREADS[key] = threading.get_ident()
-
-            # One worker: it lives as long as the process (an idle pool keeps its thread) and is joined at exit.
-            executor = ThreadPoolExecutor(1, thread_name_prefix=f"fastimagic-{key}", initializer=started)
-            _EXECUTORS[key] = executor
-        return executor
+        if key not in _THREADS:
+            _THREADS[key] = _DeviceThread(key)
+        return _THREADS[key]
 
 
 def thread_ident(device: str | torch.device) -> int | None:
     """The ident of ``device``'s thread (None until :func:`run` first used it)."""
-    return _THREADS.get(name(device))
+    worker = _THREADS.get(name(device))
+    return worker.thread.ident if worker else None
 
 
 def run(device: str | torch.device, fn: Callable[..., T], /, *args, **kwargs) -> T:
     """``fn(*args, **kwargs)`` on ``device``'s thread, in a copy of the caller's context; its result, or its
     exception raised here. Called on that thread already (work within work): runs it in place."""
-    key = name(device)
-    executor = _executor(key)
-    if _THREADS.get(key) == threading.get_ident():
+    worker = _thread(name(device))
+    if worker.thread.ident == threading.get_ident():
         return fn(*args, **kwargs)
-    context = contextvars.copy_context()
-    return executor.submit(context.run, fn, *args, **kwargs).result()
+    future: Future = Future()
+    worker.queue.put((future, contextvars.copy_context(), fn, args, kwargs))
+    return future.result()
 
 
-def _forget_after_fork() -> None:  # a forked child has the dictionaries but not the threads
+def _forget_after_fork() -> None:  # a forked child has the dictionary but not the threads
     global _GUARD
-    _EXECUTORS.clear()
     _THREADS.clear()
     _GUARD = threading.Lock()
 

@@ -19,6 +19,8 @@ def test_work_runs_on_one_long_lived_thread_per_device_and_returns_its_result():
     assert devices.run("cpu:0", lambda a, b=0: (threading.get_ident(), a + b), 2, b=3) == (first, 5)
     assert devices.run("cpu:1", threading.get_ident) not in (first, here)  # another device: its own thread
     assert devices.name("cpu") == "cpu:0"
+    # it never holds the process open: a run stopped by a signal exits once the work it waits for has ended
+    assert [t.daemon for t in threading.enumerate() if t.ident == first] == [True]
 
 
 def test_work_sees_the_callers_context_and_raises_its_error_in_the_caller():
