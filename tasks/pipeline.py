@@ -60,7 +60,7 @@ from fastimagic.models import (
 from fastimagic.picking import scene_picks
 from fastimagic.runs import PLAN, plan_record
 from fastimagic.sampler import auto_batch_size, chunks, sample
-from fastimagic.scoring import load_scorer
+from fastimagic.scoring import load_scorer, prefetch_scorer
 from fastimagic.sequence import SEQUENCE, index_page, write_sequence
 from fastimagic.store import NotFound, StoreError
 from fastimagic.storyboard import Scene, Storyboard
@@ -113,13 +113,17 @@ def _model(board: Storyboard):
 
 
 def preload_model(board: Storyboard) -> None:
-    """Load the storyboard's base model into this process's cache ahead of the fine-tune, and on a GPU
-    :func:`prime` it for this storyboard (`fastimagic run` does both while Prefect's server starts); the task then
-    finds it loaded and its kernels ready."""
+    """Load the storyboard's base model into this process's cache ahead of the fine-tune, on a GPU :func:`prime` it
+    for this storyboard, then load its scorer ahead (:func:`fastimagic.scoring.prefetch_scorer`; on a GPU into host
+    memory). `fastimagic run` does this while Prefect's server starts, the flow while the reference is fetched and
+    captioned: the fine-tune finds the model loaded and its kernels ready, and the first render unit, which holds
+    the device, does not load the scorer."""
     model = _model(board)
     if _cold_start(model):  # else nothing to prime: no reference to read for its size
         size = expected_size(board, model.family)
         prime(model, size, render_batches(board, model, size), _finetune_config(board))
+    if board.scorer_name:
+        prefetch_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
 
 
 def _cold_start(model: Components) -> bool:
@@ -197,9 +201,10 @@ def render_batches(board: Storyboard, model: Components, size: tuple[int, int], 
 
 
 def warm_up(board: Storyboard) -> None:
-    """Start loading (and on a GPU :func:`prime`) the storyboard's base model in the background, once per process
-    (:func:`fastimagic.models.cached_base_model`), so that the cold start overlaps fetching and captioning the
-    reference. A load that fails here fails again, and is reported, when the fine-tune or a render needs the model."""
+    """Start :func:`preload_model` in the background: loading (and on a GPU priming) the storyboard's base model,
+    once per process (:func:`fastimagic.models.cached_base_model`), and its scorer, so that the cold start overlaps
+    fetching and captioning the reference. A load that fails here fails again, and is reported, when the fine-tune
+    or a render needs it."""
 
     def load() -> None:
         try:

@@ -415,6 +415,40 @@ def test_the_warm_up_primes_the_runs_own_shapes_on_the_thread_that_then_does_all
     assert sampled == {shape for _, grad, shape in warm if not grad}
 
 
+def test_the_warm_up_loads_the_scorer_and_no_render_unit_loads_it_holding_the_device(
+    tmp_path, photo_bytes, monkeypatch
+):
+    """With scoring on, preload_model (which `fastimagic run` calls while Prefect's server boots, and the flow's own
+    warm-up) reads and builds the scorer, and the render units, which score holding the device, find it loaded."""
+    import threading
+
+    from fastimagic import scoring
+    from flows.run import read_storyboard
+    from flows.storyboard import storyboard_flow
+    from tasks import pipeline
+
+    loads = []  # the threads that read and built a scorer
+    host_parts = scoring._host_parts
+    monkeypatch.setattr(scoring, "_host_parts", lambda *a: loads.append(threading.get_ident()) or host_parts(*a))
+    monkeypatch.setattr(scoring, "_CACHE", {})
+    monkeypatch.setattr(scoring, "_HOST", {})
+    (tmp_path / "ref.jpg").write_bytes(photo_bytes)
+    (tmp_path / "story.yaml").write_text(
+        "name: scored\nreference: ref.jpg\nmodel: tiny\nresolution: 64\nsource_prompt: a photo of a bird\n"
+        "finetune: {steps: 2, min_steps: 2}\nscorer: tiny\n"
+        "defaults: {seeds: [5, 1], steps: 2, edit: {subtract: {gamma: [0.9, 1.1]}}}\n"
+        "scenes:\n  - {id: flying, prompt: a photo of a bird flying}\n"
+        "  - {id: singing, prompt: a photo of a bird singing}\noutput: out\n"
+    )
+    board = read_storyboard(str(tmp_path / "story.yaml"))
+    pipeline.preload_model(board)
+    assert loads == [threading.get_ident()]
+    result = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
+    assert loads == [threading.get_ident()]  # no render unit loaded one
+    manifest = json.loads((tmp_path / result["manifest"]).read_text())  # an absolute path stays itself
+    assert len(manifest["keyframes"]) == 8 and all(k["scores"]["clip"] >= 0 for k in manifest["keyframes"])
+
+
 def test_a_render_that_misses_the_cache_reads_the_tuning_once_its_write_behind_is_done(tmp_path):
     """A tuning written behind that left the bounded cache is read from the store only after its write ends."""
     import threading

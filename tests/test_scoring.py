@@ -88,6 +88,32 @@ def test_load_scorer_reuses_one_scorer_per_process():
     )
 
 
+def test_a_scorer_loaded_ahead_waits_in_host_memory_and_reaches_its_device_without_a_second_load(monkeypatch):
+    """prefetch_scorer reads and builds the scorer once; for an accelerator ("meta" stands in for one here) its parts
+    stay in host memory until load_scorer moves them, for the CPU it is the scorer itself."""
+    from fastimagic import scoring
+
+    built, build = [], scoring._build_tiny
+    monkeypatch.setattr(scoring, "_build_tiny", lambda: built.append(1) or build())
+    monkeypatch.setattr(scoring, "_CACHE", {})
+    monkeypatch.setattr(scoring, "_HOST", {})
+    scoring.prefetch_scorer("tiny", device="meta", fidelity="clip_image")
+    scoring.prefetch_scorer("tiny", device="meta", fidelity="clip_image")  # loaded ahead once
+    [(model, _, _, lpips)] = scoring._HOST.values()
+    assert built == [1] and not scoring._CACHE and lpips is None
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # the device holds nothing yet
+    scorer = load_scorer("tiny", device="meta", fidelity="clip_image")
+    assert built == [1] and not scoring._HOST and scorer.model is model  # taken, not loaded again
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    scoring.prefetch_scorer("tiny", device="meta", fidelity="clip_image")  # it is on its device already
+    assert built == [1] and not scoring._HOST
+
+    scoring.prefetch_scorer("tiny", device="cpu", fidelity="clip_image")
+    assert built == [1, 1] and not scoring._HOST
+    [ready] = [s for s in scoring._CACHE.values() if s is not scorer]
+    assert load_scorer("tiny", device="cpu", fidelity="clip_image") is ready and built == [1, 1]
+
+
 def test_a_missing_model_is_one_clear_input_error():
     with pytest.raises(InputError) as e:
         load_scorer("fastimagic-tests/no-such-clip-model", device="cpu")
