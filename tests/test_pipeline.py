@@ -415,21 +415,25 @@ def test_the_warm_up_primes_the_runs_own_shapes_on_the_thread_that_then_does_all
     assert sampled == {shape for _, grad, shape in warm if not grad}
 
 
-def test_the_warm_up_loads_the_scorer_and_no_render_unit_loads_it_holding_the_device(
-    tmp_path, photo_bytes, monkeypatch
+@pytest.mark.parametrize("warm_up", [True, False], ids=["warm-up", "no-warm-up"])
+def test_the_scorer_is_loaded_ahead_and_never_by_a_render_unit_on_the_devices_thread(
+    tmp_path, photo_bytes, monkeypatch, warm_up
 ):
     """With scoring on, preload_model (which `fastimagic run` calls while Prefect's server boots, and the flow's own
-    warm-up) reads and builds the scorer, and the render units, which score holding the device, find it loaded."""
+    warm-up) reads and builds the scorer; without a warm-up (a warm worker's first units), the first unit starts
+    loading it on a thread of its own while it samples. Either way it is loaded once, and never on the device's
+    thread, where a unit samples and scores holding the model."""
     import threading
 
-    from fastimagic import scoring
+    import flows.storyboard
+    from fastimagic import devices, scoring
     from flows.run import read_storyboard
     from flows.storyboard import storyboard_flow
     from tasks import pipeline
 
     loads = []  # the threads that read and built a scorer
     host_parts = scoring._host_parts
-    monkeypatch.setattr(scoring, "_host_parts", lambda *a: loads.append(threading.get_ident()) or host_parts(*a))
+    monkeypatch.setattr(scoring, "_host_parts", lambda *a: loads.append(threading.current_thread()) or host_parts(*a))
     monkeypatch.setattr(scoring, "_CACHE", {})
     monkeypatch.setattr(scoring, "_HOST", {})
     (tmp_path / "ref.jpg").write_bytes(photo_bytes)
@@ -441,10 +445,16 @@ def test_the_warm_up_loads_the_scorer_and_no_render_unit_loads_it_holding_the_de
         "  - {id: singing, prompt: a photo of a bird singing}\noutput: out\n"
     )
     board = read_storyboard(str(tmp_path / "story.yaml"))
-    pipeline.preload_model(board)
-    assert loads == [threading.get_ident()]
+    if warm_up:
+        pipeline.preload_model(board)
+        assert loads == [threading.current_thread()]
+    else:
+        monkeypatch.setattr(flows.storyboard, "warm_up", lambda board: None)
     result = storyboard_flow(storyboard=str(tmp_path / "story.yaml"))
-    assert loads == [threading.get_ident()]  # no render unit loaded one
+    [loader] = loads
+    if not warm_up:
+        assert loader.name == "fastimagic-scorer"
+    assert loader.ident != devices.thread_ident(pipeline._model(board).device)
     manifest = json.loads((tmp_path / result["manifest"]).read_text())  # an absolute path stays itself
     assert len(manifest["keyframes"]) == 8 and all(k["scores"]["clip"] >= 0 for k in manifest["keyframes"])
 
