@@ -656,7 +656,7 @@ def render_keyframes(
             edits = len(scene.edit.combos())
             frames = [f for i in range(len(seeds)) for made in per_strategy for f in made[i * edits : (i + 1) * edits]]
             scores = None
-            if scorer_loaded:
+            if scorer_loaded is not None:
                 scorer_loaded.result()  # read and built on its own thread; on a GPU, copied to it here
                 scorer = load_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
                 reference = _reference_image(board, tuning.width, tuning.height)
