@@ -356,7 +356,10 @@ def test_a_signal_mid_run_stops_the_server_and_exits_128_plus_it_with_a_line(tmp
 
         command = shlex.split(last.split("continue it with: ")[1])
         assert command[:2] == ["fastimagic", "run"] and "--resume" in command and "sig" in command
-        r = fastimagic(*command[1:])
+        # One torch thread: the resume renders 2 x 400 steps, and on a shared 2-core machine torch's default two
+        # threads wait on each other (measured with two busy processes beside it: 108 s, one thread 39 s; in a
+        # loaded suite it ran past the 600 s timeout)
+        r = fastimagic(*command[1:], env={"OMP_NUM_THREADS": "1"})
         assert r.returncode == 0 and "resumed sig: " in r.stdout, r.stderr[-3000:]
 
 
