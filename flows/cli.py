@@ -240,6 +240,12 @@ def cmd_run(args) -> int:
     if args.output is not None and not args.output.strip():
         raise InputError("--output '': give a folder or s3://bucket/prefix, or leave --output out to use the"
                          " storyboard's output")
+    from flows.embedded import choose_database
+
+    own_database = choose_database()  # before any embedded server starts: one local run per shared database
+    if own_database and args.verbose:
+        print(f"note: another local run is using Prefect's database; this run's Prefect records go to"
+              f" {own_database}, deleted when it ends (flows/embedded.py)", file=sys.stderr)
     _start_early(args)  # after the checks of the arguments alone: it does what the run does next, in order
     from flows.run import preflight, read_storyboard
     from flows.storyboard import storyboard_flow

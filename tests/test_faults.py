@@ -233,9 +233,24 @@ def test_a_corrupted_stored_tuning_is_detected_and_fine_tuned_again(tmp_path, ph
 
 def test_two_runs_of_the_same_storyboard_at_once_are_isolated(tmp_path, photo_bytes):
     path = _story(tmp_path, photo_bytes, "out", scenes=2, steps=6)
-    procs = [_spawn("run", str(path)) for _ in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    procs = [_spawn("run", str(path), "-v") for _ in range(2)]
+    outs = ["", ""]
+
+    def read(i: int) -> None:  # both at once: a run must never wait on a full pipe that nobody reads
+        outs[i] = procs[i].communicate(timeout=600)[0]
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    # The whole of both outputs on failure (a list would be cut to a few hundred characters).
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"--- run {i}:\n{out}" for i, out in enumerate(outs))
+    # Never two embedded Prefect servers on one SQLite file: a run beside another keeps Prefect's records in a
+    # database of its own (flows/embedded.py), deleted when it ends.
+    notes = [line for out in outs for line in out.splitlines() if line.startswith("note: another local run")]
+    assert notes, outs
+    assert not any((Path(os.environ["PREFECT_HOME"]) / "fastimagic-runs").glob("*"))
     runs = sorted((tmp_path / "out" / "faults").iterdir())
     assert len(runs) == 2
     for run_dir in runs:
