@@ -322,9 +322,9 @@ def _start_early(args) -> None:
     main) thread, so it gets the process group and the death signal :func:`_supervise` gives every child."""
     if args.workers or args.file.startswith("s3://") or os.environ.get("FASTIMAGIC_SERIAL_START"):
         return
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from flows.embedded import runs_on_embedded_server
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if not runs_on_embedded_server():
         return
     checked, passed = threading.Event(), []
 

@@ -78,15 +78,23 @@ def _own_database(root: Path) -> Path:
             os.close(fd)
 
 
+def runs_on_embedded_server() -> bool:
+    """Whether a local run's flow talks to an embedded Prefect server this process starts: not with a Prefect
+    server of your own (``PREFECT_API_URL``) or with the embedded server turned off."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    return not settings.api.url and settings.server.ephemeral.enabled
+
+
 def choose_database() -> Path | None:
     """Decide, before the embedded server starts, which database it uses (see the module's text). Returns the
     path of this run's own database when it gets one, else None (the shared one, or a database set by you)."""
     from prefect.settings import get_current_settings
 
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
-        return None  # a Prefect server of your own: no embedded server starts
-    database = settings.server.database
+    if not runs_on_embedded_server():
+        return None
+    database = get_current_settings().server.database
     if "connection_url" in database.model_fields_set:
         return None  # set by you
     url = database.connection_url.get_secret_value() if database.connection_url else ""

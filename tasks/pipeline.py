@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -410,6 +411,23 @@ _WRITING: dict[str, Future] = {}  # tuning key -> its write behind, until the ru
 _WRITING_LOCK = threading.Lock()
 
 
+def _on_a_thread(name: str, fn: Callable[[], object]) -> Future:
+    """Call ``fn()`` on a daemon thread of its own (a pool's non-daemon threads would keep a stopped run's process
+    alive) and return a future of its result, or of what it raised."""
+    done: Future = Future()
+
+    def call() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - whoever waits for the future raises it
+            done.set_exception(e)
+        else:
+            done.set_result(result)
+
+    threading.Thread(target=call, name=name, daemon=True).start()
+    return done
+
+
 def put_tuning(store, tuning: Tuning) -> None:
     """Store ``tuning``'s files (:meth:`~fastimagic.tuning.Tuning.to_files`) in ``store`` (its ``tunings/<key>/``)."""
     for name, data in tuning.to_files().items():  # metadata last: its presence means the tuning is complete
@@ -419,28 +437,21 @@ def put_tuning(store, tuning: Tuning) -> None:
 def _write_behind(store, tuning: Tuning) -> None:
     """Write ``tuning`` to ``store`` in a thread of its own; an object store's trouble is retried as the tasks
     retry it (:data:`STORAGE_RETRIES`: the write again, not the fine-tune). :func:`tuning_stored` waits for it."""
-    done: Future = Future()
     delays = STORAGE_RETRIES["retry_delay_seconds"](STORAGE_RETRIES["retries"])
 
     def write() -> None:
-        try:
-            for delay in (*delays, None):
-                try:
-                    put_tuning(store, tuning)
-                    break
-                except StoreError as e:
-                    if delay is None or not _heals(e):
-                        raise
-                    _log.warning("writing tuning %s failed (%s); again in %.0f s", tuning.key, e, delay)
-                    time.sleep(delay)
-        except BaseException as e:  # noqa: BLE001 - handed to the run, which waits for this write
-            done.set_exception(e)
-        else:
-            done.set_result(None)
+        for delay in (*delays, None):
+            try:
+                put_tuning(store, tuning)
+                return
+            except StoreError as e:
+                if delay is None or not _heals(e):
+                    raise
+                _log.warning("writing tuning %s failed (%s); again in %.0f s", tuning.key, e, delay)
+                time.sleep(delay)
 
-    with _WRITING_LOCK:
-        _WRITING[tuning.key] = done
-    threading.Thread(target=write, name="fastimagic-tuning-write", daemon=True).start()
+    with _WRITING_LOCK:  # the run waits for it (tuning_stored), and raises what it raised
+        _WRITING[tuning.key] = _on_a_thread("fastimagic-tuning-write", write)
 
 
 def tuning_stored(key: str) -> None:
@@ -591,17 +602,10 @@ def _load_scorer_meanwhile(board: Storyboard, model: Components) -> Future:
     ends at once). The unit's scoring waits for the returned future, so it never loads the scorer on the device's
     thread, holding the model (a warm worker's first scored unit, say; CLIP ViT-L/14: 2.5-4.2 s measured on a CPU
     host). The future raises what the load raised."""
-    done: Future = Future()
-
-    def load() -> None:
-        try:
-            prefetch_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle)
-            done.set_result(None)
-        except BaseException as e:  # noqa: BLE001 - the unit's scoring raises it
-            done.set_exception(e)
-
-    threading.Thread(target=load, name="fastimagic-scorer", daemon=True).start()
-    return done
+    return _on_a_thread(
+        "fastimagic-scorer",
+        lambda: prefetch_scorer(board.scorer_name, device=model.device, allow_pickle=board.allow_pickle),
+    )
 
 
 @task(name="render", cache_policy=NO_CACHE, tags=[GPU], task_run_name=_render_run_name, **STORAGE_RETRIES)
