@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import mimetypes
+import mmap
 import os
 import re
 import secrets
@@ -130,6 +131,9 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # the interface
 
+Bytes = bytes | bytearray | memoryview | mmap.mmap  # what put_bytes takes
+BYTES_TYPES = (bytes, bytearray, memoryview, mmap.mmap)
+
 
 class Store(abc.ABC):
     """A flat map of safe keys to bytes under one root URI.
@@ -141,7 +145,7 @@ class Store(abc.ABC):
     uri: str
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def put_bytes(self, key: str, data: Bytes, content_type: str | None = None) -> None:
         """Write ``data`` at ``key``, replacing any object there. Atomic: readers see the old or the new bytes."""
 
     @abc.abstractmethod
@@ -239,13 +243,13 @@ class LocalStore(Store):
         reason = exc.strerror or type(exc).__name__
         return StoreError(f"{self.uri}: cannot {action} {key!r} ({reason})")
 
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def put_bytes(self, key: str, data: Bytes, content_type: str | None = None) -> None:
         """Write ``data`` at ``key`` atomically (temp file in the same folder, fsync, rename).
 
         ``content_type`` is ignored locally (the file name's suffix says it).
         """
         path = self._path(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        if not isinstance(data, BYTES_TYPES):
             raise StoreError(f"{self.uri}: put_bytes({key!r}) needs bytes, got {type(data).__name__}")
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
         try:
@@ -446,17 +450,22 @@ class S3Store(Store):
     def _full(self, key: str) -> str:
         return self.prefix + self._key(key)
 
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def put_bytes(self, key: str, data: Bytes, content_type: str | None = None) -> None:
         """Upload ``data`` at ``key`` (one PUT: S3 objects appear whole or not at all).
 
-        ``content_type`` defaults to a guess from the key's suffix, else ``application/octet-stream``.
+        ``content_type`` defaults to a guess from the key's suffix, else ``application/octet-stream``. A memory map
+        (a tuning's weights, :func:`fastimagic.tuning.safetensors_bytes`) is sent as the file it also is, read in
+        pieces rather than copied whole first.
         """
         full = self._full(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        if not isinstance(data, BYTES_TYPES):
             raise StoreError(f"{self.uri}: put_bytes({key!r}) needs bytes, got {type(data).__name__}")
         content_type = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
         try:
-            self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), ContentType=content_type)
+            if isinstance(data, mmap.mmap):
+                data.seek(0)
+            body = data if isinstance(data, (bytes, bytearray, mmap.mmap)) else bytes(data)
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentType=content_type)
         except Exception as exc:
             raise self._err(exc, f"writing {key!r}") from exc
 

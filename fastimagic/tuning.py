@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ FORMAT_VERSION = 1
 META_FILE = "tuning.json"
 _EMBEDDING = "source_embedding"
 _DELTA = "delta."
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16"}  # what a tuning holds
 
 
 class CorruptTuning(FastImagicError):
@@ -99,13 +101,15 @@ class Tuning:
             "trained_parameters": self.trained_parameters,
         }
 
-    def to_files(self) -> dict[str, bytes]:
-        """The artifact as ``{file name: bytes}``, in the order to write them (metadata last)."""
-        from safetensors.torch import save
+    def to_files(self) -> dict[str, bytes | mmap.mmap]:
+        """The artifact as ``{file name: bytes}``, in the order to write them (metadata last).
 
-        tensors = {_EMBEDDING: self.source_embedding.float().contiguous()}
-        tensors.update({_DELTA + n: t.to(torch.float16).contiguous() for n, t in self.deltas.items()})
-        weights = save(tensors)
+        The weights file comes as an anonymous memory map (:func:`safetensors_bytes`): bytes-like, and a readable
+        file for an upload.
+        """
+        tensors = {_EMBEDDING: self.source_embedding.float()}
+        tensors.update({_DELTA + n: t.to(torch.float16) for n, t in self.deltas.items()})
+        weights = safetensors_bytes(tensors)
         digest = hashlib.sha256(weights).hexdigest()
         name = f"weights-{digest[:16]}.safetensors"
         meta = self.metadata() | {"weights_file": name, "weights_sha256": digest}
@@ -149,3 +153,36 @@ class Tuning:
             losses=list(meta.get("losses", [])),
             seconds=float(meta.get("seconds", 0.0)),
         )
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> mmap.mmap:
+    """``tensors`` (float32 or float16) as a safetensors file, byte for byte what ``safetensors.torch.save`` makes
+    of them: the tensors ordered by element size, then name, after a JSON header padded with spaces to 8 bytes.
+
+    ``save`` copies every tensor into Python bytes and joins them, holding Python's lock throughout: 3.3 s for an
+    SD 1.5 tuning (1.18 GB) on a 2-core machine, during which a sampler on another thread launches no kernels.
+    Here torch copies the tensors into an anonymous memory map (allocated untouched) and lets go of the lock while
+    it does. The map is bytes-like (a hash, a file's ``write``) and a file (``read``, ``seek``) for an upload.
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header, size = {}, 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"safetensors_bytes: {name} is {t.dtype}; a tuning holds float32 and float16 only")
+        nbytes = t.numel() * t.element_size()
+        dtype, shape = _SAFETENSORS_DTYPES[t.dtype], list(t.shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [size, size + nbytes]}
+        size += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    start = 8 + len(head)
+    out = mmap.mmap(-1, start + size)
+    out[:start] = len(head).to_bytes(8, "little") + head
+    flat = torch.frombuffer(out, dtype=torch.uint8, offset=start, count=size) if size else None
+    for name in order:
+        lo, hi = header[name]["data_offsets"]
+        if hi > lo:
+            flat[lo:hi].copy_(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+    del flat  # the map can only be closed once no tensor views it
+    return out

@@ -4,7 +4,7 @@ import torch
 
 from fastimagic.editor import Editor
 from fastimagic.errors import InputError
-from fastimagic.store import LocalStore
+from fastimagic.store import LocalStore, open_store
 from fastimagic.tuning import CorruptTuning, Tuning
 
 GAMMAS = [{"mode": "subtract", "gamma": g} for g in (0.8, 1.1, 1.4)]
@@ -56,6 +56,26 @@ def test_a_flipped_byte_in_a_stored_tuning_is_detected(tuning, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptTuning, match="does not match its recorded SHA-256"):
         Tuning.read(store.get_bytes)
+
+
+def test_a_tuning_file_is_what_safetensors_writes_and_comes_back_whole_from_a_folder_and_from_s3(
+    tuning, tmp_path, s3_env
+):
+    from safetensors.torch import save
+
+    files = tuning.to_files()
+    (name,) = (n for n in files if n.startswith("weights-"))
+    tensors = {"source_embedding": tuning.source_embedding.float().contiguous()}
+    tensors |= {f"delta.{n}": t.half().contiguous() for n, t in tuning.deltas.items()}
+    assert bytes(files[name]) == save(tensors)  # the same bytes as before, so the same file name
+    files[name].read(100)  # read part way (as an upload that failed would): a write still sends the whole file
+    for store in (LocalStore(tmp_path / "t"), open_store(f"s3://{s3_env}/t")):
+        for key, data in files.items():
+            store.put_bytes(key, data)
+        loaded = Tuning.read(store.get_bytes, where=store.uri)
+        assert loaded.metadata() == tuning.metadata()
+        assert torch.equal(loaded.source_embedding, tuning.source_embedding)
+        assert all(torch.equal(loaded.deltas[n], t) for n, t in tuning.deltas.items())
 
 
 def test_editor_restores_the_base_weights_bit_for_bit(tiny_model, tuning):
