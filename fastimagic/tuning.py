@@ -159,7 +159,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> mmap.mmap:
     """``tensors`` (float32 or float16) as a safetensors file, byte for byte what ``safetensors.torch.save`` makes
     of them: the tensors ordered by element size, then name, after a JSON header padded with spaces to 8 bytes.
 
-    ``save`` copies every tensor into Python bytes and joins them, holding Python's lock throughout: 3.3 s for an
+    ``save`` copies every tensor into Python bytes and joins them, holding Python's lock throughout: up to 3.5 s for an
     SD 1.5 tuning (1.18 GB) on a 2-core machine, during which a sampler on another thread launches no kernels.
     Here torch copies the tensors into an anonymous memory map (allocated untouched) and lets go of the lock while
     it does. The map is bytes-like (a hash, a file's ``write``) and a file (``read``, ``seek``) for an upload.
