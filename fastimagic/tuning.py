@@ -116,8 +116,9 @@ class Tuning:
         return {name: weights, META_FILE: json.dumps(meta, indent=2).encode()}
 
     @classmethod
-    def read(cls, get_bytes: Callable[[str], bytes], where: str = "tuning") -> Tuning:
-        """Rebuild a Tuning from files fetched by ``get_bytes(name)`` (any storage backend).
+    def read(cls, get_bytes: Callable[[str], bytes | mmap.mmap], where: str = "tuning") -> Tuning:
+        """Rebuild a Tuning from files fetched by ``get_bytes(name)`` (any storage backend, or
+        :meth:`to_files`' own dictionary).
 
         Raises :class:`CorruptTuning` when the metadata is unreadable or the weights do not match their SHA-256;
         a missing file propagates as ``get_bytes`` raises it.
@@ -135,7 +136,7 @@ class Tuning:
         if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
             raise CorruptTuning(f"{where}: {name} does not match its recorded SHA-256 (corrupted)")
         try:
-            tensors = load(weights)
+            tensors = load(weights if isinstance(weights, bytes) else bytes(weights))
         except Exception as e:
             raise CorruptTuning(f"{where}: unreadable weights ({e})") from None
         return cls(
