@@ -6,14 +6,22 @@ Prints ``name=value`` lines, each ratio measured side by side in this one run:
                                        deep copy of the UNet per image, as the reference implementation edits
     forget_inplace_vs_deepcopy_speedup switching strategy in place, against deep-copying the UNet and blending
     finetune_seconds_per_step          one joint fine-tune step at batch 10
+    tuning_file_speedup                a tuning's safetensors file built and hashed by ``Tuning.to_files``, against
+                                       ``safetensors.torch.save`` (what it used), for a tuning of SD 1.5's
+                                       ``reference`` blocks (518 fp16 tensors, 1.18 GB, random values)
+    tuning_file_stall_seconds          the longest another thread waited meanwhile (it wakes every millisecond);
+                                       ``tuning_file_stall_safetensors_seconds`` the same for ``save``
 
-Run: ``python benchmarks/method.py [--steps 50] [--repeat 3]``. Targets: >= 4, >= 20.
+Run: ``python benchmarks/method.py [--steps 50] [--repeat 3] [--tuning sd15|tiny]``. Targets: >= 4, >= 20, and
+a stall of a few milliseconds (``save`` held Python's lock for seconds: no kernel launched from another thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import threading
 import time
 
 import torch
@@ -24,6 +32,7 @@ from fastimagic.forgetting import forgotten_names
 from fastimagic.images import load_reference
 from fastimagic.models import load_base_model
 from fastimagic.sampler import sample
+from fastimagic.tuning import Tuning
 
 PROMPT = "a photo of a bird flying over the sea"
 GAMMAS = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
@@ -72,10 +81,76 @@ def batched(model, tuning, steps: int, strategy: str) -> None:
                   forget=strategy, max_batch=16)
 
 
+def _reference_sized_tuning() -> Tuning:
+    """A tuning shaped as SD 1.5's ``reference`` blocks (random values; the shapes from the real config)."""
+    from diffusers import UNet2DConditionModel
+
+    from fastimagic.finetuning import trained_parameter_names
+    from fastimagic.models import SD15_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    shapes = {n: p.shape for n, p in unet.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    names = trained_parameter_names(unet, FinetuneConfig().blocks())
+    deltas = {n: (torch.randn(shapes[n], generator=g) * 1e-3).half() for n in names}
+    return Tuning(key="bench", source_prompt=PROMPT, source_embedding=torch.randn(1, 77, 768, generator=g),
+                  deltas=deltas, model_identity="sd15-shaped", finetune={}, width=512, height=512)
+
+
+def _longest_stall(fn) -> tuple[float, float]:
+    """``fn``'s seconds, and the longest gap of a thread that asks to wake every millisecond meanwhile."""
+    gaps, done = [0.0], threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.perf_counter()
+    try:
+        fn()
+    finally:
+        seconds = time.perf_counter() - started
+        done.set()
+        ticker.join()
+    return seconds, max(gaps)
+
+
+def tuning_file(tuning: Tuning) -> dict:
+    """Build and hash ``tuning``'s weights file with ``Tuning.to_files`` and with ``safetensors.torch.save``
+    (what ``to_files`` used before), in turn, twice: the faster time of each, and the longest stall."""
+    from safetensors.torch import save
+
+    def before() -> None:
+        tensors = {"source_embedding": tuning.source_embedding.float().contiguous()}
+        tensors |= {f"delta.{n}": t.to(torch.float16).contiguous() for n, t in tuning.deltas.items()}
+        hashlib.sha256(save(tensors)).hexdigest()
+
+    runs = {"before": [], "after": []}
+    for _ in range(2):
+        runs["before"].append(_longest_stall(before))
+        runs["after"].append(_longest_stall(tuning.to_files))
+    old, new = runs["before"], runs["after"]
+    (weights,) = (data for name, data in tuning.to_files().items() if name.startswith("weights-"))
+    return {"tensors": len(tuning.deltas), "bytes": len(weights),
+            "safetensors_seconds": min(t for t, _ in old), "seconds": min(t for t, _ in new),
+            "stall_safetensors_seconds": max(g for _, g in old), "stall_seconds": max(g for _, g in new)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps per keyframe")
     ap.add_argument("--repeat", type=int, default=3, help="best of N timings")
+    ap.add_argument(
+        "--tuning", choices=("sd15", "tiny"), default="sd15",
+        help="the tuning whose file is built: SD 1.5 reference-sized (1.2 GB of memory) or this run's tiny one",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_base_model("tiny", device="cpu")
@@ -111,6 +186,12 @@ def main() -> None:
     print(f"forget_inplace_seconds={t_inplace:.5f} forget_deepcopy_seconds={t_copy:.5f}")
     print(f"forget_inplace_vs_deepcopy_speedup={t_copy / t_inplace:.1f}")
     print(f"finetune_seconds_per_step={per_step:.3f}")
+    f = tuning_file(_reference_sized_tuning() if args.tuning == "sd15" else tuning)
+    print(f"tuning_file={args.tuning} tuning_file_tensors={f['tensors']} tuning_file_bytes={f['bytes']}")
+    print(f"tuning_file_safetensors_seconds={f['safetensors_seconds']:.3f} tuning_file_seconds={f['seconds']:.3f}")
+    print(f"tuning_file_speedup={f['safetensors_seconds'] / f['seconds']:.2f}")
+    print(f"tuning_file_stall_safetensors_seconds={f['stall_safetensors_seconds']:.4f}"
+          f" tuning_file_stall_seconds={f['stall_seconds']:.4f}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ def test_method_benchmark_prints_its_ratios(outputs):
     values = dict(pair.split("=", 1) for line in run.stdout.splitlines() for pair in line.split())
     for key in ("batched_vs_per_image_speedup", "forget_inplace_vs_deepcopy_speedup", "finetune_seconds_per_step"):
         assert float(values[key]) > 0
+    # the tuning file figure runs on an SD 1.5 reference-sized tuning, as the docs quote it
+    assert values["tuning_file"] == "sd15" and values["tuning_file_tensors"] == "518"
+    assert int(values["tuning_file_bytes"]) > 2 * 587_000_000
+    for key in ("tuning_file_speedup", "tuning_file_stall_seconds", "tuning_file_stall_safetensors_seconds"):
+        assert float(values[key]) > 0
 
 
 def test_gpu_benchmark_tiny_sdxl_reports_the_tuning_size():
