@@ -131,8 +131,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # the interface
 
-Bytes = bytes | bytearray | memoryview | mmap.mmap  # what put_bytes takes
-BYTES_TYPES = (bytes, bytearray, memoryview, mmap.mmap)
+Bytes = bytes | bytearray | memoryview | mmap.mmap  # what put_bytes takes (and checks, isinstance takes a union)
 
 
 class Store(abc.ABC):
@@ -249,7 +248,7 @@ class LocalStore(Store):
         ``content_type`` is ignored locally (the file name's suffix says it).
         """
         path = self._path(key)
-        if not isinstance(data, BYTES_TYPES):
+        if not isinstance(data, Bytes):
             raise StoreError(f"{self.uri}: put_bytes({key!r}) needs bytes, got {type(data).__name__}")
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
         try:
@@ -458,13 +457,13 @@ class S3Store(Store):
         pieces rather than copied whole first.
         """
         full = self._full(key)
-        if not isinstance(data, BYTES_TYPES):
+        if not isinstance(data, Bytes):
             raise StoreError(f"{self.uri}: put_bytes({key!r}) needs bytes, got {type(data).__name__}")
         content_type = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
         try:
             if isinstance(data, mmap.mmap):
-                data.seek(0)
-            body = data if isinstance(data, (bytes, bytearray, mmap.mmap)) else bytes(data)
+                data.seek(0)  # boto reads it as a file, from where it stands
+            body = bytes(data) if isinstance(data, memoryview) else data  # boto takes no view
             self.client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentType=content_type)
         except Exception as exc:
             raise self._err(exc, f"writing {key!r}") from exc

@@ -101,15 +101,19 @@ class Tuning:
             "trained_parameters": self.trained_parameters,
         }
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the weights file, by their names there: e_src (float32) and each delta (float16)."""
+        return {_EMBEDDING: self.source_embedding.float()} | {
+            _DELTA + n: t.to(torch.float16) for n, t in self.deltas.items()
+        }
+
     def to_files(self) -> dict[str, bytes | mmap.mmap]:
         """The artifact as ``{file name: bytes}``, in the order to write them (metadata last).
 
         The weights file comes as an anonymous memory map (:func:`safetensors_bytes`): bytes-like, and a readable
         file for an upload.
         """
-        tensors = {_EMBEDDING: self.source_embedding.float()}
-        tensors.update({_DELTA + n: t.to(torch.float16) for n, t in self.deltas.items()})
-        weights = safetensors_bytes(tensors)
+        weights = safetensors_bytes(self.file_tensors())
         digest = hashlib.sha256(weights).hexdigest()
         name = f"weights-{digest[:16]}.safetensors"
         meta = self.metadata() | {"weights_file": name, "weights_sha256": digest}
