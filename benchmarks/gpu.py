@@ -42,6 +42,8 @@ Prints one JSON line per figure (stdout; progress goes to stderr):
                     inside the sampler (CUDA events on a GPU, the wall clock on CPU) / the flow's render time
 
 Each figure carries ``target`` and ``meets_target`` (true/false on a CUDA run, null with --tiny or on CPU).
+A figure that raises prints ``{"figure", "error", "where"}`` instead, the figures after it still run (those that
+needed what failed print ``{"figure", "skipped"}``), and the exit status is 1.
 
 Run: ``python benchmarks/gpu.py`` on a CUDA machine (estimated at about 5 minutes on an H200, most of it the
 storyboard; not yet measured);
@@ -67,6 +69,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1167,6 +1170,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Figures:
+    """Runs each figure once and prints its record. A figure that raises prints an error record instead (its name,
+    the exception, where it was raised) and the figures after it still run, so one failure on a rented GPU costs
+    that figure, not the rest of the run; ``failed`` names the figures that raised (the exit status is then 1)."""
+
+    def __init__(self, device) -> None:
+        self.device, self.failed = device, []
+
+    def run(self, name: str, fn, *, show: bool = True, label: str | None = None):
+        note(label or name)
+        try:
+            record = fn()
+            if show:
+                emit(record)
+            return record
+        except Exception as e:
+            frames = traceback.extract_tb(e.__traceback__)[-3:]
+            emit({"figure": name, "error": f"{type(e).__name__}: {e}"[:2000],
+                  "where": [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames]})
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            self.failed.append(name)
+        free(self.device)  # out of the except block: the failed figure's frames, and the tensors they held, are gone
+        return None
+
+    def skip(self, names: list[str], why: str) -> None:
+        for name in names:
+            emit({"figure": name, "skipped": why})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = PLANS[(args.arch, args.tiny)]
@@ -1187,56 +1219,72 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu.py: no CUDA device here; run `python benchmarks/gpu.py --tiny` on CPU", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    emit(figure_device(plan, device, args.switches, args.precision))
+    figures = Figures(device)
+    figures.run("device", lambda: figure_device(plan, device, args.switches, args.precision))
     image = load_reference(reference_png(plan.resolution), "reference.png")
     sample_ips = None  # the sample figure's best images/s, the storyboard's flow_efficiency reference
     try:
         if "equivalence" in args.figures:
-            note("equivalence (tiny model)")
-            emit(figure_equivalence(device, args.switches, args.compile_mode, image))
-        wanted = {"finetune", "sample", "batch1", "flops", "compile", "forget_switch", "profile"} & set(args.figures)
-        if wanted:
-            note(f"building the {plan.model} model on {device}")
+            figures.run("equivalence", lambda: figure_equivalence(device, args.switches, args.compile_mode, image))
+        wanted = [f for f in ("finetune", "compile", "sample", "batch1", "flops", "forget_switch", "profile")
+                  if f in args.figures]
+
+        def build():
             model = assemble(plan.model, args.device, precision=args.precision)
             apply_switches(model, args.switches, args.compile_mode, args.compile_backend)
+            return model
+
+        model = None
+        if wanted:
+            model = figures.run("model", build, show=False, label=f"building the {plan.model} model on {device}")
+            if model is None:
+                figures.skip(wanted, "the model could not be built (see the model record)")
+        if model is not None:
             tuning = None
             records: dict[str, dict] = {}
             if "finetune" in args.figures:
-                note("finetune")
-                records["finetune"], tuning = figure_finetune(model, image, plan)
-                emit(records["finetune"])
+                finetuned = figures.run("finetune", lambda: figure_finetune(model, image, plan), show=False)
+                if finetuned is not None:
+                    records["finetune"], tuning = finetuned
+                    emit(records["finetune"])
             if tuning is None:  # the other figures need some tuning to apply: a 1-step one will do
                 from fastimagic.finetuning import FinetuneConfig, finetune
 
                 config = FinetuneConfig(steps=1, min_steps=1, batch_size=plan.finetune_batch)
-                tuning = finetune(model, image, SOURCE_PROMPT, config, width=plan.resolution, height=plan.resolution)
+                tuning = figures.run("tuning", lambda: finetune(
+                    model, image, SOURCE_PROMPT, config, width=plan.resolution, height=plan.resolution),
+                    show=False, label="a 1-step tuning for the figures after it")
             # compile first: its cold pass must find nothing compiled, and what it compiles serves the figures after
             for name, run in (
                 ("compile", lambda: figure_compile(model, tuning, plan, work, args.compile_backend)),
                 ("sample", lambda: figure_sample(model, tuning, plan)),
                 ("batch1", lambda: figure_batch1(model, tuning, plan)),
                 ("flops", lambda: figure_flops(model, image, plan, records)),
+                ("forget_switch", lambda: figure_forget_switch(model, tuning, plan)),
+                # last: a run cut short by its time limit loses this figure only
+                ("profile", lambda: figure_profile(model, tuning, image, plan, records)),
             ):
-                if name in args.figures:
-                    note(name)
-                    records[name] = run()
-                    emit(records[name])
+                if name not in args.figures:
+                    continue
+                if tuning is None and name != "flops":
+                    figures.skip([name], "needs a tuning, and none could be made (see the tuning record)")
+                    continue
+                record = figures.run(name, run)
+                if record is not None:
+                    records[name] = record
             if "sample" in records:
                 sample_ips = records["sample"]["images_per_second"]
-            if "forget_switch" in args.figures:
-                note("forget_switch")
-                emit(figure_forget_switch(model, tuning, plan))
-            if "profile" in args.figures:  # last: a run cut short by its time limit loses this figure only
-                note("profile")
-                emit(figure_profile(model, tuning, image, plan, records))
             del model, tuning
             free(device)
         if "storyboard" in args.figures:
-            note("storyboard")
-            emit(figure_storyboard(plan, device, args.switches, args.compile_mode, work, sample_ips))
+            figures.run("storyboard", lambda: figure_storyboard(
+                plan, device, args.switches, args.compile_mode, work, sample_ips))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if figures.failed:
+        print(f"gpu.py: figures that failed: {', '.join(figures.failed)} (their records say why)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -131,3 +131,39 @@ def test_gpu_check_command_lines_select_the_figures_of_the_table(argv, figures):
     from gpu import parse_args
 
     assert parse_args(argv.split()).figures == figures
+
+
+BREAK_ONE = """
+import sys
+sys.path[:0] = [{root!r}, {root!r} + "/benchmarks", {root!r} + "/tests"]
+import gpu
+
+def broken(*args, **kwargs):
+    raise RuntimeError("broken on purpose")
+
+setattr(gpu, {name!r}, broken)
+sys.exit(gpu.main(["--tiny", "--only", "finetune,forget_switch"]))
+"""
+
+
+@pytest.mark.parametrize(
+    "broken, expected",
+    [  # a figure that raises costs that figure; one that the others need costs them, and says so
+        ("figure_finetune", {"finetune": "error", "forget_switch": "seconds"}),
+        ("assemble", {"model": "error", "finetune": "skipped", "forget_switch": "skipped"}),
+    ],
+)
+def test_a_figure_that_fails_on_the_gpu_costs_that_figure_and_not_the_rest_of_the_run(broken, expected):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    env.pop("PREFECT_API_URL", None)
+    script = BREAK_ONE.format(root=str(ROOT), name=broken)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 1, run.stderr[-2000:]
+    figures = _figures(run.stdout)
+    assert list(figures) == ["device", *expected]
+    for name, key in expected.items():
+        assert key in figures[name], figures[name]
+    failed = next(r for r in figures.values() if "error" in r)
+    assert failed["error"] == "RuntimeError: broken on purpose" and failed["where"][-1].endswith(" broken")
+    assert "figures that failed: " + failed["figure"] in run.stderr
